@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of the proxy: see ``loadtest/README.md``."""

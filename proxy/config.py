@@ -1,0 +1,462 @@
+"""The configuration: YAML in, frozen dataclasses out, every check done here with the file, line and key at fault.
+
+``load_config(path)`` reads a file, ``parse_config(text, file)`` a string. Durations take a unit (``2s``, ``150ms``),
+sizes may (``4MiB``). The README documents every key; ``examples/mlmirror.yaml`` shows them in use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+import yaml
+
+from .codec import DATATYPES, to_numpy
+from .errors import ConfigError
+from .yamlsource import Located, parse_yaml
+
+__all__ = [
+    "CALL_TYPES",
+    "DEFAULT_FALLBACK_CODES",
+    "CircuitPolicy",
+    "Config",
+    "HealthCheck",
+    "Keepalive",
+    "Route",
+    "RouteMatch",
+    "StaticResponse",
+    "StaticTensor",
+    "TlsClient",
+    "TlsServer",
+    "Upstream",
+    "load_config",
+    "parse_config",
+]
+
+CALL_TYPES = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+DEFAULT_FALLBACK_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+_STATUS_BY_NAME = {code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK}
+_HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsClient:
+    """TLS from the proxy to an upstream. Paths to PEM files; all optional (system roots when ``ca`` is unset)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsServer:
+    """TLS on the listener; ``client_ca`` set means clients must present a certificate it signed (mTLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Keepalive:
+    """HTTP/2 keepalive pings to an upstream: ping after ``time`` seconds idle, fail after ``timeout`` seconds."""
+
+    time: float = 30.0
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitPolicy:
+    """Per-upstream circuit breaker.
+
+    ``failures`` consecutive failed calls (status in ``codes``) open the circuit for
+    ``min(ejection * 2**(n-1), max_ejection)`` seconds at the n-th ejection, scaled by a random factor in
+    ``[1 - jitter, 1 + jitter]``; then one probe call is let through (half-open).
+    """
+
+    failures: int = 5
+    ejection: float = 5.0
+    max_ejection: float = 60.0
+    jitter: float = 0.1
+    codes: frozenset[grpc.StatusCode] = DEFAULT_FALLBACK_CODES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheck:
+    """How the proxy decides an upstream is reachable, every ``interval`` seconds.
+
+    type: ``connect`` (an HTTP/2 connection comes up), ``grpc`` (grpc.health.v1 Check of ``service`` says
+    SERVING) or ``kserve`` (ServerReady, or ModelReady of ``service`` when set, says ready).
+    """
+
+    type: str = "connect"
+    interval: float = 5.0
+    timeout: float = 1.0
+    service: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    """A named target: one gRPC channel. ``timeout`` (seconds) caps each call to it; None: the client's deadline."""
+
+    name: str
+    address: str
+    timeout: float | None = None
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    tls: TlsClient | None = None
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaticTensor:
+    """One output tensor of a static default response. A leading shape of -1 takes the request's batch size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    values: tuple = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StaticResponse:
+    """The ModelInfer answer given when the whole fallback chain failed."""
+
+    model_version: str = "static-default"
+    outputs: tuple[StaticTensor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteMatch:
+    """Which calls a route takes. ``method``: exact ``/pkg.Service/Method`` or ``/pkg.Service/*``; ``model``: the
+    KServe model name (ModelInfer, ModelReady, ModelMetadata). Unset fields match anything."""
+
+    method: str | None = None
+    model: str | None = None
+
+    @property
+    def is_catch_all(self) -> bool:
+        return self.method is None and self.model is None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Where matching calls go: ``primary``, then each of ``fallback`` in order, then ``static_response``."""
+
+    name: str
+    match: RouteMatch
+    primary: str
+    fallback: tuple[str, ...] = ()
+    fallback_on: frozenset[grpc.StatusCode] = DEFAULT_FALLBACK_CODES
+    static_response: StaticResponse | None = None
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """Upstream names in the order they are tried."""
+        return (self.primary, *self.fallback)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration. ``source`` is the file it was read from."""
+
+    source: str
+    listen: str = "0.0.0.0:8500"
+    admin: str | None = "127.0.0.1:9500"
+    max_message_size: int = 4 * 2**20
+    stream_replay_limit: int = 2**20
+    shutdown_grace: float = 15.0
+    tls: TlsServer | None = None
+    method_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    upstreams: Mapping[str, Upstream] = field(default_factory=lambda: MappingProxyType({}))
+    routes: tuple[Route, ...] = ()
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML configuration file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=file) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=file) from None
+    return parse_config(text, file)
+
+
+def parse_config(text: str, file: str = "<string>") -> Config:
+    """Validate a YAML configuration given as text; ``file`` names it in errors."""
+    root = parse_yaml(text, file)
+    base = Path(file).parent if file != "<string>" else Path.cwd()
+    readers: dict[str, Reader] = {
+        "listen": Located.address,
+        "admin": _admin_address,
+        "max_message_size": lambda n: n.size(minimum=1024),
+        "stream_replay_limit": lambda n: n.size(minimum=0),
+        "shutdown_grace": Located.duration,
+        "tls": lambda n: _tls_server(n, base),
+        "method_types": lambda n: MappingProxyType(_method_types(n)),
+        "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
+        "routes": lambda n: n,  # read below, once the upstreams are known
+    }
+    values, keys = _read(root, readers, required=("upstreams", "routes"))
+    upstreams = values["upstreams"]
+    routes = tuple(_route(i, node, upstreams) for i, node in enumerate(keys["routes"].sequence()))
+    if not routes:
+        raise keys["routes"].error("at least one route is required")
+    _check_routes(routes, keys["routes"])
+    return Config(source=file, **{**values, "routes": routes})
+
+
+Reader = Callable[[Located], Any]
+
+
+def _read(node: Located, readers: Mapping[str, Reader], required: Iterable[str] = ()) -> tuple[dict, dict]:
+    """Read a mapping whose keys are ``readers``' keys, each present one through its reader.
+
+    Returns (values, located nodes), both keyed by the YAML key. Unknown keys and missing required ones are errors.
+    """
+    keys = node.mapping(readers, required)
+    return {name: readers[name](value) for name, value in keys.items()}, keys
+
+
+def _admin_address(node: Located) -> str | None:
+    """The admin address; ``off``, ``false`` or null disable the admin endpoint."""
+    if node.is_null() or node.scalar() in (False, "off"):
+        return None
+    return node.address()
+
+
+def _upstreams(node: Located, base: Path) -> dict[str, Upstream]:
+    upstreams = {name: _upstream(name, item, base) for name, item in node.dictionary().items()}
+    if not upstreams:
+        raise node.error("at least one upstream is required")
+    return upstreams
+
+
+def _upstream(name: str, node: Located, base: Path) -> Upstream:
+    if _is_scalar(node) and not node.is_null():
+        # Shorthand: `name: host:port`.
+        return Upstream(name=name, address=node.target())
+    readers: dict[str, Reader] = {
+        "address": Located.target,
+        "timeout": lambda n: n.duration(minimum=0.001),
+        "keepalive": _keepalive,
+        "tls": lambda n: _tls_client(n, base),
+        "circuit": _circuit,
+        "health_check": _health_check,
+    }
+    values, _ = _read(node, readers, required=("address",))
+    return Upstream(name=name, **values)
+
+
+def _is_scalar(node: Located) -> bool:
+    return isinstance(node.node, yaml.ScalarNode)
+
+
+def _keepalive(node: Located) -> Keepalive:
+    values, _ = _read(node, {"time": lambda n: n.duration(minimum=1.0), "timeout": lambda n: n.duration(minimum=0.1)})
+    return Keepalive(**values)
+
+
+def _circuit(node: Located) -> CircuitPolicy:
+    readers: dict[str, Reader] = {
+        "failures": lambda n: n.integer(minimum=1),
+        "ejection": lambda n: n.duration(minimum=0.001),
+        "max_ejection": lambda n: n.duration(minimum=0.001),
+        "jitter": lambda n: n.number(minimum=0.0, maximum=0.5),
+        "codes": _status_codes,
+    }
+    values, keys = _read(node, readers)
+    policy = CircuitPolicy(**values)
+    if policy.max_ejection < policy.ejection:
+        raise keys.get("max_ejection", node).error(
+            f"max_ejection ({policy.max_ejection:g}s) must be at least ejection ({policy.ejection:g}s)"
+        )
+    return policy
+
+
+def _health_check(node: Located) -> HealthCheck:
+    def kind(n: Located) -> str:
+        value = n.string()
+        if value not in _HEALTH_CHECK_KINDS:
+            raise n.error(f"unknown health check type {value!r} (one of {', '.join(_HEALTH_CHECK_KINDS)})")
+        return value
+
+    readers: dict[str, Reader] = {
+        "type": kind,
+        "interval": lambda n: n.duration(minimum=0.05),
+        "timeout": lambda n: n.duration(minimum=0.01),
+        "service": lambda n: "" if n.is_null() else str(n.scalar()),
+    }
+    values, _ = _read(node, readers)
+    return HealthCheck(**values)
+
+
+def _existing_file(node: Located, base: Path) -> str:
+    path = Path(node.string())
+    if not path.is_absolute():
+        path = base / path
+    if not path.is_file():
+        raise node.error(f"no such file: {path}")
+    return str(path)
+
+
+def _tls_client(node: Located, base: Path) -> TlsClient:
+    keys = node.mapping(("ca", "cert", "key", "server_name"))
+    if ("cert" in keys) != ("key" in keys):
+        raise node.error("cert and key go together (client certificate for mTLS)")
+    files = {k: _existing_file(keys[k], base) for k in ("ca", "cert", "key") if k in keys}
+    server_name = keys["server_name"].string() if "server_name" in keys else None
+    return TlsClient(**files, server_name=server_name)
+
+
+def _tls_server(node: Located, base: Path) -> TlsServer:
+    keys = node.mapping(("cert", "key", "client_ca"), required=("cert", "key"))
+    return TlsServer(
+        cert=_existing_file(keys["cert"], base),
+        key=_existing_file(keys["key"], base),
+        client_ca=_existing_file(keys["client_ca"], base) if "client_ca" in keys else None,
+    )
+
+
+def _status_codes(node: Located) -> frozenset[grpc.StatusCode]:
+    codes = set()
+    for item in node.sequence():
+        name = item.string().upper()
+        if name not in _STATUS_BY_NAME:
+            raise item.error(f"unknown gRPC status code {name!r} (e.g. UNAVAILABLE, DEADLINE_EXCEEDED)")
+        codes.add(_STATUS_BY_NAME[name])
+    return frozenset(codes)
+
+
+def _method_pattern(node: Located) -> str:
+    """A route's method match: ``/pkg.Service/Method`` or ``/pkg.Service/*``."""
+    method = node.string()
+    parts = method.split("/")
+    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or ("*" in method and parts[2] != "*"):
+        raise node.error(f"bad method {method!r}: expected /pkg.Service/Method or /pkg.Service/*")
+    return method
+
+
+def _method_types(node: Located) -> dict[str, str]:
+    types = {}
+    for method, item in node.dictionary().items():
+        parts = method.split("/")
+        if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or "*" in method:
+            raise item.error("method_types keys must be full method names such as /pkg.Service/Method")
+        kind = item.string()
+        if kind not in CALL_TYPES:
+            raise item.error(f"unknown call type {kind!r} (one of {', '.join(CALL_TYPES)})")
+        types[method] = kind
+    return types
+
+
+def _route(index: int, node: Located, upstreams: Mapping[str, Upstream]) -> Route:
+    keys = node.mapping(
+        ("name", "match", "primary", "fallback", "fallback_on", "static_response"), required=("match", "primary")
+    )
+    match_keys = keys["match"].mapping(("method", "model"))
+    match = RouteMatch(
+        method=_method_pattern(match_keys["method"]) if "method" in match_keys else None,
+        model=match_keys["model"].string() if "model" in match_keys else None,
+    )
+
+    def known(item: Located) -> str:
+        name = item.string()
+        if name not in upstreams:
+            raise item.error(f"unknown upstream {name!r} (defined: {', '.join(sorted(upstreams))})")
+        return name
+
+    primary = known(keys["primary"])
+    fallback_node = keys.get("fallback")
+    fallback: list[str] = []
+    if fallback_node is not None:
+        items = (
+            [fallback_node] if _is_scalar(fallback_node) and not fallback_node.is_null() else fallback_node.sequence()
+        )
+        for item in items:
+            name = known(item)
+            if name == primary or name in fallback:
+                raise item.error(f"upstream {name!r} is already in this route's chain")
+            fallback.append(name)
+    return Route(
+        name=keys["name"].string() if "name" in keys else _default_route_name(index, match),
+        match=match,
+        primary=primary,
+        fallback=tuple(fallback),
+        fallback_on=_status_codes(keys["fallback_on"]) if "fallback_on" in keys else DEFAULT_FALLBACK_CODES,
+        static_response=_static_response(keys["static_response"]) if "static_response" in keys else None,
+    )
+
+
+def _default_route_name(index: int, match: RouteMatch) -> str:
+    if match.is_catch_all:
+        return "default"
+    if match.model is not None:
+        return match.model
+    return f"route{index}"
+
+
+def _static_response(node: Located) -> StaticResponse:
+    keys = node.mapping(("model_version", "outputs"), required=("outputs",))
+    outputs = []
+    for item in keys["outputs"].sequence():
+        t = item.mapping(("name", "datatype", "shape", "data"), required=("name", "datatype", "shape", "data"))
+        datatype = t["datatype"].string().upper()
+        if datatype not in DATATYPES:
+            raise t["datatype"].error(f"unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})")
+        shape = tuple(dim.integer(minimum=-1) for dim in t["shape"].sequence())
+        if not shape or any(d == 0 or (d == -1 and i > 0) for i, d in enumerate(shape)):
+            raise t["shape"].error("shape needs positive dimensions; only the first may be -1 (the batch size)")
+        values = [v.scalar() for v in t["data"].sequence()]
+        expected = math.prod(abs(d) for d in shape)
+        if len(values) != expected:
+            raise t["data"].error(f"{len(values)} values given, shape {list(shape)} needs {expected}")
+        try:
+            to_numpy(datatype, values)
+        except ValueError as exc:
+            raise t["data"].error(str(exc)) from None
+        outputs.append(StaticTensor(name=t["name"].string(), datatype=datatype, shape=shape, values=tuple(values)))
+    if not outputs:
+        raise keys["outputs"].error("at least one output tensor is required")
+    if "model_version" in keys:
+        return StaticResponse(model_version=keys["model_version"].string(), outputs=tuple(outputs))
+    return StaticResponse(outputs=tuple(outputs))
+
+
+def _check_routes(routes: tuple[Route, ...], node: Located) -> None:
+    items = node.sequence()
+    seen: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if route.name in seen:
+            raise items[i].error(
+                f"route name {route.name!r} is used twice (also routes[{seen[route.name]}]); set name:"
+            )
+        seen[route.name] = i
+        for j in range(i):
+            if _covers(routes[j].match, route.match):
+                raise items[i].error(
+                    f"this route can never match: routes[{j}] ({routes[j].name}) above takes its calls"
+                )
+
+
+def _covers(earlier: RouteMatch, later: RouteMatch) -> bool:
+    """True when every call ``later`` matches is already matched by ``earlier``."""
+    if earlier.model is not None and earlier.model != later.model:
+        return False
+    if earlier.method is None:
+        return True
+    if later.method is None:
+        return False
+    if earlier.method.endswith("/*"):
+        return later.method.startswith(earlier.method[:-1])
+    return earlier.method == later.method
