@@ -1,0 +1,158 @@
+"""The ``mlmirror`` command line.
+
+mlmirror serve --config FILE        run the proxy (SIGTERM drains and exits 0, SIGHUP reloads FILE)
+mlmirror check-config FILE          validate a config; exit 1 with file:line: key: reason when invalid
+mlmirror demo                       demo models + proxy + traffic, with commentary
+mlmirror model-server --model NAME  serve one demo model over KServe V2 gRPC
+mlmirror status / reload            ask a running proxy's admin endpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+
+# gRPC core logs connection chatter (GOAWAY, reconnects) at INFO on stderr; the proxy reports what matters itself.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from . import __version__
+from .config import load_config
+from .errors import AdminError, ConfigError
+from .yamlsource import parse_duration
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"mlmirror: {exc}", file=sys.stderr)
+        return 1
+    except AdminError as exc:
+        print(f"mlmirror: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: e.g. 30s, 2m")
+    return seconds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlmirror", description="gRPC inference proxy that watches your models.")
+    parser.add_argument("--version", action="version", version=f"mlmirror {__version__}")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    serve.set_defaults(run=_serve)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    check.set_defaults(run=_check_config)
+
+    demo = sub.add_parser("demo", help="demo models, the proxy and traffic, with commentary")
+    demo.add_argument("--duration", type=_duration, default=30.0, help="how long (default 30s)")
+    demo.add_argument("--rate", type=float, default=50.0, help="calls per second (default 50)")
+    demo.add_argument("--listen", default="127.0.0.1:8500", help="proxy gRPC address (default 127.0.0.1:8500)")
+    demo.add_argument("--admin", default="127.0.0.1:9500", help="admin HTTP address (default 127.0.0.1:9500)")
+    demo.set_defaults(run=_demo)
+
+    model = sub.add_parser("model-server", help="serve one demo model over KServe V2 gRPC")
+    model.add_argument("--model", choices=("production", "candidate", "baseline"), default="production")
+    model.add_argument("--listen", default="127.0.0.1:9001")
+    model.set_defaults(run=_model_server)
+
+    for name, helptext, run in (
+        ("status", "print a running proxy's /status", _status),
+        ("reload", "ask a running proxy to reload its config file", _reload),
+    ):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("--admin", default="127.0.0.1:9500", help="admin address (default 127.0.0.1:9500)")
+        command.set_defaults(run=run)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .eventloop import run
+    from .server import Proxy
+
+    config = load_config(args.config)
+
+    async def serve() -> None:
+        proxy = Proxy(config)
+        await proxy.start()
+        await proxy.run_until_signalled()
+
+    run(serve(), use_uvloop=not args.no_uvloop)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(
+        f"{args.file}: ok: listen {config.listen}, admin {config.admin or 'off'}, "
+        f"{len(config.upstreams)} upstreams, {len(config.routes)} routes "
+        f"({', '.join(route.name for route in config.routes)})"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import main as demo_main
+
+    logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    return demo_main(args.duration, args.rate, args.listen, args.admin)
+
+
+def _model_server(args: argparse.Namespace) -> int:
+    from .demo.models import serve_forever
+    from .eventloop import run
+
+    run(serve_forever(args.model, args.listen))
+    return 0
+
+
+def _admin_request(admin: str, path: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{admin}{path}", method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        raise AdminError(f"cannot reach the admin endpoint at {admin}: {exc}") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    code, body = _admin_request(args.admin, "/status")
+    print(json.dumps(json.loads(body), indent=2) if code == 200 else body, end="" if code != 200 else "\n")
+    return 0 if code == 200 else 1
+
+
+def _reload(args: argparse.Namespace) -> int:
+    code, body = _admin_request(args.admin, "/reload", "POST")
+    print(body, end="")
+    return 0 if code == 200 else 1

@@ -1,0 +1,362 @@
+"""The running proxy: listener, admin endpoint, health checks, reload and graceful stop.
+
+Lifecycle: ``start()`` binds the gRPC listener (generic relay handler, plus grpc.health.v1 and server reflection)
+and the admin HTTP endpoint, and starts one health-check loop per upstream. ``reload(config)`` swaps in a new route
+table; calls already running finish on the old one, and upstreams only the old one used are closed once it has
+drained. ``stop(grace)`` stops in a fixed order: report not-serving, stop accepting and drain in-flight calls for up
+to ``grace`` seconds, then stop health checks, close upstream channels and the admin endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import INFERENCE_SERVICE
+
+from . import __version__
+from .admin import AdminServer, Request, Response
+from .config import Config, load_config
+from .errors import ConfigError
+from .eventloop import loop_name
+from .handler import ProxyHandler
+from .metrics import Metrics
+from .table import RouteTable
+from .tap import Observer, Tap
+from .upstream import UpstreamTarget
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Proxy:
+    """One mlmirror proxy process (or an in-process instance in tests)."""
+
+    def __init__(self, config: Config, *, observers: Sequence[Observer] = (), metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.tap = Tap(observers)
+        self._first_config = config
+        self.table: RouteTable | None = None
+        self._live_tables: set[RouteTable] = set()
+        self._handler = ProxyHandler(self)
+        self._health = health.aio.HealthServicer()
+        self._health_tasks: dict[UpstreamTarget, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._server: grpc.aio.Server | None = None
+        self._admin: AdminServer | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.draining = False
+        self.started_at = 0.0
+        self.grpc_port = 0
+        self.metrics.inflight_calls.set_function(lambda: sum(t.inflight for t in self._live_tables))
+
+    # --- start ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self._first_config
+        self._install_table(RouteTable(config, self._build_targets(config, {}), self.metrics, self.tap))
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_size),
+                ("grpc.max_send_message_length", config.max_message_size),
+                ("grpc.so_reuseport", 0),  # a second proxy on the same port must fail, not share it silently
+            ]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_generic_rpc_handlers((self._handler,))
+        if config.tls is None:
+            self.grpc_port = server.add_insecure_port(config.listen)
+        else:
+            self.grpc_port = server.add_secure_port(config.listen, _server_credentials(config))
+        await server.start()
+        self._server = server
+        if config.admin is not None:
+            self._admin = AdminServer(config.admin, self._admin_routes())
+            await self._admin.start()
+        self.started_at = time.time()
+        self.metrics.config_reloads.labels("success")  # both series exist from the start
+        self.metrics.config_reloads.labels("failure")
+        self.metrics.config_last_reload_success.set(self.started_at)
+        await self._refresh_serving_status()
+        log.info(
+            "mlmirror %s: gRPC on %s (port %d)%s, admin on %s; %d routes, %d upstreams; event loop %s",
+            __version__,
+            config.listen,
+            self.grpc_port,
+            " with TLS" if config.tls else "",
+            f"http://{config.admin}" if config.admin else "(disabled)",
+            len(config.routes),
+            len(config.upstreams),
+            loop_name(),
+        )
+
+    @property
+    def admin_port(self) -> int | None:
+        return self._admin.port if self._admin is not None else None
+
+    def _build_targets(self, config: Config, current: dict[str, UpstreamTarget]) -> dict[str, UpstreamTarget]:
+        """Targets for ``config``: unchanged upstreams keep their channel and circuit state; others are new."""
+        max_size = self._first_config.max_message_size  # fixed for the process: listener and channels agree
+        targets = {}
+        for name, spec in config.upstreams.items():
+            existing = current.get(name)
+            if existing is not None and existing.spec == spec:
+                targets[name] = existing
+            else:
+                target = UpstreamTarget(spec, max_message_size=max_size, metrics=self.metrics)
+                targets[name] = target
+                self._health_tasks[target] = asyncio.get_running_loop().create_task(self._health_loop(target))
+        return targets
+
+    def _install_table(self, table: RouteTable) -> None:
+        self.table = table
+        self._live_tables.add(table)
+        self._handler.invalidate()
+
+    # --- health and readiness ---------------------------------------------------------------------------------
+
+    async def _health_loop(self, target: UpstreamTarget) -> None:
+        while True:
+            await target.check_health()
+            await self._refresh_serving_status()
+            await asyncio.sleep(target.spec.health_check.interval)
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """(ready, reason per route): ready when not draining and every route has a reachable, non-ejected
+        upstream. A static default does not count: it answers, but it is not a model."""
+        assert self.table is not None
+        if self.draining:
+            return False, {"proxy": "draining: shutting down"}
+        reasons = {}
+        ready = True
+        for route in self.table.routes:
+            route_ready, reasons[route.name] = route.readiness()
+            ready = ready and route_ready
+        return ready, reasons
+
+    async def _refresh_serving_status(self) -> None:
+        if self.draining:
+            return
+        ready, _ = self.readiness()
+        self.metrics.ready.set(1 if ready else 0)
+        status = _SERVING if ready else _NOT_SERVING
+        await self._health.set("", status)
+        await self._health.set(INFERENCE_SERVICE, status)
+
+    # --- reload -----------------------------------------------------------------------------------------------
+
+    async def reload(self, config: Config) -> None:
+        """Serve new calls with ``config``. Listener, admin, TLS and size settings need a restart; changes to them
+        are logged and ignored."""
+        old = self.table
+        assert old is not None
+        for setting in ("listen", "admin", "tls", "max_message_size"):
+            if getattr(config, setting) != getattr(old.config, setting):
+                log.warning("reload: %s changed; it takes effect only after a restart", setting)
+        table = RouteTable(config, self._build_targets(config, old.targets), self.metrics, self.tap)
+        self._install_table(table)
+        old.retire()
+        kept = set(table.targets.values())
+        removed = [target for target in old.targets.values() if target not in kept]
+        self._spawn(self._retire_table(old, removed))
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload_success.set(time.time())
+        log.info(
+            "config reloaded from %s: %d routes, %d upstreams", config.source, len(config.routes), len(config.upstreams)
+        )
+        await self._refresh_serving_status()
+
+    async def reload_from_file(self, path: str | None = None) -> bool:
+        """Reload from ``path`` (default: the file the current config came from). An invalid file is rejected,
+        logged and counted, and the current config stays."""
+        assert self.table is not None
+        source = path or self.table.config.source
+        try:
+            config = load_config(source)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("failure").inc()
+            log.error("config reload rejected, keeping the current config: %s", exc)
+            return False
+        await self.reload(config)
+        return True
+
+    async def _retire_table(self, table: RouteTable, removed: list[UpstreamTarget]) -> None:
+        await table.drained.wait()
+        self._live_tables.discard(table)
+        for target in removed:
+            task = self._health_tasks.pop(target, None)
+            if task is not None:
+                task.cancel()
+            await target.close()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- stop -------------------------------------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish for up to ``grace`` seconds (default: the config's
+        ``shutdown_grace``), then release everything."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self.draining = True
+        assert self.table is not None
+        grace = self.table.config.shutdown_grace if grace is None else grace
+        self.metrics.ready.set(0)
+        await self._health.enter_graceful_shutdown()
+        inflight = sum(t.inflight for t in self._live_tables)
+        log.info("stopping: draining %d in-flight calls (grace %.1fs)", inflight, grace)
+        if self._server is not None:
+            await self._server.stop(grace)
+        current = asyncio.current_task()  # stop() may itself run as a background task (signal handler)
+        tasks = [task for task in (*self._health_tasks.values(), *self._background) if task is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            if stuck:
+                log.warning("stopping: %d background tasks did not finish within 5s", len(stuck))
+        for target in {t for table in self._live_tables for t in table.targets.values()}:
+            await target.close()
+        if self._admin is not None:
+            await self._admin.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT (graceful stop; a second one exits at once); SIGHUP reloads the config."""
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_stop_signal(signum: int) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                log.warning("%s again: exiting without waiting for in-flight calls", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("%s: graceful stop", signal.Signals(signum).name)
+            self._spawn(self.stop())
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_from_file()))
+        try:
+            await self._stopped.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    # --- admin endpoints --------------------------------------------------------------------------------------
+
+    def _admin_routes(self) -> dict[tuple[str, str], object]:
+        return {
+            ("GET", "/metrics"): self._get_metrics,
+            ("GET", "/healthz"): self._get_healthz,
+            ("GET", "/readyz"): self._get_readyz,
+            ("GET", "/status"): self._get_status,
+            ("POST", "/reload"): self._post_reload,
+        }
+
+    async def _get_metrics(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+    async def _get_healthz(self, request: Request) -> Response:
+        return Response.text("ok")
+
+    async def _get_readyz(self, request: Request) -> Response:
+        ready, reasons = self.readiness()
+        lines = [f"{name}: {reason}" for name, reason in reasons.items()]
+        return Response.text("\n".join(["ready" if ready else "not ready", *lines]), 200 if ready else 503)
+
+    async def _get_status(self, request: Request) -> Response:
+        return Response.json(self.status())
+
+    async def _post_reload(self, request: Request) -> Response:
+        if await self.reload_from_file():
+            return Response.text("reloaded")
+        return Response.text("reload rejected; the current config stays (see the proxy's log)", 400)
+
+    def status(self) -> dict[str, object]:
+        """Everything ``/status`` shows, JSON-ready."""
+        assert self.table is not None
+        ready, reasons = self.readiness()
+        calls = _counter_values(self.metrics.calls, ("route", "grpc_code"))
+        attempts = _counter_values(self.metrics.requests, ("upstream", "grpc_code"))
+        fallbacks = _counter_values(self.metrics.fallbacks, ("route", "to"))
+        reloads = _counter_values(self.metrics.config_reloads, ("result",))
+        config = self.table.config
+        return {
+            "version": __version__,
+            "config": config.source,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "ready": ready,
+            "draining": self.draining,
+            "inflight_calls": sum(t.inflight for t in self._live_tables),
+            "listen": {"grpc": config.listen, "port": self.grpc_port, "admin": config.admin},
+            "routes": [
+                {
+                    "name": route.name,
+                    "match": {"method": route.spec.match.method, "model": route.spec.match.model},
+                    "primary": route.spec.primary,
+                    "fallback": list(route.spec.fallback),
+                    "static_default": route.static is not None,
+                    "ready": reasons.get(route.name, "").startswith("served by"),
+                    "detail": reasons.get(route.name, ""),
+                    "calls": _subtotals(calls, route.name),
+                    "fallbacks": _subtotals(fallbacks, route.name),
+                }
+                for route in self.table.routes
+            ],
+            "upstreams": {
+                name: {**target.snapshot(), "requests": _subtotals(attempts, name)}
+                for name, target in self.table.targets.items()
+            },
+            "config_reloads": {result: int(n) for (result,), n in reloads.items()},
+        }
+
+
+def _counter_values(counter: object, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """Sum a counter's ``_total`` samples by the given labels."""
+    totals: dict[tuple[str, ...], float] = {}
+    for metric in counter.collect():  # type: ignore[attr-defined]
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                key = tuple(sample.labels[name] for name in labels)
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _subtotals(values: dict[tuple[str, ...], float], first: str) -> dict[str, int]:
+    """Entries whose first label is ``first``, keyed by their second label."""
+    return {key[1]: int(n) for key, n in sorted(values.items()) if key[0] == first}
+
+
+def _server_credentials(config: Config) -> grpc.ServerCredentials:
+    assert config.tls is not None
+    pair = (Path(config.tls.key).read_bytes(), Path(config.tls.cert).read_bytes())
+    client_ca = Path(config.tls.client_ca).read_bytes() if config.tls.client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)

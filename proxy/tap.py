@@ -1,0 +1,73 @@
+"""The tap: where finished calls are handed to observers (shadow mirrors, the drift engine) off the critical path.
+
+``Tap.offer`` never awaits and never raises: each observer must take a ``CallRecord`` in constant time (typically a
+``put_nowait`` into its own bounded queue, counting what it drops), and an observer that raises is counted and
+ignored. The bytes in a record are the very objects the proxy forwarded; observers decode them, never the proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+__all__ = ["CallRecord", "Observer", "Tap"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One answered unary call, as the client saw it.
+
+    ``started`` is Unix time (seconds), ``latency`` the seconds from the request's arrival to the answer.
+    ``response`` is None when the client got an error.
+    """
+
+    route: str
+    method: str
+    request: bytes
+    response: bytes | None
+    code: grpc.StatusCode
+    served_by: str
+    role: str
+    metadata: tuple[tuple[str, str | bytes], ...]
+    started: float
+    latency: float
+
+
+class Observer(Protocol):
+    """Something fed by the tap. ``offer`` must return at once and must not block the event loop."""
+
+    name: str
+
+    def offer(self, record: CallRecord) -> None: ...
+
+
+class Tap:
+    """Fans records out to observers; counts and logs (once per observer) those that raise."""
+
+    __slots__ = ("_observers", "_warned", "errors")
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self._observers = tuple(observers)
+        self.errors: dict[str, int] = {observer.name: 0 for observer in self._observers}
+        self._warned: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._observers)
+
+    def offer(self, record: CallRecord) -> None:
+        for observer in self._observers:
+            try:
+                observer.offer(record)
+            except Exception:
+                self.errors[observer.name] += 1
+                if observer.name not in self._warned:
+                    self._warned.add(observer.name)
+                    log.exception(
+                        "observer %s raised; the call was answered anyway (further errors only counted)", observer.name
+                    )

@@ -1,0 +1,238 @@
+"""Real gRPC servers and proxies on 127.0.0.1 for the tests. Nothing here mocks gRPC.
+
+``EchoServer`` is a small grpc.aio server with one method per call type; what it does on a call is set on the
+server object (``fail_with``, ``sleep``) or, for pass-through tests, by the request's metadata:
+
+    x-test-code: NAME       end the call with that status (details "echo failure")
+    x-test-sleep: SECONDS   wait before answering
+    x-test-initial: VALUE   send initial metadata x-initial: VALUE
+    x-test-messages: N      ServerStream/Bidi: how many response messages (default 3)
+
+It always sends trailing metadata ``x-trailer: <server name>`` and a binary ``x-trailer-bin``, and records every
+call it receives (method, request bytes, metadata, time remaining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from proxy.config import parse_config
+from proxy.demo.models import MODELS, serve_model
+from proxy.server import Proxy
+
+ECHO = "/test.Echo/"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Received:
+    method: str
+    requests: list[bytes]
+    metadata: dict[str, str | bytes]
+    metadata_items: tuple[tuple[str, str | bytes], ...]
+    time_remaining: float | None
+
+
+@dataclass
+class EchoServer:
+    name: str
+    server: grpc.aio.Server | None = None
+    port: int = 0
+    fail_with: grpc.StatusCode | None = None
+    sleep: float = 0.0
+    received: list[Received] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> EchoServer:
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((_EchoHandler(self),))
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+
+    async def __aenter__(self) -> EchoServer:
+        return self if self.server is not None else await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+class _EchoHandler(grpc.GenericRpcHandler):
+    def __init__(self, owner: EchoServer) -> None:
+        self.owner = owner
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if method == ECHO + "Unary" or (method.startswith("/inference.") and method.endswith("ModelInfer")):
+            return grpc.unary_unary_rpc_method_handler(self._wrap(method, self._unary))
+        if method == ECHO + "ServerStream":
+            return grpc.unary_stream_rpc_method_handler(self._wrap(method, self._server_stream))
+        if method == ECHO + "ClientStream":
+            return grpc.stream_unary_rpc_method_handler(self._wrap(method, self._client_stream))
+        if method == ECHO + "Bidi":
+            return grpc.stream_stream_rpc_method_handler(self._wrap(method, self._bidi))
+        return None
+
+    def _wrap(self, method: str, body: Callable):
+        owner = self.owner
+
+        async def handle(request, context: grpc.aio.ServicerContext):
+            items = tuple((m.key, m.value) for m in context.invocation_metadata())
+            md = dict(items)
+            record = Received(method, [], md, items, context.time_remaining())
+            owner.received.append(record)
+            sleep = float(md.get("x-test-sleep", owner.sleep))
+            if sleep:
+                await asyncio.sleep(sleep)
+            if "x-test-initial" in md:
+                await context.send_initial_metadata((("x-initial", md["x-test-initial"]),))
+            context.set_trailing_metadata((("x-trailer", owner.name), ("x-trailer-bin", b"\x00\xff")))
+            code = owner.fail_with or (grpc.StatusCode[md["x-test-code"]] if "x-test-code" in md else None)
+            return await body(request, context, record, code, md)
+
+        return handle
+
+    async def _unary(self, request, context, record, code, md):
+        record.requests.append(request)
+        if code is not None:
+            await context.abort(code, f"echo failure from {self.owner.name}")
+        return self.owner.name.encode() + b":" + request
+
+    async def _server_stream(self, request, context, record, code, md):
+        record.requests.append(request)
+        if code is not None:
+            await context.abort(code, f"echo failure from {self.owner.name}")
+        for i in range(int(md.get("x-test-messages", 3))):
+            await context.write(request + b"#" + str(i).encode())
+
+    async def _client_stream(self, requests, context, record, code, md):
+        async for message in requests:
+            record.requests.append(message)
+        if code is not None:
+            await context.abort(code, f"echo failure from {self.owner.name}")
+        return b"|".join(record.requests)
+
+    async def _bidi(self, requests, context, record, code, md):
+        if code is not None:
+            await context.abort(code, f"echo failure from {self.owner.name}")
+        async for message in requests:
+            record.requests.append(message)
+            await context.write(b"re:" + message)
+
+
+async def start_echo(name: str, port: int = 0) -> EchoServer:
+    return await EchoServer(name).start(port)
+
+
+@contextlib.asynccontextmanager
+async def model_server(role: str, port: int = 0) -> AsyncIterator[int]:
+    """A demo KServe V2 model server (``production``, ``candidate`` or ``baseline``); yields its port."""
+    server, bound = await serve_model(MODELS[role], f"127.0.0.1:{port}")
+    try:
+        yield bound
+    finally:
+        await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(config_yaml: str, **kwargs) -> AsyncIterator[Proxy]:
+    """A started in-process proxy for ``config_yaml`` (listen/admin default to ephemeral loopback ports)."""
+    config_yaml = textwrap.dedent(config_yaml)
+    if "listen:" not in config_yaml:
+        config_yaml = "listen: 127.0.0.1:0\n" + config_yaml
+    if "admin:" not in config_yaml:
+        config_yaml = "admin: 127.0.0.1:0\n" + config_yaml
+    proxy = Proxy(parse_config(config_yaml, "<test config>"), **kwargs)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def through_proxy(config_yaml: str, **kwargs) -> AsyncIterator[tuple[Proxy, grpc.aio.Channel]]:
+    """A running proxy for ``config_yaml`` and a client channel to it."""
+    async with (
+        running_proxy(config_yaml, **kwargs) as proxy,
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{proxy.grpc_port}", options=[("grpc.max_send_message_length", 2**26)]
+        ) as channel,
+    ):
+        yield proxy, channel
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def wait_ready(proxy: Proxy, within: float = 10.0) -> None:
+    await wait_until(lambda: proxy.readiness()[0], within, "the proxy to be ready")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def admin_json(proxy: Proxy, path: str = "/status") -> dict:
+    status, body = http_get(f"http://127.0.0.1:{proxy.admin_port}{path}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def mlmirror(*args: str, **kwargs) -> subprocess.Popen:
+    """Start the ``mlmirror`` command line as a subprocess (stdout and stderr captured)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        **kwargs,
+    )
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listening on port {port} after {timeout}s")

@@ -1,0 +1,162 @@
+"""The admin endpoint: /metrics (checked by the real promtool), /healthz, /readyz, /status, and bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import textwrap
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import ECHO, EchoServer, free_port, http_get, through_proxy, wait_until
+
+REQUIRED_METRICS = {
+    "mlmirror_requests": ("route", "upstream", "role", "grpc_code"),
+    "mlmirror_request_duration_seconds": ("route", "upstream", "role"),
+    "mlmirror_fallbacks": ("route", "from_upstream", "to", "reason"),
+    "mlmirror_circuit_state": ("upstream",),
+    "mlmirror_config_reloads": ("result",),
+}
+
+
+def config(primary: str, fallback: str) -> str:
+    return textwrap.dedent(f"""
+    method_types: {{{ECHO}Unary: unary_unary}}
+    upstreams:
+      primary: {{address: {primary}, health_check: {{interval: 100ms, timeout: 100ms}}}}
+      fallback: {{address: {fallback}, health_check: {{interval: 100ms, timeout: 100ms}}}}
+    routes:
+      - {{name: main, match: {{}}, primary: primary, fallback: [fallback]}}
+    """)
+
+
+async def get(proxy, path: str, method: str = "GET") -> tuple[int, str]:
+    return await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}{path}", method)
+
+
+async def test_metrics_expose_the_documented_families_and_pass_promtool():
+    async with (
+        EchoServer("p") as primary,
+        EchoServer("f") as fallback,
+        through_proxy(config(primary.address, fallback.address)) as (proxy, channel),
+    ):
+        await channel.unary_unary(ECHO + "Unary")(b"x")
+        primary.fail_with = grpc.StatusCode.UNAVAILABLE
+        await channel.unary_unary(ECHO + "Unary")(b"y")
+        status, body = await get(proxy, "/metrics")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    for name, labels in REQUIRED_METRICS.items():
+        assert name in families, name
+        sample = families[name].samples[0]
+        assert set(labels) <= set(sample.labels), (name, sample.labels)
+    assert families["mlmirror_request_duration_seconds"].type == "histogram"
+    fallbacks = [s for s in families["mlmirror_fallbacks"].samples if s.name == "mlmirror_fallbacks_total"]
+    assert [(s.labels["from_upstream"], s.labels["to"], s.labels["reason"], s.value) for s in fallbacks] == [
+        ("primary", "fallback", "unavailable", 1.0)
+    ]
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool (Debian package prometheus) is needed; .ci/run installs it"
+    checked = await asyncio.to_thread(
+        subprocess.run, [promtool, "check", "metrics"], input=body, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "", checked.stdout  # promtool lists each problem it finds
+    assert checked.stderr.strip() == "", checked.stderr
+
+
+async def test_readyz_says_why_not_and_turns_ready_when_an_upstream_is_reachable():
+    primary_port = free_port()
+    async with EchoServer("f") as fallback:
+        fallback_address = fallback.address
+    # Neither upstream is listening yet.
+    async with through_proxy(config(f"127.0.0.1:{primary_port}", fallback_address)) as (proxy, channel):
+        await wait_until(lambda: all(t.reachable is False for t in proxy.table.targets.values()), 5, "health checks")
+        status, body = await get(proxy, "/readyz")
+        assert status == 503
+        assert body.startswith("not ready")
+        assert "main: no reachable upstream (primary: no answer within 0.1s" in body
+        assert "fallback: no answer within 0.1s" in body
+
+        async with EchoServer("f2") as revived:
+            await revived.stop()
+            revived_fallback = await EchoServer("f").start(int(fallback_address.rsplit(":", 1)[1]))
+            try:
+                await wait_until(lambda: proxy.readiness()[0], 10, "the fallback to be reachable")
+                status, body = await get(proxy, "/readyz")
+                assert status == 200
+                assert body.splitlines() == ["ready", "main: served by fallback"]
+                assert proxy.metrics.registry.get_sample_value("mlmirror_ready") == 1
+            finally:
+                await revived_fallback.stop()
+
+
+async def test_status_reports_routes_upstreams_circuits_and_counters():
+    async with (
+        EchoServer("p") as primary,
+        EchoServer("f") as fallback,
+        through_proxy(config(primary.address, fallback.address)) as (proxy, channel),
+    ):
+        await wait_until(lambda: proxy.readiness()[0], 5, "ready")
+        for _ in range(3):
+            await channel.unary_unary(ECHO + "Unary")(b"x")
+        primary.fail_with = grpc.StatusCode.UNAVAILABLE
+        await channel.unary_unary(ECHO + "Unary")(b"x")
+        status, body = await get(proxy, "/status")
+    assert status == 200
+    import json
+
+    report = json.loads(body)
+    assert report["ready"] is True
+    assert report["draining"] is False
+    [route] = report["routes"]
+    assert route["name"] == "main"
+    assert (route["primary"], route["fallback"]) == ("primary", ["fallback"])
+    assert route["calls"] == {"OK": 4}
+    assert route["fallbacks"] == {"fallback": 1}
+    upstreams = report["upstreams"]
+    assert upstreams["primary"]["requests"] == {"OK": 3, "UNAVAILABLE": 1}
+    assert upstreams["fallback"]["requests"] == {"OK": 1}
+    assert upstreams["primary"]["circuit"]["state"] == "closed"
+    assert upstreams["primary"]["circuit"]["consecutive_failures"] == 1
+    assert upstreams["primary"]["reachable"] is True
+    assert report["config_reloads"] == {"success": 0, "failure": 0}
+
+
+async def test_healthz_and_bad_requests():
+    async with (
+        EchoServer("p") as primary,
+        EchoServer("f") as fallback,
+        through_proxy(config(primary.address, fallback.address)) as (proxy, _),
+    ):
+        assert await get(proxy, "/healthz") == (200, "ok\n")
+        status, body = await get(proxy, "/nope")
+        assert status == 404
+        assert "known: /healthz, /metrics, /readyz, /reload, /status" in body
+        status, body = await get(proxy, "/status", method="POST")
+        assert status == 405
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.admin_port)
+        writer.write(b"GARBAGE\r\n\r\n")
+        await writer.drain()
+        reply = await reader.read()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request")
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.admin_port)
+        writer.write(b"GET /status HTTP/1.1\r\n" + b"X-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        await writer.drain()
+        reply = await reader.read()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 431")
+
+
+@pytest.mark.parametrize("admin", ["off", "null"])
+async def test_the_admin_endpoint_can_be_turned_off(admin: str):
+    async with (
+        EchoServer("p") as primary,
+        EchoServer("f") as fallback,
+        through_proxy(f"admin: {admin}\n" + config(primary.address, fallback.address)) as (proxy, _),
+    ):
+        assert proxy.admin_port is None

@@ -1,0 +1,331 @@
+"""Configuration: every documented key reads back; every mistake is reported with file, line and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+
+from proxy.config import DEFAULT_FALLBACK_CODES, load_config, parse_config
+from proxy.errors import ConfigError
+from tests.support import REPO
+
+MINIMAL = """\
+upstreams:
+  a: 127.0.0.1:9001
+routes:
+  - match: {}
+    primary: a
+"""
+
+
+def test_the_example_config_loads_with_every_key_read():
+    config = load_config(REPO / "examples" / "mlmirror.yaml")
+    assert config.listen == "0.0.0.0:8500"
+    assert config.admin == "127.0.0.1:9500"
+    assert config.max_message_size == 4 * 2**20
+    assert config.stream_replay_limit == 2**20
+    assert config.shutdown_grace == 15.0
+    assert config.method_types["/acme.Ranker/Rank"] == "unary_unary"
+    iris = config.upstreams["iris-v1"]
+    assert iris.timeout == 2.0
+    assert (iris.keepalive.time, iris.keepalive.timeout) == (30.0, 10.0)
+    assert (iris.circuit.failures, iris.circuit.ejection, iris.circuit.max_ejection) == (5, 5.0, 60.0)
+    assert iris.circuit.codes == DEFAULT_FALLBACK_CODES
+    assert (iris.health_check.type, iris.health_check.interval, iris.health_check.timeout) == ("connect", 5.0, 1.0)
+    assert config.upstreams["iris-baseline"].address == "127.0.0.1:9003"
+    assert config.upstreams["ranker"].tls is not None
+    assert config.upstreams["ranker"].tls.server_name == "ranker.internal"
+    names = [route.name for route in config.routes]
+    assert names == ["iris", "ranker", "default"]
+    iris_route = config.routes[0]
+    assert iris_route.chain == ("iris-v1", "iris-baseline")
+    assert iris_route.static_response is not None
+    assert [t.name for t in iris_route.static_response.outputs] == ["probabilities", "label"]
+    assert iris_route.static_response.outputs[0].shape == (-1, 3)
+    assert config.routes[1].match.method == "/acme.Ranker/*"
+
+
+def test_defaults_apply_when_keys_are_absent():
+    config = parse_config(MINIMAL)
+    assert config.listen == "0.0.0.0:8500"
+    assert config.admin == "127.0.0.1:9500"
+    upstream = config.upstreams["a"]
+    assert upstream.timeout is None
+    assert upstream.circuit.failures == 5
+    assert upstream.health_check.type == "connect"
+    assert config.routes[0].name == "default"
+    assert config.routes[0].fallback_on == DEFAULT_FALLBACK_CODES
+
+
+def test_durations_and_sizes_take_units():
+    config = parse_config(
+        "shutdown_grace: 1.5m\nmax_message_size: 512KiB\nstream_replay_limit: 2MB\nadmin: off\n"
+        "upstreams:\n  a: {address: '[::1]:9001', timeout: 250ms}\nroutes:\n  - {match: {}, primary: a}\n"
+    )
+    assert config.shutdown_grace == 90.0
+    assert config.max_message_size == 512 * 1024
+    assert config.stream_replay_limit == 2_000_000
+    assert config.admin is None
+    assert config.upstreams["a"].timeout == pytest.approx(0.25)
+    assert config.upstreams["a"].address == "[::1]:9001"
+
+
+def _error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(textwrap.dedent(text), "conf.yaml")
+    return caught.value
+
+
+BAD_CONFIGS = {
+    "unknown key": (
+        """\
+        listne: 0.0.0.0:8500
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a}]
+        """,
+        1,
+        "listne",
+        "unknown key (did you mean 'listen'?)",
+    ),
+    "unknown upstream": (
+        """\
+        upstreams:
+          a: 127.0.0.1:1
+        routes:
+          - match: {}
+            primary: b
+        """,
+        5,
+        "routes[0].primary",
+        "unknown upstream 'b' (defined: a)",
+    ),
+    "duration without unit": (
+        """\
+        upstreams:
+          a:
+            address: 127.0.0.1:1
+            timeout: 2
+        routes: [{match: {}, primary: a}]
+        """,
+        4,
+        "upstreams.a.timeout",
+        "bad duration 2",
+    ),
+    "duplicate key": (
+        """\
+        upstreams:
+          a: 127.0.0.1:1
+          a: 127.0.0.1:2
+        routes: [{match: {}, primary: a}]
+        """,
+        3,
+        "upstreams.a",
+        "duplicate key (first given on line 2)",
+    ),
+    "unknown status code": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}
+        routes:
+          - match: {}
+            primary: a
+            fallback: [b]
+            fallback_on: [UNAVAILABLE, TIMEOUT]
+        """,
+        6,
+        "routes[0].fallback_on[1]",
+        "unknown gRPC status code 'TIMEOUT'",
+    ),
+    "unreachable route": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes:
+          - match: {}
+            primary: a
+          - match: {model: iris}
+            primary: a
+        """,
+        5,
+        "routes[1]",
+        "this route can never match: routes[0] (default) above takes its calls",
+    ),
+    "static data does not fit the shape": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes:
+          - match: {}
+            primary: a
+            static_response:
+              outputs:
+                - {name: p, datatype: FP32, shape: [-1, 3], data: [0.5, 0.5]}
+        """,
+        7,
+        "routes[0].static_response.outputs[0].data",
+        "2 values given, shape [-1, 3] needs 3",
+    ),
+    "static data of the wrong type": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes:
+          - match: {}
+            primary: a
+            static_response:
+              outputs:
+                - {name: p, datatype: INT8, shape: [1], data: [300]}
+        """,
+        7,
+        "routes[0].static_response.outputs[0].data",
+        "INT8 elements must lie in [-128, 127]",
+    ),
+    "bad address": (
+        """\
+        upstreams: {a: "localhost"}
+        routes: [{match: {}, primary: a}]
+        """,
+        1,
+        "upstreams.a",
+        "bad address 'localhost'",
+    ),
+    "route names collide": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes:
+          - {name: x, match: {model: m}, primary: a}
+          - {name: x, match: {}, primary: a}
+        """,
+        4,
+        "routes[1]",
+        "route name 'x' is used twice",
+    ),
+    "missing TLS file": (
+        """\
+        upstreams:
+          a:
+            address: 127.0.0.1:1
+            tls: {ca: /nonexistent/ca.pem}
+        routes: [{match: {}, primary: a}]
+        """,
+        4,
+        "upstreams.a.tls.ca",
+        "no such file: /nonexistent/ca.pem",
+    ),
+    "jitter out of range": (
+        """\
+        upstreams:
+          a: {address: 127.0.0.1:1, circuit: {jitter: 0.9}}
+        routes: [{match: {}, primary: a}]
+        """,
+        2,
+        "upstreams.a.circuit.jitter",
+        "must be <= 0.5",
+    ),
+    "bad method pattern": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {method: Predict}, primary: a}]
+        """,
+        2,
+        "routes[0].match.method",
+        "bad method 'Predict'",
+    ),
+    "unknown call type": (
+        """\
+        method_types: {/a.B/C: bidi}
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a}]
+        """,
+        1,
+        "method_types./a.B/C",
+        "unknown call type 'bidi'",
+    ),
+    "missing required key": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes:
+          - match: {}
+        """,
+        3,
+        "routes[0]",
+        "missing required key 'primary'",
+    ),
+    "fallback repeats the primary": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a, fallback: [a]}]
+        """,
+        2,
+        "routes[0].fallback[0]",
+        "upstream 'a' is already in this route's chain",
+    ),
+    "wrong container": (
+        """\
+        upstreams: [a, b]
+        routes: []
+        """,
+        1,
+        "upstreams",
+        "expected a mapping, got a list",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "line", "key", "reason"), BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_config_errors_name_file_line_and_key(text: str, line: int, key: str, reason: str):
+    error = _error(text)
+    assert error.file == "conf.yaml"
+    assert error.line == line
+    assert error.key == key
+    assert reason in error.reason
+    assert str(error).startswith(f"conf.yaml:{line}: {key}: ")
+
+
+def test_invalid_yaml_syntax_names_the_line():
+    error = _error("upstreams:\n  a: [127.0.0.1:1\nroutes: []\n")
+    assert error.line == 3
+    assert "invalid YAML" in error.reason
+
+
+def test_a_missing_file_is_reported_as_such(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "absent.yaml")
+    assert str(caught.value) == f"{tmp_path / 'absent.yaml'}: no such file"
+
+
+def test_upstream_addresses_may_be_grpc_target_uris():
+    config = parse_config(
+        "upstreams:\n  a: dns:///models.internal:9000\n  b: {address: 'unix:///run/model.sock'}\n"
+        "routes: [{match: {}, primary: a, fallback: [b]}]\n"
+    )
+    assert config.upstreams["a"].address == "dns:///models.internal:9000"
+    assert config.upstreams["b"].address == "unix:///run/model.sock"
+
+
+def test_status_code_names_are_case_insensitive():
+    config = parse_config(
+        "upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}\n"
+        "routes: [{match: {}, primary: a, fallback: b, fallback_on: [unavailable, internal]}]\n"
+    )
+    assert config.routes[0].fallback == ("b",)
+    assert config.routes[0].fallback_on == {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
+
+
+def test_check_config_command_exits_nonzero_with_the_location(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams:\n  a: {address: 127.0.0.1:1, timeout: fast}\nroutes: [{match: {}, primary: a}]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(bad)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 1
+    assert f"{bad}:2: upstreams.a.timeout: bad duration 'fast'" in result.stderr
+
+    good = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(REPO / "examples" / "mlmirror.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "ok: listen 0.0.0.0:8500" in good.stdout

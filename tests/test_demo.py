@@ -1,0 +1,61 @@
+"""``mlmirror demo`` tells its three-act story end to end, and the demo models answer as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from proxy.demo.models import CLASS_MEANS, MODELS, sample_features
+from tests.support import REPO
+
+
+@pytest.mark.slow
+def test_the_demo_runs_its_story_with_no_client_errors():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "demo",
+            "--duration",
+            "9s",
+            "--rate",
+            "40",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    for line in ("act 1: production serves", "act 2: production goes down", "act 3: production is back"):
+        assert line in out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("done: ")
+    assert ", 0 client errors; served by " in summary
+    assert "production" in summary
+    assert "baseline" in summary
+    assert "candidate" in summary
+
+
+def test_the_demo_models_classify_as_described():
+    rng = np.random.default_rng(0)
+    x = sample_features(rng, 3000)
+    truth = np.argmin(((x[:, None, :] - CLASS_MEANS[None].astype(np.float32)) ** 2).sum(axis=2), axis=1)
+    probabilities, production = MODELS["production"].predict(x)
+    _, candidate = MODELS["candidate"].predict(x)
+    _, baseline = MODELS["baseline"].predict(x)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert probabilities.dtype == np.float32
+    assert (production == truth).mean() > 0.9
+    disagreement = (production != candidate).mean()
+    assert 0.01 < disagreement < 0.15  # a changed model, not a different one
+    assert set(baseline) == {0}

@@ -1,0 +1,226 @@
+"""Zero-downtime operations on the real ``mlmirror serve`` process: SIGTERM drains, SIGHUP reloads, and a killed
+primary costs clients nothing when a fallback is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
+from tests.support import (
+    ECHO,
+    REPO,
+    EchoServer,
+    free_port,
+    http_get,
+    mlmirror,
+    model_server,
+    through_proxy,
+    wait_for_port,
+)
+
+pytestmark = pytest.mark.slow
+
+UNARY = ECHO + "Unary"
+
+
+def write_config(path: Path, admin_port: int, listen_port: int, primary: str, upstreams: dict[str, str]) -> None:
+    lines = [
+        f"listen: 127.0.0.1:{listen_port}",
+        f"admin: 127.0.0.1:{admin_port}",
+        "shutdown_grace: 10s",
+        f"method_types: {{{UNARY}: unary_unary}}",
+        "upstreams:",
+        *[
+            f"  {name}: {{address: {address}, health_check: {{interval: 200ms}}}}"
+            for name, address in upstreams.items()
+        ],
+        "routes:",
+        f"  - {{name: main, match: {{}}, primary: {primary}}}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class ServeProcess:
+    """``mlmirror serve`` in a subprocess, with its ports."""
+
+    def __init__(self, config: Path, admin_port: int, listen_port: int) -> None:
+        self.admin_port = admin_port
+        self.listen_port = listen_port
+        self.process = mlmirror("serve", "--config", str(config))
+        wait_for_port(admin_port)
+        wait_for_port(listen_port)
+
+    def metric(self, name: str) -> str:
+        status, body = http_get(f"http://127.0.0.1:{self.admin_port}/metrics")
+        assert status == 200
+        return "\n".join(line for line in body.splitlines() if line.startswith(name))
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, str]:
+        try:
+            _, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, stderr = self.process.communicate()
+        return self.process.returncode, stderr
+
+
+async def call(channel: grpc.aio.Channel, payload: bytes, **kwargs) -> tuple[grpc.StatusCode, str]:
+    """(status, served_by) of one unary echo call."""
+    rpc = channel.unary_unary(UNARY)(payload, **kwargs)
+    try:
+        await rpc
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+    return code, dict(await rpc.trailing_metadata() or ()).get("x-mlmirror-served-by", "")
+
+
+async def test_sigterm_drains_in_flight_calls_and_exits_zero(tmp_path: Path):
+    admin_port, listen_port = free_port(), free_port()
+    async with EchoServer("slow") as upstream:
+        upstream.sleep = 1.0
+        config = tmp_path / "mlmirror.yaml"
+        write_config(config, admin_port, listen_port, "slow", {"slow": upstream.address})
+        served = await asyncio.to_thread(ServeProcess, config, admin_port, listen_port)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{listen_port}") as channel:
+            in_flight = [asyncio.ensure_future(call(channel, f"{i}".encode(), timeout=10)) for i in range(20)]
+            await asyncio.sleep(0.4)  # all 20 are now waiting on the upstream
+            started = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*in_flight)
+            drained_in = time.monotonic() - started
+            await asyncio.sleep(0.2)
+            late = await call(channel, b"late", timeout=2)
+        returncode, stderr = await asyncio.to_thread(served.finish)
+    assert results == [(grpc.StatusCode.OK, "slow")] * 20, stderr
+    assert drained_in < 2.0
+    assert late[0] is grpc.StatusCode.UNAVAILABLE  # stopped accepting
+    assert returncode == 0, stderr
+    assert "SIGTERM: graceful stop" in stderr
+    assert "draining 20 in-flight calls" in stderr
+
+
+async def test_sighup_reload_under_traffic_fails_no_call_and_switches_routes(tmp_path: Path):
+    admin_port, listen_port = free_port(), free_port()
+    async with EchoServer("a") as a, EchoServer("b") as b:
+        a.sleep = 0.5  # calls in flight on the old table during the reload
+        config = tmp_path / "mlmirror.yaml"
+        write_config(config, admin_port, listen_port, "a", {"a": a.address})
+        served = await asyncio.to_thread(ServeProcess, config, admin_port, listen_port)
+        results: list[tuple[grpc.StatusCode, str]] = []
+        stop = asyncio.Event()
+
+        async def traffic(channel: grpc.aio.Channel) -> None:
+            pending = set()
+            n = 0
+            while not stop.is_set():
+                task = asyncio.ensure_future(call(channel, f"{n}".encode(), timeout=5))
+                task.add_done_callback(lambda t: results.append(t.result()))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                n += 1
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*pending)
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{listen_port}") as channel:
+            load = asyncio.ensure_future(traffic(channel))
+            await asyncio.sleep(1.0)
+            # Reload 1: a is removed, b serves. Calls in flight to a must finish on a.
+            write_config(config, admin_port, listen_port, "b", {"b": b.address})
+            served.process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(1.5)
+            # Reload 2: an invalid file is rejected and b keeps serving.
+            config.write_text(config.read_text().replace("primary: b", "primary: nowhere"))
+            served.process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await load
+        reloads = await asyncio.to_thread(served.metric, "mlmirror_config_reloads_total")
+        served.process.send_signal(signal.SIGTERM)
+        returncode, stderr = await asyncio.to_thread(served.finish)
+    codes = Counter(code for code, _ in results)
+    by = Counter(served_by for _, served_by in results)
+    assert codes == {grpc.StatusCode.OK: len(results)}, (codes, stderr)
+    assert by["a"] > 20
+    assert by["b"] > 100
+    assert set(by) == {"a", "b"}
+    assert len(a.received) == by["a"]  # every call sent to a was answered by a, none lost in the swap
+    assert 'mlmirror_config_reloads_total{result="success"} 1.0' in reloads
+    assert 'mlmirror_config_reloads_total{result="failure"} 1.0' in reloads
+    assert f"config reload rejected, keeping the current config: {config}:" in stderr
+    assert "routes[0].primary: unknown upstream 'nowhere'" in stderr
+    assert returncode == 0
+
+
+async def test_killing_the_primary_mid_traffic_costs_clients_nothing():
+    primary_port = free_port()
+    primary = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "model-server",
+        "--model",
+        "production",
+        "--listen",
+        f"127.0.0.1:{primary_port}",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, primary_port)
+        async with model_server("baseline") as baseline_port:
+            config = f"""
+            upstreams:
+              production: {{address: 127.0.0.1:{primary_port}, timeout: 1s}}
+              baseline: {{address: 127.0.0.1:{baseline_port}, timeout: 1s}}
+            routes:
+              - {{name: iris, match: {{model: iris}}, primary: production, fallback: [baseline]}}
+            """
+            rng = np.random.default_rng(7)
+            requests = [infer_request(sample_features(rng, 4), request_id=f"r{i}") for i in range(64)]
+            async with through_proxy(config) as (proxy, channel):
+                stub = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+                outcomes: list[tuple[grpc.StatusCode, str]] = []
+
+                async def one(i: int) -> None:
+                    rpc = stub(requests[i % len(requests)], timeout=5)
+                    try:
+                        await rpc
+                        code = grpc.StatusCode.OK
+                    except grpc.aio.AioRpcError as error:
+                        code = error.code()
+                    outcomes.append((code, dict(await rpc.trailing_metadata()).get("x-mlmirror-served-by", "")))
+
+                tasks = []
+                for i in range(600):  # 3 s at 200 calls/s; the primary dies after 1 s
+                    if i == 200:
+                        primary.send_signal(signal.SIGKILL)
+                    tasks.append(asyncio.ensure_future(one(i)))
+                    await asyncio.sleep(0.005)
+                await asyncio.gather(*tasks)
+                fallbacks = proxy.metrics.registry.get_sample_value(
+                    "mlmirror_fallbacks_total",
+                    {"route": "iris", "from_upstream": "production", "to": "baseline", "reason": "circuit_open"},
+                )
+    finally:
+        if primary.returncode is None:
+            primary.kill()
+        await primary.wait()
+    codes = Counter(code for code, _ in outcomes)
+    by = Counter(served_by for _, served_by in outcomes)
+    assert codes == {grpc.StatusCode.OK: 600}
+    assert by["production"] >= 150
+    assert by["baseline"] >= 300
+    assert fallbacks > 100  # the circuit opened and later calls skipped the dead primary
