@@ -22,7 +22,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from . import __version__
 from .config import load_config
-from .errors import AdminError, ConfigError
+from .errors import AdminError, ConfigError, StartError
 from .yamlsource import parse_duration
 
 __all__ = ["main"]
@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except ConfigError as exc:
-        print(f"mlmirror: {exc}", file=sys.stderr)
-        return 1
-    except AdminError as exc:
+    except (ConfigError, StartError, AdminError) as exc:
         print(f"mlmirror: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
     MlmirrorError
     ├── ConfigError        a configuration file is missing, unreadable or invalid; carries file, line and key
+    ├── StartError         the proxy could not start: an address to bind is taken, a TLS file is unreadable
     └── AdminError         a request to the admin endpoint failed (CLI side)
 
 gRPC errors from upstreams are not exceptions here: the handler relays them to the client as statuses
@@ -10,7 +11,7 @@ gRPC errors from upstreams are not exceptions here: the handler relays them to t
 
 from __future__ import annotations
 
-__all__ = ["AdminError", "ConfigError", "MlmirrorError"]
+__all__ = ["AdminError", "ConfigError", "MlmirrorError", "StartError"]
 
 
 class MlmirrorError(Exception):
@@ -37,6 +38,10 @@ class ConfigError(MlmirrorError):
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         return f"{where}: {self.key}: {self.reason}" if self.key else f"{where}: {self.reason}"
+
+
+class StartError(MlmirrorError):
+    """The proxy could not start serving; the message says what could not be bound or read."""
 
 
 class AdminError(MlmirrorError):

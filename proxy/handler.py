@@ -107,7 +107,7 @@ class _Chain:
     def failed(self, target: UpstreamTarget, role: str, code: grpc.StatusCode, seconds: float, retry: bool) -> bool:
         """Record a failed attempt; True when the call should move on to the next target."""
         target.breaker.record(code)
-        self.route.metrics.attempt(target.name, role, code, seconds)
+        self.route.metrics.attempt(target.name, role, code.name, seconds)
         if retry and code in self.route.fallback_on:
             self._from, self._reason = target.name, code.name.lower()
             return True
@@ -256,13 +256,13 @@ async def _unary_response(
             call.cancel()
             _cancelled(chain, target, role, started)
             raise
-        target.breaker.record(_OK)
-        route.metrics.attempt(target.name, role, _OK, time.perf_counter() - started)
+        target.breaker.record_success()
+        route.metrics.attempt(target.name, role, "OK", time.perf_counter() - started)
         initial = await call.initial_metadata()
         if initial:
             await context.send_initial_metadata(initial)
         context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name)))
-        route.metrics.answered(_OK)
+        route.metrics.answered("OK")
         if route.tap and replay is None:
             route.tap.offer(_record(route, method, request, response, target.name, role, metadata, entered))
         return response
@@ -270,9 +270,9 @@ async def _unary_response(
         chain.finish(STATIC_DEFAULT)
         started = time.perf_counter()
         response = route.static.render(request)
-        route.metrics.attempt(STATIC_DEFAULT, "fallback", _OK, time.perf_counter() - started)
+        route.metrics.attempt(STATIC_DEFAULT, "fallback", "OK", time.perf_counter() - started)
         context.set_trailing_metadata(((SERVED_BY, STATIC_DEFAULT),))
-        route.metrics.answered(_OK)
+        route.metrics.answered("OK")
         if route.tap:
             route.tap.offer(_record(route, method, request, response, STATIC_DEFAULT, "fallback", metadata, entered))
         return response
@@ -325,10 +325,10 @@ async def _stream_response(
             call.cancel()
             _cancelled(chain, target, role, started)
             raise
-        target.breaker.record(_OK)
-        route.metrics.attempt(target.name, role, _OK, time.perf_counter() - started)
+        target.breaker.record_success()
+        route.metrics.attempt(target.name, role, "OK", time.perf_counter() - started)
         context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name)))
-        route.metrics.answered(_OK)
+        route.metrics.answered("OK")
         return
     await _exhausted(route, chain, context, last_error, last_target)
 
@@ -361,7 +361,7 @@ async def _relay_error(
     trailing: Any,
 ) -> None:
     """End the client's call with ``code``; never returns (``abort`` raises)."""
-    route.metrics.answered(code)
+    route.metrics.answered(code.name)
     await context.abort(code, details or "", (*(trailing or ()), (SERVED_BY, served_by)))
 
 
@@ -369,8 +369,8 @@ def _cancelled(chain: _Chain, target: UpstreamTarget, role: str, started: float)
     """The client went away (or its deadline passed) mid-attempt: free a half-open probe slot, count the call."""
     target.breaker.record(_CANCELLED)
     code = grpc.StatusCode.DEADLINE_EXCEEDED if chain.out_of_time else _CANCELLED
-    chain.route.metrics.attempt(target.name, role, code, time.perf_counter() - started)
-    chain.route.metrics.answered(code)
+    chain.route.metrics.attempt(target.name, role, code.name, time.perf_counter() - started)
+    chain.route.metrics.answered(code.name)
 
 
 async def _unrouted(table: RouteTable, method: str, model: str | None, context: grpc.aio.ServicerContext) -> None:

@@ -1,14 +1,20 @@
 """Every Prometheus metric mlmirror exports, defined once.
 
 Each ``Metrics`` owns its own registry, so several proxies can live in one process (tests) without clashing.
-Label children used on the hot path are cached by ``RouteMetrics`` so a call costs dictionary lookups, not
-label-tuple construction.
+What every call updates (``RouteMetrics``) is kept as plain numbers and exported at scrape time: a call costs a
+few dictionary updates, not prometheus-client's locks and label lookups.
 """
 
 from __future__ import annotations
 
-import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from bisect import bisect_left
+from collections.abc import Iterator
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 
@@ -27,25 +33,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "mlmirror_requests",
-            "Calls made to upstreams (each attempt of the fallback chain counts), by outcome.",
-            ["route", "upstream", "role", "grpc_code"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "mlmirror_request_duration_seconds",
-            "Time from sending a call to an upstream to its final status, in seconds.",
-            ["route", "upstream", "role"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.calls = Counter(
-            "mlmirror_calls",
-            "Client calls answered by the proxy, by the status the client received.",
-            ["route", "grpc_code"],
-            registry=r,
-        )
+        #: Per-route hot-path statistics by route name; they outlive reloads so that counters never go back.
+        self.routes: dict[str, RouteMetrics] = {}
+        r.register(_CallStatsCollector(self.routes))
         self.unrouted_calls = Counter(
             "mlmirror_unrouted_calls", "Client calls that matched no route (answered UNIMPLEMENTED).", registry=r
         )
@@ -80,40 +70,80 @@ class Metrics:
         Info("mlmirror_build", "mlmirror version.", registry=r).info({"version": __version__})
 
     def for_route(self, route: str) -> RouteMetrics:
-        return RouteMetrics(self, route)
+        """The statistics of ``route``, created on first use and kept across reloads."""
+        stats = self.routes.get(route)
+        if stats is None:
+            stats = self.routes[route] = RouteMetrics(self, route)
+        return stats
 
 
 class RouteMetrics:
-    """The hot-path view of the metrics for one route, with cached label children."""
+    """The hot-path statistics of one route: plain numbers updated on the event loop, no lock, no label lookup.
 
-    __slots__ = ("_attempts", "_calls", "_metrics", "route")
+    They become ``mlmirror_requests_total``, ``mlmirror_request_duration_seconds`` and ``mlmirror_calls_total`` when
+    scraped (``_CallStatsCollector``). Status codes are given by name (``"OK"``, ``"UNAVAILABLE"``).
+    """
+
+    __slots__ = ("_metrics", "answers", "attempts", "durations", "route")
 
     def __init__(self, metrics: Metrics, route: str) -> None:
         self._metrics = metrics
         self.route = route
-        self._attempts: dict[tuple[str, str, grpc.StatusCode], tuple] = {}
-        self._calls: dict[grpc.StatusCode, object] = {}
+        #: (upstream, role, code) -> calls
+        self.attempts: dict[tuple[str, str, str], int] = {}
+        #: (upstream, role) -> calls per latency bucket (the last one is +Inf), then the sum of seconds
+        self.durations: dict[tuple[str, str], list[float]] = {}
+        #: code -> client calls answered with it
+        self.answers: dict[str, int] = {}
 
-    def attempt(self, upstream: str, role: str, code: grpc.StatusCode, seconds: float) -> None:
+    def attempt(self, upstream: str, role: str, code: str, seconds: float) -> None:
         """Record one upstream call (or the static default, with upstream ``static-default``)."""
         key = (upstream, role, code)
-        children = self._attempts.get(key)
-        if children is None:
-            m = self._metrics
-            children = (
-                m.requests.labels(self.route, upstream, role, code.name),
-                m.request_duration.labels(self.route, upstream, role),
-            )
-            self._attempts[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        histogram = self.durations.get((upstream, role))
+        if histogram is None:
+            histogram = self.durations[(upstream, role)] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+        histogram[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # first bucket whose upper bound is >= seconds
+        histogram[-1] += seconds
 
-    def answered(self, code: grpc.StatusCode) -> None:
+    def answered(self, code: str) -> None:
         """Record the status the client received."""
-        child = self._calls.get(code)
-        if child is None:
-            child = self._calls[code] = self._metrics.calls.labels(self.route, code.name)
-        child.inc()
+        self.answers[code] = self.answers.get(code, 0) + 1
 
     def fallback(self, from_upstream: str, to: str, reason: str) -> None:
         self._metrics.fallbacks.labels(self.route, from_upstream, to, reason).inc()
+
+
+class _CallStatsCollector(Collector):
+    """Exports every route's ``RouteMetrics`` as Prometheus families at scrape time."""
+
+    def __init__(self, routes: dict[str, RouteMetrics]) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "mlmirror_requests",
+            "Calls made to upstreams (each attempt of the fallback chain counts), by outcome.",
+            labels=["route", "upstream", "role", "grpc_code"],
+        )
+        durations = HistogramMetricFamily(
+            "mlmirror_request_duration_seconds",
+            "Time from sending a call to an upstream to its final status, in seconds.",
+            labels=["route", "upstream", "role"],
+        )
+        calls = CounterMetricFamily(
+            "mlmirror_calls", "Client calls answered by the proxy, by the status the client received.",
+            labels=["route", "grpc_code"],
+        )  # fmt: skip
+        bounds = [floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))]
+        for route, stats in list(self._routes.items()):
+            for (upstream, role, code), n in list(stats.attempts.items()):
+                requests.add_metric([route, upstream, role, code], n)
+            for (upstream, role), histogram in list(stats.durations.items()):
+                cumulative = list(accumulate(histogram[:-1]))
+                durations.add_metric([route, upstream, role], list(zip(bounds, cumulative, strict=True)), histogram[-1])
+            for code, n in list(stats.answers.items()):
+                calls.add_metric([route, code], n)
+        yield requests
+        yield durations
+        yield calls

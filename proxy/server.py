@@ -20,13 +20,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from protos import INFERENCE_SERVICE
 
 from . import __version__
 from .admin import AdminServer, Request, Response
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, StartError
 from .eventloop import loop_name
 from .handler import ProxyHandler
 from .metrics import Metrics
@@ -67,27 +68,24 @@ class Proxy:
     # --- start ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Bind and start serving. Raises ``StartError`` (after releasing what it had started) when the listener or
+        the admin endpoint cannot bind, or a TLS file cannot be read."""
         config = self._first_config
         self._install_table(RouteTable(config, self._build_targets(config, {}), self.metrics, self.tap))
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", config.max_message_size),
-                ("grpc.max_send_message_length", config.max_message_size),
-                ("grpc.so_reuseport", 0),  # a second proxy on the same port must fail, not share it silently
-            ]
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        server.add_generic_rpc_handlers((self._handler,))
-        if config.tls is None:
-            self.grpc_port = server.add_insecure_port(config.listen)
-        else:
-            self.grpc_port = server.add_secure_port(config.listen, _server_credentials(config))
-        await server.start()
-        self._server = server
-        if config.admin is not None:
-            self._admin = AdminServer(config.admin, self._admin_routes())
-            await self._admin.start()
+        try:
+            self._server = await self._start_listener(config)
+            if config.admin is not None:
+                self._admin = AdminServer(config.admin, self._admin_routes())
+                try:
+                    await self._admin.start()
+                except OSError as exc:
+                    self._admin = None
+                    raise StartError(
+                        f"cannot serve the admin endpoint on {config.admin}: {exc.strerror or exc}"
+                    ) from None
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         self.started_at = time.time()
         self.metrics.config_reloads.labels("success")  # both series exist from the start
         self.metrics.config_reloads.labels("failure")
@@ -104,6 +102,27 @@ class Proxy:
             len(config.upstreams),
             loop_name(),
         )
+
+    async def _start_listener(self, config: Config) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_size),
+                ("grpc.max_send_message_length", config.max_message_size),
+                ("grpc.so_reuseport", 0),  # a second proxy on the same port must fail, not share it silently
+            ]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_generic_rpc_handlers((self._handler,))
+        try:
+            if config.tls is None:
+                self.grpc_port = server.add_insecure_port(config.listen)
+            else:
+                self.grpc_port = server.add_secure_port(config.listen, _server_credentials(config))
+        except (RuntimeError, OSError) as exc:
+            raise StartError(f"cannot listen on {config.listen}: {exc}") from None
+        await server.start()
+        return server
 
     @property
     def admin_port(self) -> int | None:
@@ -280,8 +299,6 @@ class Proxy:
         }
 
     async def _get_metrics(self, request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
 
     async def _get_healthz(self, request: Request) -> Response:
@@ -304,10 +321,13 @@ class Proxy:
         """Everything ``/status`` shows, JSON-ready."""
         assert self.table is not None
         ready, reasons = self.readiness()
-        calls = _counter_values(self.metrics.calls, ("route", "grpc_code"))
-        attempts = _counter_values(self.metrics.requests, ("upstream", "grpc_code"))
         fallbacks = _counter_values(self.metrics.fallbacks, ("route", "to"))
         reloads = _counter_values(self.metrics.config_reloads, ("result",))
+        by_upstream: dict[str, dict[str, int]] = {}
+        for stats in self.metrics.routes.values():
+            for (upstream, _role, code), n in stats.attempts.items():
+                counts = by_upstream.setdefault(upstream, {})
+                counts[code] = counts.get(code, 0) + n
         config = self.table.config
         return {
             "version": __version__,
@@ -326,33 +346,28 @@ class Proxy:
                     "static_default": route.static is not None,
                     "ready": reasons.get(route.name, "").startswith("served by"),
                     "detail": reasons.get(route.name, ""),
-                    "calls": _subtotals(calls, route.name),
-                    "fallbacks": _subtotals(fallbacks, route.name),
+                    "calls": dict(sorted(route.metrics.answers.items())),
+                    "fallbacks": {to: int(n) for (name, to), n in sorted(fallbacks.items()) if name == route.name},
                 }
                 for route in self.table.routes
             ],
             "upstreams": {
-                name: {**target.snapshot(), "requests": _subtotals(attempts, name)}
+                name: {**target.snapshot(), "requests": dict(sorted(by_upstream.get(name, {}).items()))}
                 for name, target in self.table.targets.items()
             },
             "config_reloads": {result: int(n) for (result,), n in reloads.items()},
         }
 
 
-def _counter_values(counter: object, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
-    """Sum a counter's ``_total`` samples by the given labels."""
+def _counter_values(counter: Counter, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """Sum a prometheus-client counter's ``_total`` samples by the given labels."""
     totals: dict[tuple[str, ...], float] = {}
-    for metric in counter.collect():  # type: ignore[attr-defined]
+    for metric in counter.collect():
         for sample in metric.samples:
             if sample.name.endswith("_total"):
                 key = tuple(sample.labels[name] for name in labels)
                 totals[key] = totals.get(key, 0.0) + sample.value
     return totals
-
-
-def _subtotals(values: dict[tuple[str, ...], float], first: str) -> dict[str, int]:
-    """Entries whose first label is ``first``, keyed by their second label."""
-    return {key[1]: int(n) for key, n in sorted(values.items()) if key[0] == first}
 
 
 def _server_credentials(config: Config) -> grpc.ServerCredentials:

@@ -120,6 +120,8 @@ class UpstreamTarget:
             ok, detail = False, f"no answer within {check.timeout:g}s (channel {state.name})"
         except grpc.aio.AioRpcError as exc:
             ok, detail = False, f"{check.type} check failed: {exc.code().name}: {exc.details()}"
+        except Exception as exc:  # a health check must never take its loop down
+            ok, detail = False, f"{check.type} check error: {exc!r}"
         if ok != self.reachable:
             log.log(
                 logging.INFO if ok else logging.WARNING, "upstream %s (%s): %s", self.name, self.spec.address, detail

@@ -224,3 +224,18 @@ async def test_killing_the_primary_mid_traffic_costs_clients_nothing():
     assert by["production"] >= 150
     assert by["baseline"] >= 300
     assert fallbacks > 100  # the circuit opened and later calls skipped the dead primary
+
+
+async def test_serve_exits_with_a_clear_message_when_its_port_is_taken(tmp_path: Path):
+    async with EchoServer("a") as echo:
+        config = tmp_path / "mlmirror.yaml"
+        listen_port = int(echo.address.rsplit(":", 1)[1])  # already bound by the echo server
+        write_config(config, free_port(), listen_port, "a", {"a": echo.address})
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+            capture_output=True, text=True, cwd=REPO, timeout=30,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"mlmirror: cannot listen on 127.0.0.1:{listen_port}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,91 @@
+"""TLS to upstreams and on the listener (with client certificates), using certificates made by openssl here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.support import ECHO, EchoServer, _EchoHandler, running_proxy
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by the CA."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make test certificates")
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=mlmirror test CA", cwd=d)  # fmt: skip
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)  # fmt: skip
+    return d
+
+
+async def _tls_echo(certs: Path) -> EchoServer:
+    echo = EchoServer("tls")
+    echo.server = grpc.aio.server()
+    echo.server.add_generic_rpc_handlers((_EchoHandler(echo),))
+    credentials = grpc.ssl_server_credentials(
+        [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())]
+    )
+    echo.port = echo.server.add_secure_port("127.0.0.1:0", credentials)
+    await echo.server.start()
+    return echo
+
+
+def _config(address: str, tls: str = "", listener_tls: str = "") -> str:
+    return f"""
+{listener_tls}
+method_types: {{{ECHO}Unary: unary_unary}}
+upstreams:
+  up: {{address: {address}{tls}}}
+routes:
+  - {{match: {{}}, primary: up}}
+"""
+
+
+async def test_tls_to_an_upstream(certs: Path):
+    async with await _tls_echo(certs) as echo:
+        secure = _config(echo.address, f", tls: {{ca: {certs / 'ca.pem'}}}")
+        async with running_proxy(secure) as proxy, grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+            assert await channel.unary_unary(ECHO + "Unary")(b"hi") == b"tls:hi"
+        # Without TLS the same upstream cannot be spoken to: TLS really was in use.
+        async with (
+            running_proxy(_config(echo.address)) as proxy,
+            grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+    assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_on_the_listener(certs: Path):
+    listener = f"tls: {{cert: {certs / 'server.pem'}, key: {certs / 'server.key'}, client_ca: {certs / 'ca.pem'}}}"
+    async with EchoServer("plain") as echo, running_proxy(_config(echo.address, listener_tls=listener)) as proxy:
+        target = f"127.0.0.1:{proxy.grpc_port}"
+        ca = (certs / "ca.pem").read_bytes()
+        with_cert = grpc.ssl_channel_credentials(
+            ca, (certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes()
+        )
+        async with grpc.aio.secure_channel(target, with_cert) as channel:
+            assert await channel.unary_unary(ECHO + "Unary")(b"hi") == b"plain:hi"
+        async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as no_cert:
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+    assert no_cert.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert plaintext.value.code() is grpc.StatusCode.UNAVAILABLE
