@@ -1,0 +1,228 @@
+"""Benchmark: mlmirror against calling the model directly and against the simplest grpc.aio pass-through proxy.
+
+    python -m loadtest.bench_proxy [--rate 400] [--calls 8000] [--rounds 3] [--saturation-calls 20000]
+
+Every system forwards to the same backend (the demo production model, a KServe V2 server in its own process) and
+is driven by the same load generator (h2load) with the same request (a framed ModelInferRequest). Systems:
+
+- direct: the model server itself;
+- floor (asyncio), floor (uvloop): ``loadtest/floor_proxy.py``, a dozen-line grpc.aio pass-through;
+- transparent floor: the same with only what transparency requires (metadata, deadline, status, trailers);
+- mlmirror: ``mlmirror serve`` with a fallback upstream configured.
+
+Per system and round, at a fixed offered load (``--rate``): latency p50/p99 and the proxy process's CPU time per
+call (user + system, all threads, from /proc); then, closed loop, throughput at saturation. Rounds interleave the
+systems so that drift in the machine's state hits all alike; the table shows medians over rounds. The run fails if
+mlmirror answered any call with a status other than OK.
+
+CPU time on a shared 2-core machine varies by 10-20% from run to run, so the table gives the median and the range
+over rounds, and compares systems by the median of per-round ratios (systems measured back to back in a round see
+the same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
+
+from .h2load import ProcessCPU, grpc_frame, run_h2load
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+@contextlib.contextmanager
+def _process(*args: str) -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class System:
+    name: str
+    port: int
+    pid: int | None  # the process whose CPU is measured; None: nothing between client and model
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    saturated_rate: list[float] = field(default_factory=list)
+
+
+def _measure(system: System, body: Path, args: argparse.Namespace) -> None:
+    run_h2load(system.port, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
+    cpu = ProcessCPU(system.pid) if system.pid else None
+    before = cpu.seconds() if cpu else 0.0
+    fixed = run_h2load(system.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=args.rate)
+    if cpu:
+        system.cpu_us.append((cpu.seconds() - before) / fixed.calls * 1e6)
+    if fixed.failed:
+        raise RuntimeError(f"{system.name}: {fixed.failed} calls failed at the fixed rate")
+    system.p50_ms.append(fixed.percentile_ms(50))
+    system.p99_ms.append(fixed.percentile_ms(99))
+    saturated = run_h2load(system.port, MODEL_INFER, body, calls=args.saturation_calls, connections=4, streams=8)
+    system.saturated_rate.append(saturated.rate)
+
+
+def _mlmirror_config(path: Path, listen: int, admin: int, backend: int, fallback: int) -> None:
+    path.write_text(
+        f"""listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+upstreams:
+  production: {{address: 127.0.0.1:{backend}, timeout: 2s}}
+  baseline: {{address: 127.0.0.1:{fallback}, timeout: 2s}}
+routes:
+  - {{name: iris, match: {{model: iris}}, primary: production, fallback: [baseline]}}
+"""
+    )
+
+
+def _calls_by_code(admin: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mlmirror_calls_total{"):
+            code = line.split('grpc_code="', 1)[1].split('"', 1)[0]
+            counts[code] = counts.get(code, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+FLOOR_ASYNCIO = "floor: grpc.aio pass-through (asyncio)"
+FLOOR_UVLOOP = "floor: grpc.aio pass-through (uvloop)"
+TRANSPARENT = "transparent floor: + metadata, deadline, trailers (uvloop)"
+MLMIRROR = "mlmirror (fallback configured)"
+
+
+def _proxies(ports: dict[str, int], config: Path) -> dict[str, tuple[list[str], int]]:
+    """The measured proxies: name -> (command line after the Python interpreter, listening port)."""
+    backend = f"127.0.0.1:{ports['backend']}"
+    floor = ["-m", "loadtest.floor_proxy"]
+    return {
+        FLOOR_ASYNCIO: ([*floor, f"127.0.0.1:{ports['floor']}", backend], ports["floor"]),
+        FLOOR_UVLOOP: ([*floor, f"127.0.0.1:{ports['floor_uv']}", backend, "--uvloop"], ports["floor_uv"]),
+        TRANSPARENT: (
+            [*floor, f"127.0.0.1:{ports['transparent']}", backend, "--uvloop", "--transparent"],
+            ports["transparent"],
+        ),
+        MLMIRROR: (["-m", "proxy", "serve", "--config", str(config)], ports["mlmirror"]),
+    }
+
+
+def run(args: argparse.Namespace) -> str:
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        body = Path(tmp) / "infer.bin"
+        body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
+        body_size = body.stat().st_size
+        ports = {
+            name: _free_port()
+            for name in ("backend", "fallback", "floor", "floor_uv", "transparent", "mlmirror", "admin")
+        }
+        config = Path(tmp) / "mlmirror.yaml"
+        _mlmirror_config(config, ports["mlmirror"], ports["admin"], ports["backend"], ports["fallback"])
+        model = ("-m", "proxy", "model-server", "--listen")
+        proxies = _proxies(ports, config)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_process(*model, f"127.0.0.1:{ports['backend']}", "--model", "production"))
+            stack.enter_context(_process(*model, f"127.0.0.1:{ports['fallback']}", "--model", "baseline"))
+            running = {name: stack.enter_context(_process(*command)) for name, (command, _) in proxies.items()}
+            for port in ports.values():
+                _wait_for_port(port)
+            systems = [
+                System("direct (the model server)", ports["backend"], None),
+                *(System(name, port, running[name].pid) for name, (_, port) in proxies.items()),
+            ]
+            if args.only:
+                systems = [s for s in systems if any(word in s.name for word in args.only)]
+            for round_ in range(args.rounds):
+                for system in systems:
+                    _measure(system, body, args)
+                    print(f"round {round_ + 1}/{args.rounds}: {system.name} done", file=sys.stderr, flush=True)
+            codes = _calls_by_code(ports["admin"])
+    if set(codes) != {"OK"}:
+        raise RuntimeError(f"mlmirror answered calls with other statuses: {codes}")
+    return _table(systems, args, body_size)
+
+
+def _table(systems: list[System], args: argparse.Namespace, body_size: int) -> str:
+    med = statistics.median
+    by_name = {s.name: s for s in systems}
+    references = [name for name in (FLOOR_ASYNCIO, FLOOR_UVLOOP, TRANSPARENT) if name in by_name]
+    lines = [
+        f"ModelInfer, {args.batch} row(s) of 4 FP32 features ({body_size} bytes framed); fixed load {args.rate:g} "
+        f"calls/s x {args.calls} calls; saturation: {args.saturation_calls} calls over 4 connections x 8 streams; "
+        f"{args.rounds} interleaved rounds.",
+        "",
+        "| system | throughput at saturation (calls/s) | p50 (ms) | p99 (ms) "
+        "| proxy CPU per call, µs: median (range) | "
+        + " | ".join(f"vs {name.split(':')[0]} {name.rsplit(' ', 1)[-1]}" for name in references)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(references),
+    ]
+    for s in systems:
+        row = f"| {s.name} | {med(s.saturated_rate):.0f} | {med(s.p50_ms):.2f} | {med(s.p99_ms):.2f} | "
+        if s.cpu_us:
+            row += f"{med(s.cpu_us):.0f} ({min(s.cpu_us):.0f}-{max(s.cpu_us):.0f}) | "
+            ratios = [med(a / b for a, b in zip(s.cpu_us, by_name[ref].cpu_us, strict=True)) for ref in references]
+            row += " | ".join(f"{ratio:.3f}x" for ratio in ratios) + " |"
+        else:
+            row += "— | " + "— | " * len(references)
+        lines.append(row.rstrip())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=400.0, help="fixed offered load, calls/s (default 400)")
+    parser.add_argument("--calls", type=int, default=8000, help="calls per fixed-load run (default 8000)")
+    parser.add_argument("--saturation-calls", type=int, default=20000, help="calls per saturation run")
+    parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run (default 1000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
+    parser.add_argument("--only", nargs="*", help="measure only systems whose name contains one of these words")
+    args = parser.parse_args(argv)
+    print(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
