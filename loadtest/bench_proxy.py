@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,25 +39,10 @@ from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 
 from .h2load import ProcessCPU, grpc_frame, run_h2load
+from .ports import free_port, wait_for_port
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port}")
 
 
 @contextlib.contextmanager
@@ -154,7 +137,7 @@ def run(args: argparse.Namespace) -> str:
         body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
         body_size = body.stat().st_size
         ports = {
-            name: _free_port()
+            name: free_port()
             for name in ("backend", "fallback", "floor", "floor_uv", "transparent", "mlmirror", "admin")
         }
         config = Path(tmp) / "mlmirror.yaml"
@@ -166,7 +149,7 @@ def run(args: argparse.Namespace) -> str:
             stack.enter_context(_process(*model, f"127.0.0.1:{ports['fallback']}", "--model", "baseline"))
             running = {name: stack.enter_context(_process(*command)) for name, (command, _) in proxies.items()}
             for port in ports.values():
-                _wait_for_port(port)
+                wait_for_port(port)
             systems = [
                 System("direct (the model server)", ports["backend"], None),
                 *(System(name, port, running[name].pid) for name, (_, port) in proxies.items()),

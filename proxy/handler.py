@@ -164,9 +164,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         table = self._source.table
         table.inflight += 1
         try:
-            router = table.router
-            model = router.model_of(method, request)
-            route = router.route(method, model)
+            route, model = table.route_for(method, request)
             if route is None:
                 return await _unrouted(table, method, model, context)
             return await _unary_response(route, method, "unary_unary", request, None, context, entered)
@@ -181,7 +179,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         table.inflight += 1
         replay = RequestReplay(requests, table.config.stream_replay_limit)
         try:
-            route = table.router.route(method, None)
+            route, _ = table.route_for(method, None)
             if route is None:
                 return await _unrouted(table, method, None, context)
             return await _unary_response(route, method, "stream_unary", b"", replay, context, entered)
@@ -193,9 +191,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         table = self._source.table
         table.inflight += 1
         try:
-            router = table.router
-            model = router.model_of(method, request)
-            route = router.route(method, model)
+            route, model = table.route_for(method, request)
             if route is None:
                 await _unrouted(table, method, model, context)
                 return
@@ -210,7 +206,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         table.inflight += 1
         replay = RequestReplay(requests, table.config.stream_replay_limit)
         try:
-            route = table.router.route(method, None)
+            route, _ = table.route_for(method, None)
             if route is None:
                 await _unrouted(table, method, None, context)
                 return

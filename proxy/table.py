@@ -60,6 +60,11 @@ class RouteTable:
         self.retired = False
         self.drained = asyncio.Event()
 
+    def route_for(self, method: str, request: bytes | None) -> tuple[RouteRuntime | None, str | None]:
+        """(route, KServe model name) for a call; ``request`` is None for streamed requests (routed by method)."""
+        model = self.router.model_of(method, request) if request is not None else None
+        return self.router.route(method, model), model
+
     def call_type(self, method: str) -> str:
         """How ``method`` is relayed: its configured or known call type, else stream-stream (correct for any)."""
         return self._call_types.get(method, "stream_stream")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -195,12 +194,6 @@ async def wait_ready(proxy: Proxy, within: float = 10.0) -> None:
     await wait_until(lambda: proxy.readiness()[0], within, "the proxy to be ready")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_get(url: str, method: str = "GET") -> tuple[int, str]:
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
@@ -226,13 +219,3 @@ def mlmirror(*args: str, **kwargs) -> subprocess.Popen:
         cwd=REPO,
         **kwargs,
     )
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listening on port {port} after {timeout}s")

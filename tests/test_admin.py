@@ -11,7 +11,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ECHO, EchoServer, free_port, http_get, through_proxy, wait_until
+from loadtest.ports import free_port
+from tests.support import ECHO, EchoServer, http_get, through_proxy, wait_until
 
 REQUIRED_METRICS = {
     "mlmirror_requests": ("route", "upstream", "role", "grpc_code"),

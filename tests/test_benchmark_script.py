@@ -39,7 +39,8 @@ def test_the_floor_proxy_relays_calls_transparently_when_asked():
     # The transparent floor must really pass statuses through, or the comparison would flatter it.
     script = """
 import asyncio, grpc, subprocess, sys, socket, time
-from tests.support import EchoServer, free_port, wait_for_port
+from loadtest.ports import free_port, wait_for_port
+from tests.support import EchoServer
 
 async def main():
     async with EchoServer("a") as echo:

@@ -9,10 +9,11 @@ import grpc
 import numpy as np
 import pytest
 
+from loadtest.ports import free_port
 from protos import inference_pb2
 from proxy.demo.traffic import infer_request
 from proxy.tap import CallRecord
-from tests.support import ECHO, EchoServer, free_port, through_proxy
+from tests.support import ECHO, EchoServer, through_proxy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 

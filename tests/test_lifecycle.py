@@ -15,19 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
+from loadtest.ports import free_port, wait_for_port
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
-from tests.support import (
-    ECHO,
-    REPO,
-    EchoServer,
-    free_port,
-    http_get,
-    mlmirror,
-    model_server,
-    through_proxy,
-    wait_for_port,
-)
+from tests.support import ECHO, REPO, EchoServer, http_get, mlmirror, model_server, through_proxy
 
 pytestmark = pytest.mark.slow
 
