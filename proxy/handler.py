@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -27,8 +26,6 @@ from .tap import CallRecord
 from .upstream import UpstreamTarget
 
 __all__ = ["HOP_BY_HOP_METADATA", "SERVED_BY", "STATIC_DEFAULT", "ProxyHandler", "forwarded_metadata"]
-
-log = logging.getLogger(__name__)
 
 SERVED_BY = "x-mlmirror-served-by"
 STATIC_DEFAULT = "static-default"

@@ -36,6 +36,12 @@ class Metrics:
         #: Per-route hot-path statistics by route name; they outlive reloads so that counters never go back.
         self.routes: dict[str, RouteMetrics] = {}
         r.register(_CallStatsCollector(self.routes))
+        self.observer_errors = Counter(
+            "mlmirror_observer_errors",
+            "Answered calls an observer (mirror, drift engine) raised on; the calls were not affected.",
+            ["observer"],
+            registry=r,
+        )
         self.unrouted_calls = Counter(
             "mlmirror_unrouted_calls", "Client calls that matched no route (answered UNIMPLEMENTED).", registry=r
         )

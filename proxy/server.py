@@ -48,7 +48,7 @@ class Proxy:
 
     def __init__(self, config: Config, *, observers: Sequence[Observer] = (), metrics: Metrics | None = None) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
-        self.tap = Tap(observers)
+        self.tap = Tap(observers, self.metrics.observer_errors)
         self._first_config = config
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from prometheus_client import Counter
 
 __all__ = ["CallRecord", "Observer", "Tap"]
 
@@ -48,12 +49,14 @@ class Observer(Protocol):
 
 
 class Tap:
-    """Fans records out to observers; counts and logs (once per observer) those that raise."""
+    """Fans records out to observers; counts (``errors``, and ``error_counter`` when given: a prometheus-client
+    counter labelled by observer) and logs, once per observer, those that raise."""
 
-    __slots__ = ("_observers", "_warned", "errors")
+    __slots__ = ("_error_counter", "_observers", "_warned", "errors")
 
-    def __init__(self, observers: Sequence[Observer]) -> None:
+    def __init__(self, observers: Sequence[Observer], error_counter: Counter | None = None) -> None:
         self._observers = tuple(observers)
+        self._error_counter = error_counter
         self.errors: dict[str, int] = {observer.name: 0 for observer in self._observers}
         self._warned: set[str] = set()
 
@@ -66,6 +69,8 @@ class Tap:
                 observer.offer(record)
             except Exception:
                 self.errors[observer.name] += 1
+                if self._error_counter is not None:
+                    self._error_counter.labels(observer.name).inc()
                 if observer.name not in self._warned:
                     self._warned.add(observer.name)
                     log.exception(

@@ -299,7 +299,7 @@ async def test_an_observer_that_raises_never_fails_a_call():
         config = chain_config(primary.address, fallback.address, top=f"method_types: {{{ECHO}Unary: unary_unary}}")
         async with through_proxy(config, observers=[observer]) as (proxy, channel):
             answers = [await unary(channel, f"{i}".encode()) for i in range(20)]
-            errors = proxy.tap.errors["exploding"]
+            errors = metric(proxy, "mlmirror_observer_errors_total", observer="exploding")
     assert [a for a, _ in answers] == [f"p:{i}".encode() for i in range(20)]
     assert observer.offered == 20
     assert errors == 20
