@@ -246,16 +246,12 @@ async def _unary_response(
                 route, context, target.name, error.code(), error.details(), error.trailing_metadata()
             )
         except asyncio.CancelledError:
-            call.cancel()
-            _cancelled(chain, target, role, started)
+            _cancelled(chain, call, target, role, started)
             raise
-        target.breaker.record_success()
-        route.metrics.attempt(target.name, role, "OK", time.perf_counter() - started)
         initial = await call.initial_metadata()
         if initial:
             await context.send_initial_metadata(initial)
-        context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name)))
-        route.metrics.answered("OK")
+        await _succeeded(route, context, call, target, role, started)
         if route.tap and replay is None:
             route.tap.offer(_record(route, method, request, response, target.name, role, metadata, entered))
         return response
@@ -299,8 +295,7 @@ async def _stream_response(
             await _relay_error(route, context, target.name, error.code(), error.details(), error.trailing_metadata())
             return
         except asyncio.CancelledError:
-            call.cancel()
-            _cancelled(chain, target, role, started)
+            _cancelled(chain, call, target, role, started)
             raise
         # Committed to this upstream: from here on its stream and its status are the client's.
         try:
@@ -315,13 +310,9 @@ async def _stream_response(
             await _relay_error(route, context, target.name, error.code(), error.details(), error.trailing_metadata())
             return
         except asyncio.CancelledError:
-            call.cancel()
-            _cancelled(chain, target, role, started)
+            _cancelled(chain, call, target, role, started)
             raise
-        target.breaker.record_success()
-        route.metrics.attempt(target.name, role, "OK", time.perf_counter() - started)
-        context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name)))
-        route.metrics.answered("OK")
+        await _succeeded(route, context, call, target, role, started)
         return
     await _exhausted(route, chain, context, last_error, last_target)
 
@@ -358,8 +349,20 @@ async def _relay_error(
     await context.abort(code, details or "", (*(trailing or ()), (SERVED_BY, served_by)))
 
 
-def _cancelled(chain: _Chain, target: UpstreamTarget, role: str, started: float) -> None:
-    """The client went away (or its deadline passed) mid-attempt: free a half-open probe slot, count the call."""
+async def _succeeded(
+    route: RouteRuntime, context: grpc.aio.ServicerContext, call: Any, target: UpstreamTarget, role: str, started: float
+) -> None:
+    """The upstream ended the call OK: record it, and pass its trailers on with ``x-mlmirror-served-by``."""
+    target.breaker.record_success()
+    route.metrics.attempt(target.name, role, "OK", time.perf_counter() - started)
+    context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name)))
+    route.metrics.answered("OK")
+
+
+def _cancelled(chain: _Chain, call: Any, target: UpstreamTarget, role: str, started: float) -> None:
+    """The client went away (or its deadline passed) mid-attempt: cancel the upstream call, free a half-open probe
+    slot, count the call."""
+    call.cancel()
     target.breaker.record(_CANCELLED)
     code = grpc.StatusCode.DEADLINE_EXCEEDED if chain.out_of_time else _CANCELLED
     chain.route.metrics.attempt(target.name, role, code.name, time.perf_counter() - started)
