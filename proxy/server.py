@@ -63,7 +63,7 @@ class Proxy:
         self.draining = False
         self.started_at = 0.0
         self.grpc_port = 0
-        self.metrics.inflight_calls.set_function(lambda: sum(t.inflight for t in self._live_tables))
+        self.metrics.inflight_calls.set_function(self.inflight_calls)
 
     # --- start ------------------------------------------------------------------------------------------------
 
@@ -123,6 +123,10 @@ class Proxy:
             raise StartError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
         return server
+
+    def inflight_calls(self) -> int:
+        """Client calls being served, on the current route table and on retired ones still draining."""
+        return sum(table.inflight for table in self._live_tables)
 
     @property
     def admin_port(self) -> int | None:
@@ -242,8 +246,7 @@ class Proxy:
         grace = self.table.config.shutdown_grace if grace is None else grace
         self.metrics.ready.set(0)
         await self._health.enter_graceful_shutdown()
-        inflight = sum(t.inflight for t in self._live_tables)
-        log.info("stopping: draining %d in-flight calls (grace %.1fs)", inflight, grace)
+        log.info("stopping: draining %d in-flight calls (grace %.1fs)", self.inflight_calls(), grace)
         if self._server is not None:
             await self._server.stop(grace)
         current = asyncio.current_task()  # stop() may itself run as a background task (signal handler)
@@ -320,7 +323,8 @@ class Proxy:
     def status(self) -> dict[str, object]:
         """Everything ``/status`` shows, JSON-ready."""
         assert self.table is not None
-        ready, reasons = self.readiness()
+        ready, _ = self.readiness()
+        route_readiness = {route.name: route.readiness() for route in self.table.routes}
         fallbacks = _counter_values(self.metrics.fallbacks, ("route", "to"))
         reloads = _counter_values(self.metrics.config_reloads, ("result",))
         by_upstream: dict[str, dict[str, int]] = {}
@@ -335,7 +339,7 @@ class Proxy:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "ready": ready,
             "draining": self.draining,
-            "inflight_calls": sum(t.inflight for t in self._live_tables),
+            "inflight_calls": self.inflight_calls(),
             "listen": {"grpc": config.listen, "port": self.grpc_port, "admin": config.admin},
             "routes": [
                 {
@@ -344,8 +348,8 @@ class Proxy:
                     "primary": route.spec.primary,
                     "fallback": list(route.spec.fallback),
                     "static_default": route.static is not None,
-                    "ready": reasons.get(route.name, "").startswith("served by"),
-                    "detail": reasons.get(route.name, ""),
+                    "ready": route_readiness[route.name][0],
+                    "detail": route_readiness[route.name][1],
                     "calls": dict(sorted(route.metrics.answers.items())),
                     "fallbacks": {to: int(n) for (name, to), n in sorted(fallbacks.items()) if name == route.name},
                 }
