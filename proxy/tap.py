@@ -49,15 +49,14 @@ class Observer(Protocol):
 
 
 class Tap:
-    """Fans records out to observers; counts (``errors``, and ``error_counter`` when given: a prometheus-client
-    counter labelled by observer) and logs, once per observer, those that raise."""
+    """Fans records out to observers; counts those that raise in ``error_counter`` (a prometheus-client counter
+    labelled by observer) and logs the first error of each."""
 
-    __slots__ = ("_error_counter", "_observers", "_warned", "errors")
+    __slots__ = ("_error_counter", "_observers", "_warned")
 
-    def __init__(self, observers: Sequence[Observer], error_counter: Counter | None = None) -> None:
+    def __init__(self, observers: Sequence[Observer], error_counter: Counter) -> None:
         self._observers = tuple(observers)
         self._error_counter = error_counter
-        self.errors: dict[str, int] = {observer.name: 0 for observer in self._observers}
         self._warned: set[str] = set()
 
     def __bool__(self) -> bool:
@@ -68,9 +67,7 @@ class Tap:
             try:
                 observer.offer(record)
             except Exception:
-                self.errors[observer.name] += 1
-                if self._error_counter is not None:
-                    self._error_counter.labels(observer.name).inc()
+                self._error_counter.labels(observer.name).inc()
                 if observer.name not in self._warned:
                     self._warned.add(observer.name)
                     log.exception(
