@@ -5,6 +5,8 @@ mlmirror check-config FILE          validate a config; exit 1 with file:line: ke
 mlmirror demo                       demo models + proxy + traffic, with commentary
 mlmirror model-server --model NAME  serve one demo model over KServe V2 gRPC
 mlmirror status / reload            ask a running proxy's admin endpoint
+mlmirror shadows                    a running proxy's shadows and their promotion verdicts, as a table
+mlmirror promote ROUTE SHADOW       make a shadow the primary of its route (no call fails)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 # gRPC core logs connection chatter (GOAWAY, reconnects) at INFO on stderr; the proxy reports what matters itself.
@@ -85,10 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     for name, helptext, run in (
         ("status", "print a running proxy's /status", _status),
         ("reload", "ask a running proxy to reload its config file", _reload),
+        ("shadows", "print a running proxy's shadows and promotion verdicts", _shadows),
+        ("promote", "make a shadow the primary of its route", _promote),
     ):
         command = sub.add_parser(name, help=helptext)
         command.add_argument("--admin", default="127.0.0.1:9500", help="admin address (default 127.0.0.1:9500)")
         command.set_defaults(run=run)
+        if name == "promote":
+            command.add_argument("route", help="route name")
+            command.add_argument("shadow", help="shadow name")
+            command.add_argument("--force", action="store_true", help="promote even when the verdict says no")
     return parser
 
 
@@ -152,4 +161,22 @@ def _status(args: argparse.Namespace) -> int:
 def _reload(args: argparse.Namespace) -> int:
     code, body = _admin_request(args.admin, "/reload", "POST")
     print(body, end="")
+    return 0 if code == 200 else 1
+
+
+def _shadows(args: argparse.Namespace) -> int:
+    from .shadow_table import render_shadows
+
+    code, body = _admin_request(args.admin, "/status")
+    if code != 200:
+        print(body, end="")
+        return 1
+    print(render_shadows(json.loads(body)))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"route": args.route, "shadow": args.shadow, "force": int(args.force)})
+    code, body = _admin_request(args.admin, f"/promote?{query}", "POST")
+    print(body, end="", file=sys.stdout if code == 200 else sys.stderr)
     return 0 if code == 200 else 1

@@ -23,12 +23,17 @@ from .yamlsource import Located, parse_yaml
 __all__ = [
     "CALL_TYPES",
     "DEFAULT_FALLBACK_CODES",
+    "CLASSIFICATION_MODES",
+    "DEMOTE_TO",
     "CircuitPolicy",
+    "Compare",
     "Config",
     "HealthCheck",
     "Keepalive",
+    "Promotion",
     "Route",
     "RouteMatch",
+    "Shadow",
     "StaticResponse",
     "StaticTensor",
     "TlsClient",
@@ -44,6 +49,8 @@ DEFAULT_FALLBACK_CODES = frozenset(
 )
 _STATUS_BY_NAME = {code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK}
 _HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
+CLASSIFICATION_MODES = ("none", "argmax", "label")
+DEMOTE_TO = ("shadow", "fallback", "none")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,8 +155,65 @@ class RouteMatch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Shadow:
+    """An upstream that gets a fire-and-forget copy of a route's sampled unary calls.
+
+    ``percent`` (0-100) of calls are mirrored, chosen by a hash of the request id (the same calls for every shadow
+    at the same percent). At most ``max_inflight`` copies are in flight and ``queue_size`` wait; beyond that, and for
+    requests over ``max_message_size`` bytes, copies are dropped and counted. ``timeout`` (seconds) caps each copy.
+    A ``control`` shadow is a second instance of the production model: its disagreement with production is the
+    noise baseline other shadows are judged against.
+    """
+
+    name: str
+    upstream: str
+    percent: float = 100.0
+    timeout: float = 2.0
+    max_inflight: int = 32
+    queue_size: int = 256
+    max_message_size: int = 4 * 2**20
+    control: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Compare:
+    """How a shadow's answer is compared with production's.
+
+    Numbers match when ``|shadow - production| <= atol + rtol * |production|`` (NaN matches NaN). ``classification``
+    picks what "agreement" means: ``none`` — a call agrees when every production output is matched; ``argmax`` —
+    each row of ``output`` (the first output when unset) agrees when its argmax over the last axes is the same;
+    ``label`` — each element of ``output`` agrees when equal.
+    """
+
+    atol: float = 1e-6
+    rtol: float = 1e-4
+    classification: str = "none"
+    output: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Promotion:
+    """When a shadow is ready to replace the primary, judged over its last ``window`` mirrored calls.
+
+    Promotable when the window holds at least ``min_samples`` agreement samples, the Wilson lower bound of the
+    agreement ratio (at ``confidence``) plus the control's disagreement (noise) is at least ``agreement``, the
+    shadow's error ratio is at most production's plus ``error_margin``, and the shadow's p99 latency is at most
+    ``latency_factor`` times production's. ``demote_to``: what the old primary becomes when a shadow is promoted.
+    """
+
+    window: int = 1000
+    min_samples: int = 200
+    agreement: float = 0.98
+    confidence: float = 0.95
+    error_margin: float = 0.01
+    latency_factor: float = 1.5
+    demote_to: str = "shadow"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
-    """Where matching calls go: ``primary``, then each of ``fallback`` in order, then ``static_response``."""
+    """Where matching calls go: ``primary``, then each of ``fallback`` in order, then ``static_response``; copies
+    of sampled unary calls also go to each of ``shadows``."""
 
     name: str
     match: RouteMatch
@@ -157,6 +221,12 @@ class Route:
     fallback: tuple[str, ...] = ()
     fallback_on: frozenset[grpc.StatusCode] = DEFAULT_FALLBACK_CODES
     static_response: StaticResponse | None = None
+    shadows: tuple[Shadow, ...] = ()
+    compare: Compare = field(default_factory=Compare)
+    promotion: Promotion = field(default_factory=Promotion)
+
+    def shadow(self, name: str) -> Shadow | None:
+        return next((shadow for shadow in self.shadows if shadow.name == name), None)
 
     @property
     def chain(self) -> tuple[str, ...]:
@@ -174,6 +244,7 @@ class Config:
     max_message_size: int = 4 * 2**20
     stream_replay_limit: int = 2**20
     shutdown_grace: float = 15.0
+    mirror_shed_lag: float | None = 0.05
     tls: TlsServer | None = None
     method_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     upstreams: Mapping[str, Upstream] = field(default_factory=lambda: MappingProxyType({}))
@@ -202,6 +273,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         "max_message_size": lambda n: n.size(minimum=1024),
         "stream_replay_limit": lambda n: n.size(minimum=0),
         "shutdown_grace": Located.duration,
+        "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else n.duration(minimum=0.001),
         "tls": lambda n: _tls_server(n, base),
         "method_types": lambda n: MappingProxyType(_method_types(n)),
         "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
@@ -362,7 +434,8 @@ def _method_types(node: Located) -> dict[str, str]:
 
 def _route(index: int, node: Located, upstreams: Mapping[str, Upstream]) -> Route:
     keys = node.mapping(
-        ("name", "match", "primary", "fallback", "fallback_on", "static_response"), required=("match", "primary")
+        ("name", "match", "primary", "fallback", "fallback_on", "static_response", "shadows", "compare", "promotion"),
+        required=("match", "primary"),
     )
     match_keys = keys["match"].mapping(("method", "model"))
     match = RouteMatch(
@@ -395,7 +468,77 @@ def _route(index: int, node: Located, upstreams: Mapping[str, Upstream]) -> Rout
         fallback=tuple(fallback),
         fallback_on=_status_codes(keys["fallback_on"]) if "fallback_on" in keys else DEFAULT_FALLBACK_CODES,
         static_response=_static_response(keys["static_response"]) if "static_response" in keys else None,
+        shadows=_shadows(keys["shadows"], known, primary) if "shadows" in keys else (),
+        compare=_compare(keys["compare"]) if "compare" in keys else Compare(),
+        promotion=_promotion(keys["promotion"]) if "promotion" in keys else Promotion(),
     )
+
+
+def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tuple[Shadow, ...]:
+    shadows: list[Shadow] = []
+    for item in node.sequence():
+        readers: dict[str, Reader] = {
+            "name": Located.string,
+            "upstream": known,
+            "percent": lambda n: n.number(minimum=0.0, maximum=100.0),
+            "timeout": lambda n: n.duration(minimum=0.001),
+            "max_inflight": lambda n: n.integer(minimum=1, maximum=100_000),
+            "queue_size": lambda n: n.integer(minimum=0, maximum=1_000_000),
+            "max_message_size": lambda n: n.size(minimum=1),
+            "control": Located.boolean,
+        }
+        values, keys = _read(item, readers, required=("upstream",))
+        shadow = Shadow(**{"name": values["upstream"], **values})
+        if shadow.upstream == primary:
+            raise keys["upstream"].error(f"upstream {primary!r} is this route's primary; a shadow must be another")
+        if any(other.name == shadow.name for other in shadows):
+            raise keys.get("name", item).error(f"shadow name {shadow.name!r} is used twice in this route; set name:")
+        if shadow.control and any(other.control for other in shadows):
+            raise keys["control"].error("a route has at most one control shadow")
+        shadows.append(shadow)
+    return tuple(shadows)
+
+
+def _compare(node: Located) -> Compare:
+    def mode(n: Located) -> str:
+        value = n.string()
+        if value not in CLASSIFICATION_MODES:
+            raise n.error(f"unknown classification {value!r} (one of {', '.join(CLASSIFICATION_MODES)})")
+        return value
+
+    readers: dict[str, Reader] = {
+        "atol": lambda n: n.number(minimum=0.0),
+        "rtol": lambda n: n.number(minimum=0.0),
+        "classification": mode,
+        "output": Located.string,
+    }
+    values, _ = _read(node, readers)
+    return Compare(**values)
+
+
+def _promotion(node: Located) -> Promotion:
+    def demote(n: Located) -> str:
+        value = n.string()
+        if value not in DEMOTE_TO:
+            raise n.error(f"unknown demote_to {value!r} (one of {', '.join(DEMOTE_TO)})")
+        return value
+
+    readers: dict[str, Reader] = {
+        "window": lambda n: n.integer(minimum=1, maximum=1_000_000),
+        "min_samples": lambda n: n.integer(minimum=1),
+        "agreement": lambda n: n.number(minimum=0.0, maximum=1.0),
+        "confidence": lambda n: n.number(minimum=0.5, maximum=0.9999),
+        "error_margin": lambda n: n.number(minimum=0.0, maximum=1.0),
+        "latency_factor": lambda n: n.number(minimum=0.01),
+        "demote_to": demote,
+    }
+    values, keys = _read(node, readers)
+    promotion = Promotion(**values)
+    if promotion.min_samples > promotion.window:
+        raise keys.get("min_samples", keys.get("window", node)).error(
+            f"min_samples ({promotion.min_samples}) exceeds window ({promotion.window}): never promotable"
+        )
+    return promotion
 
 
 def _default_route_name(index: int, match: RouteMatch) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from .replay import RequestReplay
+from .sampling import REQUEST_ID
 from .table import RouteRuntime, RouteTable
 from .tap import CallRecord
 from .upstream import UpstreamTarget
@@ -225,8 +227,17 @@ async def _unary_response(
     context: grpc.aio.ServicerContext,
     entered: float,
 ) -> bytes | None:
-    """Relay a call with a single response message (unary-unary, or stream-unary when ``replay`` is given)."""
+    """Relay a call with a single response message (unary-unary, or stream-unary when ``replay`` is given).
+
+    Unary-unary calls of an observed route (shadows, drift) get a request id, passed upstream and returned in the
+    trailers, and are handed to the route's tap once answered, errors included."""
     metadata = forwarded_metadata(context.invocation_metadata())
+    tap = route.tap if replay is None and route.tap else None
+    trailers: _Metadata = ()
+    request_id = ""
+    if tap is not None:
+        request_id, metadata = route.ids.identify(method, request, metadata)
+        trailers = ((REQUEST_ID, request_id),)
     chain = _Chain(route, context.time_remaining())
     last_error: grpc.aio.AioRpcError | None = None
     last_target = ""
@@ -239,11 +250,17 @@ async def _unary_response(
             response = await call
         except grpc.aio.AioRpcError as error:
             retry = replay is None or replay.replayable
-            if chain.failed(target, role, error.code(), time.perf_counter() - started, retry):
+            seconds = time.perf_counter() - started
+            if chain.failed(target, role, error.code(), seconds, retry):
                 last_error, last_target = error, target.name
                 continue
+            if tap is not None:
+                tap.offer(
+                    _record(route, method, request, None, error.code(), target.name, role, request_id, metadata,
+                            entered, seconds)
+                )  # fmt: skip
             return await _relay_error(
-                route, context, target.name, error.code(), error.details(), error.trailing_metadata()
+                route, context, target.name, error.code(), error.details(), (*error.trailing_metadata(), *trailers)
             )
         except asyncio.CancelledError:
             _cancelled(chain, call, target, role, started)
@@ -251,21 +268,28 @@ async def _unary_response(
         initial = await call.initial_metadata()
         if initial:
             await context.send_initial_metadata(initial)
-        await _succeeded(route, context, call, target, role, started)
-        if route.tap and replay is None:
-            route.tap.offer(_record(route, method, request, response, target.name, role, metadata, entered))
+        seconds = await _succeeded(route, context, call, target, role, started, trailers)
+        if tap is not None:
+            tap.offer(_record(route, method, request, response, _OK, target.name, role, request_id, metadata, entered,
+                              seconds))  # fmt: skip
         return response
     if route.static is not None and method == MODEL_INFER and not chain.out_of_time:
         chain.finish(STATIC_DEFAULT)
         started = time.perf_counter()
         response = route.static.render(request)
-        route.metrics.attempt(STATIC_DEFAULT, "fallback", "OK", time.perf_counter() - started)
-        context.set_trailing_metadata(((SERVED_BY, STATIC_DEFAULT),))
+        seconds = time.perf_counter() - started
+        route.metrics.attempt(STATIC_DEFAULT, "fallback", "OK", seconds)
+        context.set_trailing_metadata(((SERVED_BY, STATIC_DEFAULT), *trailers))
         route.metrics.answered("OK")
-        if route.tap:
-            route.tap.offer(_record(route, method, request, response, STATIC_DEFAULT, "fallback", metadata, entered))
+        if tap is not None:
+            tap.offer(_record(route, method, request, response, _OK, STATIC_DEFAULT, "fallback", request_id, metadata,
+                              entered, seconds))  # fmt: skip
         return response
-    return await _exhausted(route, chain, context, last_error, last_target)
+    if tap is not None:
+        code = last_error.code() if last_error is not None else grpc.StatusCode.UNAVAILABLE
+        tap.offer(_record(route, method, request, None, code, last_target or "none", "primary", request_id, metadata,
+                          entered, math.nan))  # fmt: skip
+    return await _exhausted(route, chain, context, last_error, last_target, trailers)
 
 
 async def _stream_response(
@@ -323,6 +347,7 @@ async def _exhausted(
     context: grpc.aio.ServicerContext,
     last_error: grpc.aio.AioRpcError | None,
     last_target: str,
+    trailers: _Metadata = (),
 ) -> None:
     """No upstream answered: relay the last upstream error, or say why none was tried."""
     chain.finish("none")
@@ -333,7 +358,7 @@ async def _exhausted(
     else:
         code, trailing = grpc.StatusCode.UNAVAILABLE, ()
         details = f"mlmirror: no upstream of route {route.name} available (circuit open: {', '.join(chain.skipped)})"
-    await _relay_error(route, context, last_target or "none", code, details, trailing)
+    await _relay_error(route, context, last_target or "none", code, details, (*(trailing or ()), *trailers))
 
 
 async def _relay_error(
@@ -350,13 +375,22 @@ async def _relay_error(
 
 
 async def _succeeded(
-    route: RouteRuntime, context: grpc.aio.ServicerContext, call: Any, target: UpstreamTarget, role: str, started: float
-) -> None:
-    """The upstream ended the call OK: record it, and pass its trailers on with ``x-mlmirror-served-by``."""
+    route: RouteRuntime,
+    context: grpc.aio.ServicerContext,
+    call: Any,
+    target: UpstreamTarget,
+    role: str,
+    started: float,
+    trailers: _Metadata = (),
+) -> float:
+    """The upstream ended the call OK: record it, and pass its trailers on with ``x-mlmirror-served-by`` (and
+    ``trailers``). Returns the attempt's duration in seconds."""
+    seconds = time.perf_counter() - started
     target.breaker.record_success()
-    route.metrics.attempt(target.name, role, "OK", time.perf_counter() - started)
-    context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name)))
+    route.metrics.attempt(target.name, role, "OK", seconds)
+    context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name), *trailers))
     route.metrics.answered("OK")
+    return seconds
 
 
 def _cancelled(chain: _Chain, call: Any, target: UpstreamTarget, role: str, started: float) -> None:
@@ -379,11 +413,14 @@ def _record(
     route: RouteRuntime,
     method: str,
     request: bytes,
-    response: bytes,
+    response: bytes | None,
+    code: grpc.StatusCode,
     served_by: str,
     role: str,
+    request_id: str,
     metadata: _Metadata,
     entered: float,
+    upstream_seconds: float,
 ) -> CallRecord:
     latency = time.perf_counter() - entered
     return CallRecord(
@@ -391,10 +428,12 @@ def _record(
         method=method,
         request=request,
         response=response,
-        code=_OK,
+        code=code,
         served_by=served_by,
         role=role,
+        request_id=request_id,
         metadata=metadata,
         started=time.time() - latency,
         latency=latency,
+        upstream_latency=upstream_seconds,
     )

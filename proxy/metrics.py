@@ -73,6 +73,12 @@ class Metrics:
         )
         self.inflight_calls = Gauge("mlmirror_inflight_calls", "Client calls being served now.", registry=r)
         self.ready = Gauge("mlmirror_ready", "1 when /readyz answers ready, else 0.", registry=r)
+        self.event_loop_lag = Gauge(
+            "mlmirror_event_loop_lag_seconds", "How late the event loop woke up at its last measurement.", registry=r
+        )
+        self.mirror_shedding = Gauge(
+            "mlmirror_mirror_shedding", "1 while mirror copies are shed because the event loop runs late.", registry=r
+        )
         Info("mlmirror_build", "mlmirror version.", registry=r).info({"version": __version__})
 
     def for_route(self, route: str) -> RouteMetrics:

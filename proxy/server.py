@@ -30,7 +30,12 @@ from .config import Config, load_config
 from .errors import ConfigError, StartError
 from .eventloop import loop_name
 from .handler import ProxyHandler
+from .looplag import LoopLag
 from .metrics import Metrics
+from .mirror import RouteMirror, ShadowMirror
+from .promotion import PromotionError, UnknownNameError, promoted_config
+from .sampling import RequestIds
+from .shadow_report import ShadowCollector, shadow_status
 from .table import RouteTable
 from .tap import Observer, Tap
 from .upstream import UpstreamTarget
@@ -49,6 +54,10 @@ class Proxy:
     def __init__(self, config: Config, *, observers: Sequence[Observer] = (), metrics: Metrics | None = None) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
         self.tap = Tap(observers, self.metrics.observer_errors)
+        self.ids = RequestIds()
+        self.lag = LoopLag(config.mirror_shed_lag)
+        self._shadows: dict[tuple[str, str], ShadowMirror] = {}
+        self.promotions: list[dict[str, object]] = []
         self._first_config = config
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()
@@ -64,6 +73,9 @@ class Proxy:
         self.started_at = 0.0
         self.grpc_port = 0
         self.metrics.inflight_calls.set_function(self.inflight_calls)
+        self.metrics.event_loop_lag.set_function(lambda: self.lag.lag)
+        self.metrics.mirror_shedding.set_function(lambda: 1 if self.lag.overloaded else 0)
+        self.metrics.registry.register(ShadowCollector(self._route_mirrors))
 
     # --- start ------------------------------------------------------------------------------------------------
 
@@ -71,7 +83,8 @@ class Proxy:
         """Bind and start serving. Raises ``StartError`` (after releasing what it had started) when the listener or
         the admin endpoint cannot bind, or a TLS file cannot be read."""
         config = self._first_config
-        self._install_table(RouteTable(config, self._build_targets(config, {}), self.metrics, self.tap))
+        self._install_table(self._build_table(config, {}))
+        self.lag.start()
         try:
             self._server = await self._start_listener(config)
             if config.admin is not None:
@@ -146,6 +159,37 @@ class Proxy:
                 self._health_tasks[target] = asyncio.get_running_loop().create_task(self._health_loop(target))
         return targets
 
+    def _build_table(self, config: Config, current: dict[str, UpstreamTarget]) -> RouteTable:
+        """A route table for ``config``. Shadows whose settings and upstream are unchanged keep their mirror (and
+        statistics); the others get a new one, and mirrors no longer configured are closed."""
+        targets = self._build_targets(config, current)
+        shadows: dict[tuple[str, str], ShadowMirror] = {}
+        mirrors: dict[str, RouteMirror] = {}
+        for route in config.routes:
+            if not route.shadows:
+                continue
+            for spec in route.shadows:
+                key = (route.name, spec.name)
+                target = targets[spec.upstream]
+                existing = self._shadows.get(key)
+                if existing is not None and existing.same_as(spec, target, route.compare, route.promotion):
+                    shadows[key] = existing
+                else:
+                    shadows[key] = ShadowMirror(route.name, spec, target, route.compare, route.promotion, self.lag)
+            mirrors[route.name] = RouteMirror(
+                route.name, [shadows[(route.name, s.name)] for s in route.shadows], route.promotion
+            )
+        for key, mirror in self._shadows.items():
+            if shadows.get(key) is not mirror:
+                mirror.close()
+        self._shadows = shadows
+        return RouteTable(config, targets, self.metrics, self.tap, mirrors, self.ids)
+
+    def _route_mirrors(self) -> list[RouteMirror]:
+        """The shadow mirrors of the current route table."""
+        table = self.table
+        return [] if table is None else [route.mirror for route in table.routes if route.mirror is not None]
+
     def _install_table(self, table: RouteTable) -> None:
         self.table = table
         self._live_tables.add(table)
@@ -191,7 +235,7 @@ class Proxy:
         for setting in ("listen", "admin", "tls", "max_message_size"):
             if getattr(config, setting) != getattr(old.config, setting):
                 log.warning("reload: %s changed; it takes effect only after a restart", setting)
-        table = RouteTable(config, self._build_targets(config, old.targets), self.metrics, self.tap)
+        table = self._build_table(config, old.targets)
         self._install_table(table)
         old.retire()
         kept = set(table.targets.values())
@@ -257,6 +301,9 @@ class Proxy:
             _, stuck = await asyncio.wait(tasks, timeout=5.0)
             if stuck:
                 log.warning("stopping: %d background tasks did not finish within 5s", len(stuck))
+        for mirror in self._shadows.values():
+            mirror.close()
+        await self.lag.stop()
         for target in {t for table in self._live_tables for t in table.targets.values()}:
             await target.close()
         if self._admin is not None:
@@ -299,6 +346,7 @@ class Proxy:
             ("GET", "/readyz"): self._get_readyz,
             ("GET", "/status"): self._get_status,
             ("POST", "/reload"): self._post_reload,
+            ("POST", "/promote"): self._post_promote,
         }
 
     async def _get_metrics(self, request: Request) -> Response:
@@ -319,6 +367,40 @@ class Proxy:
         if await self.reload_from_file():
             return Response.text("reloaded")
         return Response.text("reload rejected; the current config stays (see the proxy's log)", 400)
+
+    async def _post_promote(self, request: Request) -> Response:
+        """``POST /promote?route=R&shadow=S[&force=1]``: make shadow S the primary of route R."""
+        route, shadow = request.query.get("route", ""), request.query.get("shadow", "")
+        if not route or not shadow:
+            return Response.text("give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]", 400)
+        force = request.query.get("force", "") in ("1", "true", "yes")
+        try:
+            message = await self.promote(route, shadow, force=force)
+        except PromotionError as exc:
+            return Response.text(f"not promoted: {exc}", 404 if isinstance(exc, UnknownNameError) else 409)
+        return Response.text(message)
+
+    async def promote(self, route: str, shadow: str, *, force: bool = False) -> str:
+        """Make ``shadow`` the primary of ``route`` (a table swap: no call fails). Unless ``force``, only when its
+        verdict says promotable. Raises ``PromotionError``; returns what was done, in words."""
+        assert self.table is not None
+        config = promoted_config(self.table.config, route, shadow)  # checks the names first
+        runtime = next(r for r in self.table.routes if r.name == route)
+        assert runtime.mirror is not None
+        _, verdict = runtime.mirror.verdicts()[shadow]
+        if not verdict.promotable and not force:
+            reasons = "; ".join(verdict.reasons)
+            raise PromotionError(f"shadow {shadow!r} is not promotable: {reasons} (force=1 overrides)")
+        old_primary = runtime.spec.primary
+        await self.reload(config)
+        new_primary = next(r for r in config.routes if r.name == route).primary
+        message = (
+            f"route {route}: primary is now {new_primary} (was {old_primary}, now "
+            f"{runtime.spec.promotion.demote_to}){' [forced]' if force and not verdict.promotable else ''}"
+        )
+        self.promotions.append({"time": time.time(), "route": route, "shadow": shadow, "detail": message})
+        log.warning("%s; the config file still says otherwise: a reload from it reverts the promotion", message)
+        return message
 
     def status(self) -> dict[str, object]:
         """Everything ``/status`` shows, JSON-ready."""
@@ -352,6 +434,7 @@ class Proxy:
                     "detail": route_readiness[route.name][1],
                     "calls": dict(sorted(route.metrics.answers.items())),
                     "fallbacks": {to: int(n) for (name, to), n in sorted(fallbacks.items()) if name == route.name},
+                    "shadows": shadow_status(route.mirror) if route.mirror is not None else [],
                 }
                 for route in self.table.routes
             ],
@@ -360,6 +443,12 @@ class Proxy:
                 for name, target in self.table.targets.items()
             },
             "config_reloads": {result: int(n) for (result,), n in reloads.items()},
+            "event_loop": {
+                "lag_seconds": round(self.lag.lag, 6),
+                "max_lag_seconds": round(self.lag.max_lag, 6),
+                "shedding_mirrors": self.lag.overloaded,
+            },
+            "promotions": self.promotions,
         }
 
 

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 from .config import Config, Route
 from .metrics import Metrics, RouteMetrics
+from .mirror import RouteMirror
 from .router import KNOWN_CALL_TYPES, Router
+from .sampling import RequestIds
 from .static_response import StaticResponder
 from .tap import Tap
 from .upstream import UpstreamTarget
@@ -22,18 +24,29 @@ __all__ = ["RouteRuntime", "RouteTable"]
 
 
 class RouteRuntime:
-    """A route ready to serve: its spec, its upstream chain in order, static default, metrics and tap."""
+    """A route ready to serve: its spec, its upstream chain in order, static default, metrics, shadow mirror, and
+    the tap that feeds its answered calls to observers (the proxy's and its own mirror)."""
 
-    __slots__ = ("chain", "fallback_on", "metrics", "name", "spec", "static", "tap")
+    __slots__ = ("chain", "fallback_on", "ids", "metrics", "mirror", "name", "spec", "static", "tap")
 
-    def __init__(self, spec: Route, targets: Mapping[str, UpstreamTarget], metrics: Metrics, tap: Tap) -> None:
+    def __init__(
+        self,
+        spec: Route,
+        targets: Mapping[str, UpstreamTarget],
+        metrics: Metrics,
+        tap: Tap,
+        mirror: RouteMirror | None,
+        ids: RequestIds,
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.chain = tuple(targets[name] for name in spec.chain)
         self.fallback_on = spec.fallback_on
         self.static = StaticResponder(spec.static_response) if spec.static_response is not None else None
         self.metrics: RouteMetrics = metrics.for_route(spec.name)
-        self.tap = tap
+        self.mirror = mirror
+        self.tap = tap.with_observers([mirror] if mirror is not None else [])
+        self.ids = ids
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when some upstream of the chain is reachable and not ejected; the reason in words either way."""
@@ -49,11 +62,23 @@ class RouteRuntime:
 class RouteTable:
     """Routes of one configuration generation and the bookkeeping of the calls that use them."""
 
-    def __init__(self, config: Config, targets: Mapping[str, UpstreamTarget], metrics: Metrics, tap: Tap) -> None:
+    def __init__(
+        self,
+        config: Config,
+        targets: Mapping[str, UpstreamTarget],
+        metrics: Metrics,
+        tap: Tap,
+        mirrors: Mapping[str, RouteMirror] | None = None,
+        ids: RequestIds | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.targets = dict(targets)
-        self.routes = tuple(RouteRuntime(route, self.targets, metrics, tap) for route in config.routes)
+        mirrors = mirrors or {}
+        ids = ids or RequestIds()
+        self.routes = tuple(
+            RouteRuntime(route, self.targets, metrics, tap, mirrors.get(route.name), ids) for route in config.routes
+        )
         self.router: Router[RouteRuntime] = Router([(route.spec.match, route) for route in self.routes])
         self._call_types = {**KNOWN_CALL_TYPES, **config.method_types}
         self.inflight = 0

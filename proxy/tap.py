@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 class CallRecord:
     """One answered unary call, as the client saw it.
 
-    ``started`` is Unix time (seconds), ``latency`` the seconds from the request's arrival to the answer.
-    ``response`` is None when the client got an error.
+    ``response`` is None when the client got an error (``code``). ``served_by`` is the upstream that answered (or
+    ``static-default``), ``role`` its place in the chain (``primary``, ``fallback``). ``metadata`` is what was sent
+    upstream, including ``x-mlmirror-request-id``. ``started`` is Unix time (seconds); ``latency`` the seconds from
+    the request's arrival to the answer; ``upstream_latency`` the seconds of the attempt that gave the answer.
     """
 
     route: str
@@ -35,9 +37,11 @@ class CallRecord:
     code: grpc.StatusCode
     served_by: str
     role: str
+    request_id: str
     metadata: tuple[tuple[str, str | bytes], ...]
     started: float
     latency: float
+    upstream_latency: float
 
 
 class Observer(Protocol):
@@ -61,6 +65,10 @@ class Tap:
 
     def __bool__(self) -> bool:
         return bool(self._observers)
+
+    def with_observers(self, observers: Sequence[Observer]) -> Tap:
+        """A tap feeding this one's observers and ``observers`` (say, one route's shadow mirror)."""
+        return Tap((*self._observers, *observers), self._error_counter) if observers else self
 
     def offer(self, record: CallRecord) -> None:
         for observer in self._observers:
