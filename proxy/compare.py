@@ -7,8 +7,8 @@ datatype or shape — is a comparison *error* with a reason, and counts as disag
 
 Definitions (``p`` production, ``s`` shadow, element-wise, in float64):
 
-- match: ``|s - p| <= atol + rtol * |p|``, or both NaN, or equal (so ``inf == inf``); BYTES elements match when
-  equal. A call *matches* when every production output matches in every element.
+- match: ``|s - p| <= atol + rtol * |p|`` with ``p`` finite, or both NaN, or equal (so ``inf`` matches only
+  ``inf``); BYTES elements match when equal. A call *matches* when every production output matches in every element.
 - error statistics over the numeric elements whose difference is finite: ``abs_sum = sum |s - p|``,
   ``sq_sum = sum (s - p)^2``, ``abs_max = max |s - p|`` and ``elements``; MAE = abs_sum / elements and
   RMSE = sqrt(sq_sum / elements) over a window.
@@ -106,15 +106,16 @@ class Comparator:
             sv = s.values.astype(np.float64)
             with np.errstate(invalid="ignore", over="ignore"):
                 diff = np.abs(sv - pv)
-                close = (diff <= self.spec.atol + self.spec.rtol * np.abs(pv)) | (pv == sv)
-            close |= np.isnan(pv) & np.isnan(sv)
-            matched = matched and bool(close.all())
-            finite = diff[np.isfinite(diff)]
-            if finite.size:
-                abs_sum += float(finite.sum())
-                sq_sum += float(np.dot(finite, finite))
-                abs_max = max(abs_max, float(finite.max()))
-                elements += int(finite.size)
+                # An infinite production value matches only itself: its tolerance would be infinite too.
+                close = ((diff <= self.spec.atol + self.spec.rtol * np.abs(pv)) & np.isfinite(pv)) | (pv == sv)
+                close |= np.isnan(pv) & np.isnan(sv)
+                matched = matched and bool(close.all())
+                finite = diff[np.isfinite(diff)]
+                if finite.size:
+                    abs_sum += float(finite.sum())
+                    sq_sum += float(np.dot(finite, finite))
+                    abs_max = max(abs_max, float(finite.max()))
+                    elements += int(finite.size)
         if self.spec.classification == "none":
             agree, samples = int(matched), 1
         else:

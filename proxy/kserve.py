@@ -21,10 +21,20 @@ from protos import inference_pb2
 
 from .codec import DATATYPES
 
-__all__ = ["MAX_ELEMENTS", "Tensor", "TensorError", "decode_bytes_elements", "request_inputs", "response_outputs"]
+__all__ = [
+    "MAX_ELEMENTS",
+    "MAX_RANK",
+    "Tensor",
+    "TensorError",
+    "decode_bytes_elements",
+    "request_inputs",
+    "response_outputs",
+]
 
-#: Largest element count a tensor may declare (2**31 - 1); larger declarations are rejected as ``bad_shape``.
+#: Largest element count (and dimension) a tensor may declare; larger declarations are rejected as ``bad_shape``.
 MAX_ELEMENTS = 2**31 - 1
+#: Most dimensions a tensor may declare (numpy's own limit is 64).
+MAX_RANK = 32
 
 
 class TensorError(ValueError):
@@ -75,8 +85,10 @@ def _tensor(spec, raw: bytes | None) -> Tensor:
     if kind is None:
         raise TensorError("unknown_datatype", f"tensor {spec.name!r}: datatype {datatype!r}")
     shape = tuple(spec.shape)
-    if any(d < 0 for d in shape):
-        raise TensorError("bad_shape", f"tensor {spec.name!r}: negative dimension in {list(shape)}")
+    if len(shape) > MAX_RANK:
+        raise TensorError("bad_shape", f"tensor {spec.name!r}: {len(shape)} dimensions (at most {MAX_RANK})")
+    if any(d < 0 or d > MAX_ELEMENTS for d in shape):
+        raise TensorError("bad_shape", f"tensor {spec.name!r}: dimension out of [0, {MAX_ELEMENTS}] in {list(shape)}")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} declares {count} elements")

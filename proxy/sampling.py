@@ -1,8 +1,9 @@
 """Request ids and the deterministic sampling of calls for shadows.
 
 A call's id is the KServe ``ModelInferRequest.id`` when set, else the client's ``x-mlmirror-request-id`` metadata,
-else one the proxy assigns (unique per process and run). The proxy passes it upstream in ``x-mlmirror-request-id``
-(to the primary and to every shadow) and returns it to the client in the trailers of observed routes.
+else one the proxy assigns (unique per process and run). Unless the client sent a non-empty
+``x-mlmirror-request-id`` of its own (forwarded untouched), the proxy adds that header with the id to what it sends
+upstream (the primary and every shadow), and it returns the id to the client in the trailers of observed routes.
 
 Sampling is a pure function of the id: ``sampling_point(id)`` is the first 8 bytes of BLAKE2b(id), big-endian, scaled
 to [0, 100); a shadow at ``percent`` takes the calls whose point is below it. So a call sampled for one shadow at
@@ -51,13 +52,13 @@ class RequestIds:
 
     def identify(self, method: str, request: bytes, metadata: Metadata) -> tuple[str, Metadata]:
         """(id, metadata to send upstream: ``metadata`` with ``x-mlmirror-request-id`` added when absent)."""
-        from_client = None
+        from_client = ""
         for key, value in metadata:
             if key == REQUEST_ID and isinstance(value, str):
                 from_client = value
         request_id = read_string_field(request, 3) if method == _MODEL_INFER else None
         if not request_id:
             request_id = from_client or f"{self._prefix}{next(self._counter):x}"
-        if from_client is None:
-            metadata = (*metadata, (REQUEST_ID, request_id))
+        if not from_client:  # absent or empty: send the id we use (dropping an empty header)
+            metadata = (*(item for item in metadata if item[0] != REQUEST_ID), (REQUEST_ID, request_id))
         return request_id, metadata

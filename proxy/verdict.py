@@ -29,8 +29,8 @@ __all__ = ["Outcome", "Verdict", "Window", "WindowSummary", "judge", "wilson_low
 
 
 def wilson_lower_bound(successes: int, trials: int, confidence: float) -> float:
-    """Lower end of the Wilson score interval for a binomial proportion; 0 when there are no trials."""
-    if trials <= 0:
+    """Lower end of the Wilson score interval for a binomial proportion; 0 when there are no trials or successes."""
+    if trials <= 0 or successes <= 0:
         return 0.0
     z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
     p = successes / trials

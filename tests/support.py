@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
+from protos import inference_pb2, inference_pb2_grpc
 from proxy.config import parse_config
 from proxy.demo.models import MODELS, serve_model
 from proxy.server import Proxy
@@ -138,6 +140,42 @@ class _EchoHandler(grpc.GenericRpcHandler):
         async for message in requests:
             record.requests.append(message)
             await context.write(b"re:" + message)
+
+
+class FunctionModel(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    """A KServe V2 server whose ModelInfer answer is ``outputs(x)`` for the [n, k] FP32 input ``x``: a list of
+    (name, datatype, array) sent as raw output contents. ``outputs`` may be swapped while it serves."""
+
+    def __init__(self, outputs: Callable[[np.ndarray], list[tuple[str, str, np.ndarray]]]) -> None:
+        self.outputs = outputs
+        self.calls = 0
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC method name
+        self.calls += 1
+        tensor = request.inputs[0]
+        x = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(tuple(tensor.shape))
+        response = inference_pb2.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        for name, datatype, values in self.outputs(x):
+            response.outputs.add(name=name, datatype=datatype, shape=list(values.shape))
+            response.raw_output_contents.append(np.ascontiguousarray(values).tobytes())
+        return response
+
+    async def __aenter__(self) -> FunctionModel:
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        await self.server.stop(None)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
 
 async def start_echo(name: str, port: int = 0) -> EchoServer:

@@ -260,6 +260,86 @@ BAD_CONFIGS = {
         "routes[0].fallback[0]",
         "upstream 'a' is already in this route's chain",
     ),
+    "shadow percent above 100": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}
+        routes:
+          - match: {}
+            primary: a
+            shadows:
+              - upstream: b
+                percent: 150
+        """,
+        7,
+        "routes[0].shadows[0].percent",
+        "must be <= 100.0, got 150.0",
+    ),
+    "negative shadow percent": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}
+        routes: [{match: {}, primary: a, shadows: [{upstream: b, percent: -1}]}]
+        """,
+        2,
+        "routes[0].shadows[0].percent",
+        "must be >= 0.0",
+    ),
+    "shadow of an unknown upstream": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a, shadows: [{upstream: nope}]}]
+        """,
+        2,
+        "routes[0].shadows[0].upstream",
+        "unknown upstream 'nope'",
+    ),
+    "shadow is the primary": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a, shadows: [{upstream: a}]}]
+        """,
+        2,
+        "routes[0].shadows[0].upstream",
+        "is this route's primary",
+    ),
+    "two shadows with one name": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}
+        routes: [{match: {}, primary: a, shadows: [{upstream: b}, {upstream: b}]}]
+        """,
+        2,
+        "routes[0].shadows[1]",
+        "shadow name 'b' is used twice",
+    ),
+    "two controls": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2, c: 127.0.0.1:3}
+        routes:
+          - match: {}
+            primary: a
+            shadows: [{upstream: b, control: true}, {upstream: c, control: true}]
+        """,
+        5,
+        "routes[0].shadows[1].control",
+        "at most one control shadow",
+    ),
+    "unknown classification": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a, compare: {classification: top5}}]
+        """,
+        2,
+        "routes[0].compare.classification",
+        "unknown classification 'top5'",
+    ),
+    "min_samples beyond the window": (
+        """\
+        upstreams: {a: 127.0.0.1:1}
+        routes: [{match: {}, primary: a, promotion: {window: 100, min_samples: 500}}]
+        """,
+        2,
+        "routes[0].promotion.min_samples",
+        "exceeds window (100)",
+    ),
     "wrong container": (
         """\
         upstreams: [a, b]
