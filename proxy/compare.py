@@ -19,6 +19,7 @@ Definitions (``p`` production, ``s`` shadow, element-wise, in float64):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,26 +103,40 @@ class Comparator:
             if p.datatype == "BYTES":
                 matched = matched and bool(np.all(p.values == s.values))
                 continue
-            pv = p.values.astype(np.float64)
-            sv = s.values.astype(np.float64)
-            with np.errstate(invalid="ignore", over="ignore"):
-                diff = np.abs(sv - pv)
-                # An infinite production value matches only itself: its tolerance would be infinite too.
-                close = ((diff <= self.spec.atol + self.spec.rtol * np.abs(pv)) & np.isfinite(pv)) | (pv == sv)
-                close |= np.isnan(pv) & np.isnan(sv)
-                matched = matched and bool(close.all())
-                finite = diff[np.isfinite(diff)]
-                if finite.size:
-                    abs_sum += float(finite.sum())
-                    sq_sum += float(np.dot(finite, finite))
-                    abs_max = max(abs_max, float(finite.max()))
-                    elements += int(finite.size)
+            close, stats = self._numeric(p.values, s.values)
+            matched = matched and close
+            if stats[3]:
+                abs_sum += stats[0]
+                sq_sum += stats[1]
+                abs_max = max(abs_max, stats[2])
+                elements += stats[3]
         if self.spec.classification == "none":
             agree, samples = int(matched), 1
         else:
             target = self._classification_output(production)
             agree, samples = self._agreement(target, by_name[target.name])
         return Comparison(matched, agree, samples, abs_sum, sq_sum, abs_max, elements)
+
+    def _numeric(self, production: np.ndarray, shadow: np.ndarray) -> tuple[bool, tuple[float, float, float, int]]:
+        """(every element matches, (abs_sum, sq_sum, abs_max, elements) over finite differences)."""
+        pv = production.astype(np.float64, copy=False).ravel()
+        sv = shadow.astype(np.float64, copy=False).ravel()
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(sv - pv)
+            total = float(diff.sum())
+            if math.isfinite(total):  # the common case: every value and every difference is finite
+                if not diff.size:
+                    return True, (0.0, 0.0, 0.0, 0)
+                close = bool((diff <= self.spec.atol + self.spec.rtol * np.abs(pv)).all())
+                return close, (total, float(np.dot(diff, diff)), float(diff.max()), diff.size)
+            # An infinite production value matches only itself: its tolerance would be infinite too.
+            matches = ((diff <= self.spec.atol + self.spec.rtol * np.abs(pv)) & np.isfinite(pv)) | (pv == sv)
+            matches |= np.isnan(pv) & np.isnan(sv)
+            finite = diff[np.isfinite(diff)]
+            if not finite.size:
+                return bool(matches.all()), (0.0, 0.0, 0.0, 0)
+            stats = (float(finite.sum()), float(np.dot(finite, finite)), float(finite.max()), int(finite.size))
+            return bool(matches.all()), stats
 
     def _classification_output(self, production: list[Tensor]) -> Tensor:
         if not production:

@@ -64,3 +64,51 @@ asyncio.run(main())
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "b'a:x' ABORTED a"
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables in ``text``: rows of cells, header first, separator rows left out."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("| ") and "---" not in line:
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        previous = line
+    return tables
+
+
+def test_bench_shadows_prints_its_tables():
+    assert shutil.which("h2load") is not None, "h2load (Debian package nghttp2-client) is needed; .ci/run installs it"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench_shadows", "--rounds", "1", "--calls", "300", "--rate", "100",
+         "--warmup", "50"],
+        capture_output=True, text=True, cwd=REPO, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Command: `python -m loadtest.bench_shadows --rounds 1 --calls 300 --rate 100 --warmup 50`" in result.stdout
+    latency, mirrors = _tables(result.stdout)
+    assert [row[0] for row in latency[1:]] == [
+        "no shadow",
+        "1 shadow (candidate), 100%",
+        "2 shadows (candidate + control), 100%",
+        "1 hung shadow, 100%",
+    ]
+    one = latency[2]
+    assert one[1].startswith("100 / ")  # offered / achieved calls/s
+    assert float(one[4].rstrip("x")) > 0  # p99 vs none
+    assert one[5].isdigit()  # CPU µs per call
+    assert one[7:] == ["p99 ≤ 1.10x; CPU ≤ 1.25x", one[8]]
+    assert all(word in ("p99", "CPU", "met;", "met", "missed;", "missed") for word in one[8].split())
+    copies = {(row[0], row[1]): row for row in mirrors[1:]}
+    assert set(copies) == {
+        ("1 shadow (candidate), 100%", "candidate"),
+        ("2 shadows (candidate + control), 100%", "candidate"),
+        ("2 shadows (candidate + control), 100%", "control"),
+        ("1 hung shadow, 100%", "hung"),
+    }
+    candidate = copies["1 shadow (candidate), 100%", "candidate"]
+    assert int(candidate[3]) > 0  # mlmirror_mirror_requests_total
+    assert "OK" in candidate[4]
+    assert "OK" not in copies["1 hung shadow, 100%", "hung"][4]  # the hung shadow never answers

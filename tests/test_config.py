@@ -47,6 +47,29 @@ def test_the_example_config_loads_with_every_key_read():
     assert [t.name for t in iris_route.static_response.outputs] == ["probabilities", "label"]
     assert iris_route.static_response.outputs[0].shape == (-1, 3)
     assert config.routes[1].match.method == "/acme.Ranker/*"
+    assert config.mirror_shed_lag == 0.05
+    v2, twin = iris_route.shadows
+    assert (v2.name, v2.upstream, v2.percent, v2.timeout, v2.max_inflight, v2.queue_size, v2.control) == (
+        "v2",
+        "iris-v2",
+        100.0,
+        2.0,
+        32,
+        256,
+        False,
+    )
+    assert v2.max_message_size == 4 * 2**20
+    assert (twin.name, twin.percent, twin.control) == ("iris-v1-twin", 10.0, True)
+    assert (iris_route.compare.classification, iris_route.compare.output) == ("argmax", "probabilities")
+    assert (iris_route.compare.atol, iris_route.compare.rtol) == (1e-6, 1e-4)
+    promotion = iris_route.promotion
+    assert (promotion.window, promotion.min_samples, promotion.agreement, promotion.confidence) == (
+        1000,
+        200,
+        0.98,
+        0.95,
+    )
+    assert (promotion.error_margin, promotion.latency_factor, promotion.demote_to) == (0.01, 1.5, "shadow")
 
 
 def test_defaults_apply_when_keys_are_absent():

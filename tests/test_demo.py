@@ -38,6 +38,11 @@ def test_the_demo_runs_its_story_with_no_client_errors():
     assert result.returncode == 0, out + result.stderr
     for line in ("act 1: production serves", "act 2: production goes down", "act 3: production is back"):
         assert line in out
+    # The candidate shadows the iris route all along: the commentary and the closing table follow it.
+    assert " | candidate agrees " in out
+    table = out[out.index("shadows (mlmirror shadows):") :].splitlines()
+    assert table[1].split()[:3] == ["ROUTE", "SHADOW", "%"]
+    assert table[2].split()[:3] == ["iris", "candidate", "100"]
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("done: ")
     assert ", 0 client errors; served by " in summary
