@@ -7,6 +7,8 @@ mlmirror model-server --model NAME  serve one demo model over KServe V2 gRPC
 mlmirror status / reload            ask a running proxy's admin endpoint
 mlmirror shadows                    a running proxy's shadows and their promotion verdicts, as a table
 mlmirror promote ROUTE SHADOW       make a shadow the primary of its route (no call fails)
+mlmirror drift                      a running proxy's drift windows, as tables
+mlmirror profile build --data F --out P   a drift reference profile from a data file
 """
 
 from __future__ import annotations
@@ -85,11 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--listen", default="127.0.0.1:9001")
     model.set_defaults(run=_model_server)
 
+    profile = sub.add_parser("profile", help="drift reference profiles")
+    profile_sub = profile.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
+    build = profile_sub.add_parser("build", help="build a profile from a data file (.npy, .npz, .csv, .parquet)")
+    build.add_argument("--data", required=True, help="reference data file")
+    build.add_argument("--out", required=True, help="profile to write (.npz)")
+    build.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature (default 10)")
+    build.add_argument("--model", default="", help="model name to record")
+    build.add_argument("--model-version", default="", help="model version to record")
+    build.add_argument("--input", default="input", help="input tensor of .npy/.csv columns (default input)")
+    build.add_argument("--names", help="comma-separated series names for .npy/.npz columns")
+    build.set_defaults(run=_profile_build)
+
     for name, helptext, run in (
         ("status", "print a running proxy's /status", _status),
         ("reload", "ask a running proxy to reload its config file", _reload),
         ("shadows", "print a running proxy's shadows and promotion verdicts", _shadows),
         ("promote", "make a shadow the primary of its route", _promote),
+        ("drift", "print a running proxy's latest drift windows", _drift),
     ):
         command = sub.add_parser(name, help=helptext)
         command.add_argument("--admin", default="127.0.0.1:9500", help="admin address (default 127.0.0.1:9500)")
@@ -180,3 +195,37 @@ def _promote(args: argparse.Namespace) -> int:
     code, body = _admin_request(args.admin, f"/promote?{query}", "POST")
     print(body, end="", file=sys.stdout if code == 200 else sys.stderr)
     return 0 if code == 200 else 1
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from .drift.report import render_drift
+
+    code, body = _admin_request(args.admin, "/status")
+    if code != 200:
+        print(body, end="")
+        return 1
+    print(render_drift(json.loads(body)))
+    return 0
+
+
+def _profile_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .drift.profile_build import build_profile
+
+    if args.bins < 1:
+        print("mlmirror: --bins must be at least 1", file=sys.stderr)
+        return 1
+    try:
+        reference = build_profile(
+            Path(args.data), Path(args.out), bins=args.bins, model=args.model, version=args.model_version,
+            input_name=args.input, names=args.names.split(",") if args.names else None,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        print(f"mlmirror: {exc}", file=sys.stderr)
+        return 1
+    info = reference.describe()
+    print(
+        f"{args.out}: {info['rows']} rows, {len(info['series'])} series ({', '.join(info['series'])}), {args.bins} bins"
+    )
+    return 0

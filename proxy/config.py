@@ -25,9 +25,12 @@ __all__ = [
     "DEFAULT_FALLBACK_CODES",
     "CLASSIFICATION_MODES",
     "DEMOTE_TO",
+    "DRIFT_METHODS",
     "CircuitPolicy",
     "Compare",
     "Config",
+    "Drift",
+    "DriftFeature",
     "HealthCheck",
     "Keepalive",
     "Promotion",
@@ -51,6 +54,9 @@ _STATUS_BY_NAME = {code.name: code for code in grpc.StatusCode if code is not gr
 _HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
 DEMOTE_TO = ("shadow", "fallback", "none")
+#: Drift methods and their default thresholds: a feature drifts when the score is above it (below it for ``ks``
+#: and ``chi2``, whose scores are p-values).
+DRIFT_METHODS = {"ks": 0.01, "chi2": 0.01, "psi": 0.2, "js": 0.1, "hellinger": 0.1, "linf": 0.1, "kl": 0.1, "w1": 0.1}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,6 +217,42 @@ class Promotion:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DriftFeature:
+    """One monitored feature: column ``column`` of input tensor ``input`` (all of a 1-column tensor when None).
+    ``categorical``: values are categories (BYTES tensors always are)."""
+
+    name: str
+    input: str
+    column: int | None = None
+    categorical: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drift:
+    """A route's drift monitoring: which inputs and outputs, how they are binned, windowed and judged.
+
+    Each window of ``window`` calls (per model version) is compared with the reference: a profile file, or the first
+    ``capture`` calls the route sees. ``methods`` are computed for every feature and output; ``detect`` is the one
+    whose flag says "drifted"; ``thresholds`` override ``DRIFT_METHODS``' defaults.
+    """
+
+    features: tuple[DriftFeature, ...] = ()
+    outputs: tuple[str, ...] = ()
+    bins: int = 10
+    window: int = 1000
+    profile: str | None = None
+    capture: int = 1000
+    methods: tuple[str, ...] = ("ks", "psi", "js")
+    detect: str = "ks"
+    thresholds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType(dict(DRIFT_METHODS)))
+    queue_size: int = 10_000
+    history: int = 20
+
+    def threshold(self, method: str) -> float:
+        return self.thresholds[method]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     """Where matching calls go: ``primary``, then each of ``fallback`` in order, then ``static_response``; copies
     of sampled unary calls also go to each of ``shadows``."""
@@ -224,6 +266,7 @@ class Route:
     shadows: tuple[Shadow, ...] = ()
     compare: Compare = field(default_factory=Compare)
     promotion: Promotion = field(default_factory=Promotion)
+    drift: Drift | None = None
 
     def shadow(self, name: str) -> Shadow | None:
         return next((shadow for shadow in self.shadows if shadow.name == name), None)
@@ -281,7 +324,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     }
     values, keys = _read(root, readers, required=("upstreams", "routes"))
     upstreams = values["upstreams"]
-    routes = tuple(_route(i, node, upstreams) for i, node in enumerate(keys["routes"].sequence()))
+    routes = tuple(_route(i, node, upstreams, base) for i, node in enumerate(keys["routes"].sequence()))
     if not routes:
         raise keys["routes"].error("at least one route is required")
     _check_routes(routes, keys["routes"])
@@ -432,11 +475,12 @@ def _method_types(node: Located) -> dict[str, str]:
     return types
 
 
-def _route(index: int, node: Located, upstreams: Mapping[str, Upstream]) -> Route:
-    keys = node.mapping(
-        ("name", "match", "primary", "fallback", "fallback_on", "static_response", "shadows", "compare", "promotion"),
-        required=("match", "primary"),
-    )
+_ROUTE_KEYS = ("name", "match", "primary", "fallback", "fallback_on", "static_response", "shadows", "compare",
+               "promotion", "drift")  # fmt: skip
+
+
+def _route(index: int, node: Located, upstreams: Mapping[str, Upstream], base: Path) -> Route:
+    keys = node.mapping(_ROUTE_KEYS, required=("match", "primary"))
     match_keys = keys["match"].mapping(("method", "model"))
     match = RouteMatch(
         method=_method_pattern(match_keys["method"]) if "method" in match_keys else None,
@@ -471,6 +515,7 @@ def _route(index: int, node: Located, upstreams: Mapping[str, Upstream]) -> Rout
         shadows=_shadows(keys["shadows"], known, primary) if "shadows" in keys else (),
         compare=_compare(keys["compare"]) if "compare" in keys else Compare(),
         promotion=_promotion(keys["promotion"]) if "promotion" in keys else Promotion(),
+        drift=_drift(keys["drift"], base) if "drift" in keys else None,
     )
 
 
@@ -514,6 +559,58 @@ def _compare(node: Located) -> Compare:
     }
     values, _ = _read(node, readers)
     return Compare(**values)
+
+
+def _drift(node: Located, base: Path) -> Drift:
+    def feature(item: Located) -> DriftFeature:
+        values, _ = _read(
+            item,
+            {
+                "name": Located.string,
+                "input": Located.string,
+                "column": lambda n: n.integer(minimum=0, maximum=1_000_000),
+                "categorical": Located.boolean,
+            },
+            required=("input",),
+        )
+        default = values["input"] if values.get("column") is None else f"{values['input']}[{values['column']}]"
+        return DriftFeature(**{"name": default, **values})
+
+    def method(item: Located) -> str:
+        name = item.string()
+        if name not in DRIFT_METHODS:
+            raise item.error(f"unknown drift method {name!r} (one of {', '.join(DRIFT_METHODS)})")
+        return name
+
+    def thresholds(n: Located) -> MappingProxyType:
+        given = {}
+        for name, item in n.dictionary().items():
+            if name not in DRIFT_METHODS:
+                raise item.error(f"unknown drift method {name!r} (one of {', '.join(DRIFT_METHODS)})")
+            given[name] = item.number(minimum=0.0, maximum=1.0 if name in ("ks", "chi2") else None)
+        return MappingProxyType({**DRIFT_METHODS, **given})
+
+    readers: dict[str, Reader] = {
+        "features": lambda n: tuple(feature(item) for item in n.sequence()),
+        "outputs": lambda n: tuple(item.string() for item in n.sequence()),
+        "bins": lambda n: n.integer(minimum=1, maximum=1000),
+        "window": lambda n: n.integer(minimum=10, maximum=10_000_000),
+        "profile": lambda n: _existing_file(n, base),
+        "capture": lambda n: n.integer(minimum=10, maximum=10_000_000),
+        "methods": lambda n: tuple(method(item) for item in n.sequence()),
+        "detect": method,
+        "thresholds": thresholds,
+        "queue_size": lambda n: n.integer(minimum=1, maximum=10_000_000),
+        "history": lambda n: n.integer(minimum=1, maximum=10_000),
+    }
+    values, keys = _read(node, readers)
+    drift = Drift(**values)
+    names = [f.name for f in drift.features]
+    if len(set(names)) != len(names):
+        raise keys["features"].error(f"feature names must be unique, got {names}")
+    if drift.detect not in drift.methods:
+        raise keys.get("detect", node).error(f"detect method {drift.detect!r} is not in methods {list(drift.methods)}")
+    return drift
 
 
 def _promotion(node: Located) -> Promotion:

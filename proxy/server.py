@@ -26,7 +26,10 @@ from protos import INFERENCE_SERVICE
 
 from . import __version__
 from .admin import AdminServer, Request, Response
-from .config import Config, load_config
+from .config import Config, Drift, load_config
+from .drift.engine import DriftEngine
+from .drift.reference import Reference
+from .drift.report import DriftCollector, drift_status
 from .errors import ConfigError, StartError
 from .eventloop import loop_name
 from .handler import ProxyHandler
@@ -57,6 +60,7 @@ class Proxy:
         self.ids = RequestIds()
         self.lag = LoopLag(config.mirror_shed_lag)
         self._shadows: dict[tuple[str, str], ShadowMirror] = {}
+        self._drift: dict[str, DriftEngine] = {}
         self.promotions: list[dict[str, object]] = []
         self._first_config = config
         self.table: RouteTable | None = None
@@ -76,6 +80,7 @@ class Proxy:
         self.metrics.event_loop_lag.set_function(lambda: self.lag.lag)
         self.metrics.mirror_shedding.set_function(lambda: 1 if self.lag.overloaded else 0)
         self.metrics.registry.register(ShadowCollector(self._route_mirrors))
+        self.metrics.registry.register(DriftCollector(lambda: list(self._drift.values())))
 
     # --- start ------------------------------------------------------------------------------------------------
 
@@ -162,6 +167,8 @@ class Proxy:
     def _build_table(self, config: Config, current: dict[str, UpstreamTarget]) -> RouteTable:
         """A route table for ``config``. Shadows whose settings and upstream are unchanged keep their mirror (and
         statistics); the others get a new one, and mirrors no longer configured are closed."""
+        drift = self._drift_engines(config)  # first: it may refuse the config
+        self._drift = drift
         targets = self._build_targets(config, current)
         shadows: dict[tuple[str, str], ShadowMirror] = {}
         mirrors: dict[str, RouteMirror] = {}
@@ -183,7 +190,32 @@ class Proxy:
             if shadows.get(key) is not mirror:
                 mirror.close()
         self._shadows = shadows
-        return RouteTable(config, targets, self.metrics, self.tap, mirrors, self.ids)
+        return RouteTable(config, targets, self.metrics, self.tap, mirrors, self.ids, self._drift)
+
+    def _drift_engines(self, config: Config) -> dict[str, DriftEngine]:
+        """A drift engine per route with ``drift``: kept across reloads when its settings are unchanged. A profile
+        that cannot be read, or that does not hold the configured features, stops the start (or the reload) before
+        anything has changed."""
+        kept: dict[str, DriftEngine] = {}
+        references: dict[str, Reference | None] = {}
+        for route in config.routes:
+            if route.drift is None:
+                continue
+            existing = self._drift.get(route.name)
+            if existing is not None and existing.spec == route.drift:
+                kept[route.name] = existing
+            else:
+                references[route.name] = _load_profile(route.name, route.drift)
+        engines = dict(kept)
+        for route in config.routes:
+            if route.name in references:
+                assert route.drift is not None
+                engines[route.name] = DriftEngine(route.name, route.drift, references[route.name])
+                engines[route.name].start()
+        for name, engine in self._drift.items():
+            if engines.get(name) is not engine:
+                engine.stop()
+        return engines
 
     def _route_mirrors(self) -> list[RouteMirror]:
         """The shadow mirrors of the current route table."""
@@ -255,11 +287,11 @@ class Proxy:
         source = path or self.table.config.source
         try:
             config = load_config(source)
-        except ConfigError as exc:
+            await self.reload(config)
+        except (ConfigError, StartError) as exc:
             self.metrics.config_reloads.labels("failure").inc()
             log.error("config reload rejected, keeping the current config: %s", exc)
             return False
-        await self.reload(config)
         return True
 
     async def _retire_table(self, table: RouteTable, removed: list[UpstreamTarget]) -> None:
@@ -303,6 +335,8 @@ class Proxy:
                 log.warning("stopping: %d background tasks did not finish within 5s", len(stuck))
         for mirror in self._shadows.values():
             mirror.close()
+        for engine in self._drift.values():
+            await asyncio.to_thread(engine.stop)
         await self.lag.stop()
         for target in {t for table in self._live_tables for t in table.targets.values()}:
             await target.close()
@@ -435,6 +469,7 @@ class Proxy:
                     "calls": dict(sorted(route.metrics.answers.items())),
                     "fallbacks": {to: int(n) for (name, to), n in sorted(fallbacks.items()) if name == route.name},
                     "shadows": shadow_status(route.mirror) if route.mirror is not None else [],
+                    "drift": drift_status(self._drift[route.name]) if route.name in self._drift else None,
                 }
                 for route in self.table.routes
             ],
@@ -450,6 +485,22 @@ class Proxy:
             },
             "promotions": self.promotions,
         }
+
+
+def _load_profile(route: str, spec: Drift) -> Reference | None:
+    """The reference profile ``spec`` names, checked against the configured features; None: capture it live."""
+    if spec.profile is None:
+        return None
+    try:
+        reference = Reference.load(spec.profile)
+    except ValueError as exc:
+        raise StartError(f"route {route}: {exc}") from None
+    missing = {f.name for f in spec.features} - set(reference.schema.names())
+    if missing:
+        raise StartError(
+            f"route {route}: profile {spec.profile} has no series {sorted(missing)} (it has {reference.schema.names()})"
+        )
+    return reference
 
 
 def _counter_values(counter: Counter, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:

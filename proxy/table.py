@@ -17,7 +17,7 @@ from .mirror import RouteMirror
 from .router import KNOWN_CALL_TYPES, Router
 from .sampling import RequestIds
 from .static_response import StaticResponder
-from .tap import Tap
+from .tap import Observer, Tap
 from .upstream import UpstreamTarget
 
 __all__ = ["RouteRuntime", "RouteTable"]
@@ -37,6 +37,7 @@ class RouteRuntime:
         tap: Tap,
         mirror: RouteMirror | None,
         ids: RequestIds,
+        drift: Observer | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -45,7 +46,7 @@ class RouteRuntime:
         self.static = StaticResponder(spec.static_response) if spec.static_response is not None else None
         self.metrics: RouteMetrics = metrics.for_route(spec.name)
         self.mirror = mirror
-        self.tap = tap.with_observers([mirror] if mirror is not None else [])
+        self.tap = tap.with_observers([o for o in (mirror, drift) if o is not None])
         self.ids = ids
 
     def readiness(self) -> tuple[bool, str]:
@@ -70,6 +71,7 @@ class RouteTable:
         tap: Tap,
         mirrors: Mapping[str, RouteMirror] | None = None,
         ids: RequestIds | None = None,
+        drift: Mapping[str, Observer] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -77,7 +79,8 @@ class RouteTable:
         mirrors = mirrors or {}
         ids = ids or RequestIds()
         self.routes = tuple(
-            RouteRuntime(route, self.targets, metrics, tap, mirrors.get(route.name), ids) for route in config.routes
+            RouteRuntime(route, self.targets, metrics, tap, mirrors.get(route.name), ids, (drift or {}).get(route.name))
+            for route in config.routes
         )
         self.router: Router[RouteRuntime] = Router([(route.spec.match, route) for route in self.routes])
         self._call_types = {**KNOWN_CALL_TYPES, **config.method_types}

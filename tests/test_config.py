@@ -70,6 +70,16 @@ def test_the_example_config_loads_with_every_key_read():
         0.95,
     )
     assert (promotion.error_margin, promotion.latency_factor, promotion.demote_to) == (0.01, 1.5, "shadow")
+    drift = iris_route.drift
+    assert [(f.name, f.input, f.column, f.categorical) for f in drift.features] == [
+        ("sepal_length", "input", 0, False), ("petal_length", "input", 2, False)
+    ]  # fmt: skip
+    assert drift.outputs == ("probabilities", "label")
+    assert (drift.bins, drift.window, drift.capture, drift.profile) == (10, 1000, 1000, None)
+    assert (drift.methods, drift.detect, drift.queue_size, drift.history) == (("ks", "psi", "js"), "ks", 10000, 20)
+    assert (drift.threshold("ks"), drift.threshold("psi"), drift.threshold("js"), drift.threshold("chi2")) == (
+        0.01, 0.2, 0.1, 0.01
+    )  # fmt: skip
 
 
 def test_defaults_apply_when_keys_are_absent():

@@ -1,0 +1,308 @@
+"""The drift engine of one route: fed answered calls by the tap, it counts them in windows and compares each window
+with the reference, off the event loop.
+
+``offer`` (on the event loop, before the client's answer) appends the record to a bounded deque — or counts it
+dropped (``queue_full``). A worker thread wakes every ``POLL`` seconds, takes what is queued, decodes it (KServe V2
+request inputs and response outputs, per ``schema``), and adds the rows to the current window of the call's model
+version with the Numba kernels (which release the GIL). The first ``capture`` calls build the reference when no
+profile is configured. A window closes after ``window`` calls of one version; its scores are computed from counts
+and published (``latest``, ``history``). Calls that cannot be decoded are counted by reason, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+import kernels
+
+from ..config import Drift
+from ..kserve import TensorError, request_inputs, response_outputs
+from ..tap import CallRecord
+from .reference import Reference, WindowCounts
+from .schema import Rows, Schema, discover
+
+__all__ = ["DriftEngine", "SeriesResult", "WindowResult"]
+
+log = logging.getLogger(__name__)
+
+POLL = 0.02  # seconds between the worker's looks at the queue
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_P_VALUE_METHODS = ("ks", "chi2")
+_NUMERIC_ONLY = ("ks", "w1")
+_CATEGORICAL_ONLY = ("chi2",)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesResult:
+    """One series in one window: ``scores`` by method (p-values for ks and chi2), and whether it drifted by the
+    route's ``detect`` method (``chi2`` standing in for ``ks`` on categorical series)."""
+
+    name: str
+    kind: str
+    categorical: bool
+    scores: dict[str, float]
+    method: str
+    drifted: bool
+    nan: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """A closed window of one model version."""
+
+    route: str
+    model: str
+    version: str
+    index: int
+    calls: int
+    rows: int
+    started: float
+    ended: float
+    series: tuple[SeriesResult, ...]
+
+    @property
+    def feature_drift_share(self) -> float:
+        """Share of input features that drifted (data drift); NaN without features."""
+        features = [s for s in self.series if s.kind == "feature"]
+        return sum(s.drifted for s in features) / len(features) if features else math.nan
+
+    @property
+    def drifted_outputs(self) -> list[str]:
+        return [s.name for s in self.series if s.kind == "output" and s.drifted]
+
+
+@dataclass
+class _Open:
+    """A window being filled."""
+
+    counts: WindowCounts
+    started: float
+    index: int
+
+
+class DriftEngine:
+    """The tap observer of one route's drift monitoring."""
+
+    def __init__(self, route: str, spec: Drift, reference: Reference | None = None) -> None:
+        self.name = f"drift:{route}"
+        self.route = route
+        self.spec = spec
+        self.reference = reference
+        self.schema: Schema | None = reference.schema if reference is not None else None
+        self._queue: deque[CallRecord] = deque()
+        self._captured: list[Rows] = []
+        self._captured_calls = 0
+        self._open: dict[tuple[str, str], _Open] = {}
+        self._lock = threading.Lock()
+        self.latest: dict[tuple[str, str], WindowResult] = {}
+        self.history: deque[WindowResult] = deque(maxlen=spec.history)
+        self.windows: dict[tuple[str, str], int] = {}
+        self.dropped: dict[str, int] = {"queue_full": 0}
+        self.decode_errors: dict[str, int] = {}
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- event loop side ------------------------------------------------------------------------------------------
+
+    def offer(self, record: CallRecord) -> None:
+        """Constant time: keep the record for the worker, or count it dropped."""
+        if record.response is None or record.method != _MODEL_INFER:
+            return
+        if len(self._queue) >= self.spec.queue_size:
+            self.dropped["queue_full"] += 1
+            return
+        self._queue.append(record)
+
+    def start(self) -> None:
+        kernels.warm_up()  # compile (or load) the kernels now, not on the first window
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    # --- worker thread --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL):
+            self.drain()
+
+    def drain(self) -> None:
+        """Process everything queued now (the worker calls it; tests may too)."""
+        batch = []
+        while self._queue:
+            batch.append(self._queue.popleft())
+        if not batch:
+            return
+        try:
+            self._process(batch)
+        except Exception:  # a bug here must cost a batch of statistics, never the thread
+            self._count_error("internal", len(batch))
+            log.exception("drift engine of route %s: a batch of %d calls was lost", self.route, len(batch))
+
+    def _process(self, batch: list[CallRecord]) -> None:
+        pending: dict[tuple[str, str], list[Rows]] = {}
+        for record in batch:
+            decoded = self._decode(record)
+            if decoded is None:
+                continue
+            key, rows = decoded
+            self.accepted += 1
+            if self.reference is None:
+                self._capture(rows, key)
+                continue
+            group = pending.setdefault(key, [])
+            group.append(rows)
+            window = self._window(key)
+            if window.counts.calls + len(group) >= self.spec.window:
+                self._add(window, group)
+                pending[key] = []
+                self._close(key)
+        for key, group in pending.items():
+            if group:
+                self._add(self._window(key), group)
+
+    def _decode(self, record: CallRecord) -> tuple[tuple[str, str], Rows] | None:
+        try:
+            model, inputs = request_inputs(record.request)
+            version, outputs = response_outputs(record.response or b"")
+            if self.schema is None:
+                self.schema = discover(self.spec, inputs, outputs)
+            rows = self.schema.rows(inputs, outputs)
+        except TensorError as exc:
+            self._count_error(exc.reason)
+            return None
+        return (model or self.route, version or "unknown"), rows
+
+    def _count_error(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.decode_errors[reason] = self.decode_errors.get(reason, 0) + n
+
+    def _capture(self, rows: Rows, key: tuple[str, str]) -> None:
+        self._captured.append(rows)
+        self._captured_calls += 1
+        if self._captured_calls >= self.spec.capture:
+            assert self.schema is not None
+            rows = _concat(self._captured)
+            self.reference = Reference.build(
+                self.schema, rows, self.spec.bins, calls=self._captured_calls, model=key[0], version=key[1]
+            )
+            self._captured = []
+            log.info(
+                "drift %s: reference captured from %d calls (%d rows) of %s version %s",
+                self.route, self._captured_calls, rows.numeric.shape[0], key[0], key[1],
+            )  # fmt: skip
+
+    def _window(self, key: tuple[str, str]) -> _Open:
+        window = self._open.get(key)
+        if window is None:
+            assert self.reference is not None
+            index = self.windows.get(key, 0)
+            window = self._open[key] = _Open(self.reference.new_window(), time.time(), index)
+        return window
+
+    def _add(self, window: _Open, group: list[Rows]) -> None:
+        assert self.reference is not None
+        self.reference.add(window.counts, _concat(group))
+        window.counts.calls += len(group)
+
+    def _close(self, key: tuple[str, str]) -> None:
+        window = self._open.pop(key)
+        result = self.score(window.counts, key, window.index, window.started)
+        with self._lock:
+            self.windows[key] = window.index + 1
+            self.latest[key] = result
+            self.history.append(result)
+
+    # --- scoring --------------------------------------------------------------------------------------------------
+
+    def score(self, counts: WindowCounts, key: tuple[str, str], index: int, started: float) -> WindowResult:
+        """Scores of ``counts`` against the reference, by every configured method."""
+        reference = self.reference
+        assert reference is not None
+        assert self.schema is not None
+        results: list[SeriesResult] = []
+        numeric = _scores(reference.counts.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
+                          reference.positions, categorical=False)  # fmt: skip
+        for j, series in enumerate(self.schema.numeric):
+            results.append(self._judge(series.name, series.kind, False, {m: v[j] for m, v in numeric.items()},
+                                       int(counts.numeric[j, -1])))  # fmt: skip
+        for j, series in enumerate(self.schema.categorical):
+            ref = reference.counts.categorical[j].astype(np.float64)
+            cur = counts.categorical[j].astype(np.float64)
+            scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
+            results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
+        return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
+                            tuple(results))  # fmt: skip
+
+    def _judge(self, name: str, kind: str, categorical: bool, scores: dict[str, float], nan: int) -> SeriesResult:
+        method = self.spec.detect
+        if categorical and method in _NUMERIC_ONLY:
+            method = "chi2"
+        if not categorical and method in _CATEGORICAL_ONLY:
+            method = "ks"
+        value = scores.get(method, math.nan)
+        threshold = self.spec.threshold(method)
+        drifted = bool(value < threshold) if method in _P_VALUE_METHODS else bool(value > threshold)
+        return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan)
+
+    # --- what the outside sees ------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            latest = dict(self.latest)
+            history = list(self.history)
+            windows = dict(self.windows)
+            errors = dict(self.decode_errors)
+        return {"latest": latest, "history": history, "windows": windows, "decode_errors": errors}
+
+
+def _concat(groups: list[Rows]) -> Rows:
+    if len(groups) == 1:
+        return groups[0]
+    return Rows(np.concatenate([g.numeric for g in groups]), np.concatenate([g.categorical for g in groups]))
+
+
+def _scores(
+    reference: np.ndarray,
+    current: np.ndarray,
+    methods: tuple[str, ...],
+    positions: np.ndarray | None,
+    *,
+    categorical: bool,
+) -> dict[str, np.ndarray]:
+    """Each method's score per row of the [series, K] count arrays (p-values for ks and chi2)."""
+    if reference.ndim == 1:
+        reference, current = reference[None, :], current[None, :]
+    wanted = set(methods) | ({"chi2"} if categorical else {"ks"})
+    if reference.shape[0] == 0:
+        return {m: np.empty(0) for m in wanted}
+    out: dict[str, np.ndarray] = {}
+    for method in wanted:
+        if method == "psi":
+            out[method] = kernels.psi(reference, current)
+        elif method == "kl":
+            out[method] = kernels.kl(reference, current)
+        elif method == "js":
+            out[method] = kernels.js(reference, current)
+        elif method == "hellinger":
+            out[method] = kernels.hellinger(reference, current)
+        elif method == "linf":
+            out[method] = kernels.linf(reference, current)
+        elif method == "chi2":
+            out[method] = kernels.chi_square(reference, current)[2]
+        elif method == "ks" and not categorical:
+            out[method] = kernels.ks(reference, current)[1]
+        elif method == "w1" and not categorical and positions is not None:
+            out[method] = kernels.wasserstein(reference, current, positions)
+    return out

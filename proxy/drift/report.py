@@ -1,0 +1,165 @@
+"""What the drift engines show: Prometheus families (built at scrape time), ``/status`` entries, a CLI table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .engine import DriftEngine, WindowResult
+
+__all__ = ["DriftCollector", "drift_status", "render_drift"]
+
+
+class DriftCollector(Collector):
+    """Exports the latest window of every model version of every route's drift engine."""
+
+    def __init__(self, engines: Callable[[], Iterable[DriftEngine]]) -> None:
+        self._engines = engines
+
+    def collect(self) -> Iterator[Metric]:
+        version = ["route", "model", "version"]
+        score = GaugeMetricFamily(
+            "mlmirror_drift_score",
+            "Drift score of a feature or output in the latest window, by method (ks, chi2: p-values).",
+            labels=[*version, "series", "kind", "method"],
+        )
+        detected = GaugeMetricFamily(
+            "mlmirror_drift_detected",
+            "1 when the series drifted in the latest window by the route's detect method.",
+            labels=[*version, "series", "kind"],
+        )
+        share = GaugeMetricFamily(
+            "mlmirror_drift_feature_share", "Share of input features that drifted in the latest window.", labels=version
+        )
+        calls = GaugeMetricFamily("mlmirror_drift_window_calls", "Calls in the latest window.", labels=version)
+        rows = GaugeMetricFamily("mlmirror_drift_window_rows", "Rows in the latest window.", labels=version)
+        windows = CounterMetricFamily("mlmirror_drift_windows", "Windows closed.", labels=version)
+        records = CounterMetricFamily("mlmirror_drift_calls", "Calls counted by the drift engine.", labels=["route"])
+        dropped = CounterMetricFamily(
+            "mlmirror_drift_dropped", "Calls the drift engine had no room for, by reason.", labels=["route", "reason"]
+        )
+        errors = CounterMetricFamily(
+            "mlmirror_drift_decode_errors",
+            "Calls the drift engine could not read, by reason.",
+            labels=["route", "reason"],
+        )
+        reference_rows = GaugeMetricFamily(
+            "mlmirror_drift_reference_rows", "Rows in the route's reference (0 while it is being captured).",
+            labels=["route"],
+        )  # fmt: skip
+        for engine in self._engines():
+            snapshot = engine.snapshot()
+            route = engine.route
+            records.add_metric([route], engine.accepted)
+            for reason, n in engine.dropped.items():
+                dropped.add_metric([route, reason], n)
+            for reason, n in snapshot["decode_errors"].items():
+                errors.add_metric([route, reason], n)
+            reference_rows.add_metric([route], engine.reference.counts.rows if engine.reference else 0)
+            for (model, ver), n in snapshot["windows"].items():
+                windows.add_metric([route, model, ver], n)
+            for result in snapshot["latest"].values():
+                key = [route, result.model, result.version]
+                share.add_metric(key, result.feature_drift_share)
+                calls.add_metric(key, result.calls)
+                rows.add_metric(key, result.rows)
+                for series in result.series:
+                    detected.add_metric([*key, series.name, series.kind], 1 if series.drifted else 0)
+                    for method, value in series.scores.items():
+                        score.add_metric([*key, series.name, series.kind, method], value)
+        yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
+
+
+def drift_status(engine: DriftEngine) -> dict[str, object]:
+    """The ``/status`` entry of a route's drift engine: reference, latest window per version, short history."""
+    snapshot = engine.snapshot()
+    return {
+        "reference": engine.reference.describe() if engine.reference else {"capturing": engine.spec.capture},
+        "window": engine.spec.window,
+        "detect": engine.spec.detect,
+        "calls": engine.accepted,
+        "dropped": dict(engine.dropped),
+        "decode_errors": snapshot["decode_errors"],
+        "latest": [_window(result) for result in snapshot["latest"].values()],
+        "history": [_summary(result) for result in snapshot["history"]],
+    }
+
+
+def _window(result: WindowResult) -> dict[str, object]:
+    return {
+        **_summary(result),
+        "series": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "categorical": s.categorical,
+                "method": s.method,
+                "drifted": s.drifted,
+                "nan": s.nan,
+                "scores": {m: _number(v) for m, v in sorted(s.scores.items())},
+            }
+            for s in result.series
+        ],
+    }
+
+
+def _summary(result: WindowResult) -> dict[str, object]:
+    return {
+        "model": result.model,
+        "version": result.version,
+        "index": result.index,
+        "calls": result.calls,
+        "rows": result.rows,
+        "started": result.started,
+        "ended": result.ended,
+        "feature_drift_share": _number(result.feature_drift_share),
+        "drifted": [s.name for s in result.series if s.drifted],
+    }
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 6)
+
+
+def render_drift(status: Mapping) -> str:
+    """``mlmirror drift``: the latest window of each route and version as a table, then the recent history."""
+    lines: list[str] = []
+    for route in status.get("routes", []):
+        drift = route.get("drift")
+        if not drift:
+            continue
+        reference = drift["reference"]
+        where = (
+            f"reference: {reference['rows']} rows from {reference['model']} v{reference['version']}"
+            if "rows" in reference
+            else f"reference: capturing the first {reference['capturing']} calls"
+        )
+        lines.append(f"route {route['name']} ({where}; window {drift['window']} calls; detect {drift['detect']})")
+        for window in drift["latest"]:
+            lines.append(
+                f"  {window['model']} v{window['version']} window {window['index']}: {window['calls']} calls, "
+                f"{window['rows']} rows, feature drift share {_fmt(window['feature_drift_share'])}"
+            )
+            methods = sorted({m for s in window["series"] for m in s["scores"]})
+            header = ["SERIES", "KIND", *[m.upper() for m in methods], "DRIFT"]
+            body = [
+                [s["name"], s["kind"], *[_fmt(s["scores"].get(m)) for m in methods],
+                 f"yes ({s['method']})" if s["drifted"] else "no"]
+                for s in window["series"]
+            ]  # fmt: skip
+            widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
+            for row in (header, *body):
+                lines.append("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if drift["history"]:
+            shares = " ".join(_fmt(h["feature_drift_share"]) for h in drift["history"])
+            lines.append(f"  history (feature drift share, oldest first): {shares}")
+        if not drift["latest"]:
+            lines.append("  no window closed yet")
+    return "\n".join(lines) if lines else "no drift monitoring configured"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
