@@ -5,6 +5,7 @@ grpcio-tools generates the Python message and stub modules in memory the first t
 
 Exports:
     inference_pb2, inference_pb2_grpc: KServe V2 / Open Inference Protocol (package ``inference``).
+    feedback_pb2, feedback_pb2_grpc: mlmirror's ground-truth feedback service (package ``mlmirror.v1``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from types import ModuleType
 
 import grpc
 
-__all__ = ["INFERENCE_SERVICE", "inference_pb2", "inference_pb2_grpc"]
+__all__ = [
+    "FEEDBACK_SERVICE",
+    "INFERENCE_SERVICE",
+    "feedback_pb2",
+    "feedback_pb2_grpc",
+    "inference_pb2",
+    "inference_pb2_grpc",
+]
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -37,5 +45,7 @@ def _compile(proto_file: str) -> tuple[ModuleType, ModuleType]:
 
 
 inference_pb2, inference_pb2_grpc = _compile("grpc_predict_v2.proto")
+feedback_pb2, feedback_pb2_grpc = _compile("feedback.proto")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+FEEDBACK_SERVICE = "mlmirror.v1.Feedback"

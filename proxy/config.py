@@ -31,6 +31,7 @@ __all__ = [
     "Config",
     "Drift",
     "DriftFeature",
+    "GroundTruth",
     "HealthCheck",
     "Keepalive",
     "Promotion",
@@ -228,6 +229,22 @@ class DriftFeature:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GroundTruth:
+    """Joining predictions with outcomes reported later (``ReportOutcome``).
+
+    ``output``: the output tensor holding the prediction (classification: argmax of a [n, k] tensor, or the label of
+    a [n] one; regression: the value). Predictions wait at most ``ttl`` seconds and ``max_pending`` at a time;
+    quality is computed per model version every ``window`` outcome rows.
+    """
+
+    output: str
+    task: str = "classification"
+    ttl: float = 3600.0
+    max_pending: int = 100_000
+    window: int = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Drift:
     """A route's drift monitoring: which inputs and outputs, how they are binned, windowed and judged.
 
@@ -247,6 +264,7 @@ class Drift:
     thresholds: Mapping[str, float] = field(default_factory=lambda: MappingProxyType(dict(DRIFT_METHODS)))
     queue_size: int = 10_000
     history: int = 20
+    ground_truth: GroundTruth | None = None
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]
@@ -602,6 +620,7 @@ def _drift(node: Located, base: Path) -> Drift:
         "thresholds": thresholds,
         "queue_size": lambda n: n.integer(minimum=1, maximum=10_000_000),
         "history": lambda n: n.integer(minimum=1, maximum=10_000),
+        "ground_truth": _ground_truth,
     }
     values, keys = _read(node, readers)
     drift = Drift(**values)
@@ -611,6 +630,24 @@ def _drift(node: Located, base: Path) -> Drift:
     if drift.detect not in drift.methods:
         raise keys.get("detect", node).error(f"detect method {drift.detect!r} is not in methods {list(drift.methods)}")
     return drift
+
+
+def _ground_truth(node: Located) -> GroundTruth:
+    def task(n: Located) -> str:
+        value = n.string()
+        if value not in ("classification", "regression"):
+            raise n.error(f"unknown task {value!r} (classification or regression)")
+        return value
+
+    readers: dict[str, Reader] = {
+        "output": Located.string,
+        "task": task,
+        "ttl": lambda n: n.duration(minimum=1.0),
+        "max_pending": lambda n: n.integer(minimum=1, maximum=100_000_000),
+        "window": lambda n: n.integer(minimum=10, maximum=10_000_000),
+    }
+    values, _ = _read(node, readers, required=("output",))
+    return GroundTruth(**values)
 
 
 def _promotion(node: Located) -> Promotion:

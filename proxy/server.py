@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
-from protos import INFERENCE_SERVICE
+from protos import FEEDBACK_SERVICE, INFERENCE_SERVICE
 
 from . import __version__
 from .admin import AdminServer, Request, Response
@@ -32,6 +32,7 @@ from .drift.reference import Reference
 from .drift.report import DriftCollector, drift_status
 from .errors import ConfigError, StartError
 from .eventloop import loop_name
+from .feedback import FeedbackService, parse_outcomes_json
 from .handler import ProxyHandler
 from .looplag import LoopLag
 from .metrics import Metrics
@@ -61,6 +62,9 @@ class Proxy:
         self.lag = LoopLag(config.mirror_shed_lag)
         self._shadows: dict[tuple[str, str], ShadowMirror] = {}
         self._drift: dict[str, DriftEngine] = {}
+        self.feedback = FeedbackService(
+            lambda: [e.ground_truth for e in self._drift.values() if e.ground_truth is not None]
+        )
         self.promotions: list[dict[str, object]] = []
         self._first_config = config
         self.table: RouteTable | None = None
@@ -130,7 +134,10 @@ class Proxy:
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_generic_rpc_handlers((self.feedback.handler(),))
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         server.add_generic_rpc_handlers((self._handler,))
         try:
             if config.tls is None:
@@ -381,6 +388,7 @@ class Proxy:
             ("GET", "/status"): self._get_status,
             ("POST", "/reload"): self._post_reload,
             ("POST", "/promote"): self._post_promote,
+            ("POST", "/outcomes"): self._post_outcomes,
         }
 
     async def _get_metrics(self, request: Request) -> Response:
@@ -401,6 +409,14 @@ class Proxy:
         if await self.reload_from_file():
             return Response.text("reloaded")
         return Response.text("reload rejected; the current config stays (see the proxy's log)", 400)
+
+    async def _post_outcomes(self, request: Request) -> Response:
+        """``POST /outcomes``: ground truth as JSON (see proxy/feedback.py); answers the counts by result."""
+        try:
+            outcomes = parse_outcomes_json(request.body)
+        except ValueError as exc:
+            return Response.text(f"bad outcomes: {exc}", 400)
+        return Response.json(self.feedback.report(outcomes))
 
     async def _post_promote(self, request: Request) -> Response:
         """``POST /promote?route=R&shadow=S[&force=1]``: make shadow S the primary of route R."""

@@ -136,7 +136,7 @@ async def test_healthz_and_bad_requests():
         assert await get(proxy, "/healthz") == (200, "ok\n")
         status, body = await get(proxy, "/nope")
         assert status == 404
-        assert "known: /healthz, /metrics, /promote, /readyz, /reload, /status" in body
+        assert "known: /healthz, /metrics, /outcomes, /promote, /readyz, /reload, /status" in body
         status, body = await get(proxy, "/status", method="POST")
         assert status == 405
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.admin_port)

@@ -75,6 +75,10 @@ def test_the_example_config_loads_with_every_key_read():
         ("sepal_length", "input", 0, False), ("petal_length", "input", 2, False)
     ]  # fmt: skip
     assert drift.outputs == ("probabilities", "label")
+    truth = drift.ground_truth
+    assert (truth.output, truth.task, truth.ttl, truth.max_pending, truth.window) == (
+        "probabilities", "classification", 3600.0, 100000, 1000
+    )  # fmt: skip
     assert (drift.bins, drift.window, drift.capture, drift.profile) == (10, 1000, 1000, None)
     assert (drift.methods, drift.detect, drift.queue_size, drift.history) == (("ks", "psi", "js"), "ks", 10000, 20)
     assert (drift.threshold("ks"), drift.threshold("psi"), drift.threshold("js"), drift.threshold("chi2")) == (

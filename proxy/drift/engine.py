@@ -25,6 +25,7 @@ import kernels
 from ..config import Drift
 from ..kserve import TensorError, request_inputs, response_outputs
 from ..tap import CallRecord
+from .outcomes import GroundTruthStore
 from .reference import Reference, WindowCounts
 from .schema import Rows, Schema, discover
 
@@ -107,6 +108,7 @@ class DriftEngine:
         self.dropped: dict[str, int] = {"queue_full": 0}
         self.decode_errors: dict[str, int] = {}
         self.accepted = 0
+        self.ground_truth = GroundTruthStore(spec.ground_truth, spec.history) if spec.ground_truth else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -179,10 +181,13 @@ class DriftEngine:
             if self.schema is None:
                 self.schema = discover(self.spec, inputs, outputs)
             rows = self.schema.rows(inputs, outputs)
+            key = (model or self.route, version or "unknown")
+            if self.ground_truth is not None:
+                self.ground_truth.remember(record.request_id, key, self.ground_truth.predictions(outputs))
         except TensorError as exc:
             self._count_error(exc.reason)
             return None
-        return (model or self.route, version or "unknown"), rows
+        return key, rows
 
     def _count_error(self, reason: str, n: int = 1) -> None:
         with self._lock:

@@ -50,7 +50,31 @@ class DriftCollector(Collector):
             "mlmirror_drift_reference_rows", "Rows in the route's reference (0 while it is being captured).",
             labels=["route"],
         )  # fmt: skip
+        quality = GaugeMetricFamily(
+            "mlmirror_quality", "Model quality against reported outcomes in the latest window, by metric.",
+            labels=[*version, "metric"],
+        )  # fmt: skip
+        quality_rows = GaugeMetricFamily(
+            "mlmirror_quality_window_rows", "Outcome rows in the latest quality window.", labels=version
+        )
+        outcomes = CounterMetricFamily(
+            "mlmirror_outcomes", "Reported outcomes by result (matched, unknown, late, duplicate, invalid).",
+            labels=["route", "result"],
+        )  # fmt: skip
+        pending = GaugeMetricFamily(
+            "mlmirror_outcomes_pending", "Predictions waiting for their outcome.", labels=["route"]
+        )
         for engine in self._engines():
+            if engine.ground_truth is not None:
+                truth = engine.ground_truth.snapshot()
+                pending.add_metric([engine.route], truth["pending"])
+                for result, n in truth["results"].items():
+                    outcomes.add_metric([engine.route, result], n)
+                for window in truth["latest"].values():
+                    key = [engine.route, window.model, window.version]
+                    quality_rows.add_metric(key, window.rows)
+                    for metric, value in window.metrics.items():
+                        quality.add_metric([*key, metric], value)
             snapshot = engine.snapshot()
             route = engine.route
             records.add_metric([route], engine.accepted)
@@ -71,6 +95,7 @@ class DriftCollector(Collector):
                     for method, value in series.scores.items():
                         score.add_metric([*key, series.name, series.kind, method], value)
         yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
+        yield from (quality, quality_rows, outcomes, pending)
 
 
 def drift_status(engine: DriftEngine) -> dict[str, object]:
@@ -85,6 +110,32 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "decode_errors": snapshot["decode_errors"],
         "latest": [_window(result) for result in snapshot["latest"].values()],
         "history": [_summary(result) for result in snapshot["history"]],
+        "ground_truth": _ground_truth(engine),
+    }
+
+
+def _ground_truth(engine: DriftEngine) -> dict[str, object] | None:
+    if engine.ground_truth is None:
+        return None
+    truth = engine.ground_truth.snapshot()
+    spec = engine.ground_truth.spec
+    return {
+        "output": spec.output,
+        "task": spec.task,
+        "window": spec.window,
+        "pending": truth["pending"],
+        "outcomes": truth["results"],
+        "open_rows": {f"{m} v{v}": n for (m, v), n in truth["open_rows"].items()},
+        "latest": [
+            {
+                "model": q.model,
+                "version": q.version,
+                "index": q.index,
+                "rows": q.rows,
+                "metrics": {k: _number(v) for k, v in q.metrics.items()},
+            }
+            for q in truth["latest"].values()
+        ],
     }
 
 
@@ -158,6 +209,16 @@ def render_drift(status: Mapping) -> str:
             lines.append(f"  history (feature drift share, oldest first): {shares}")
         if not drift["latest"]:
             lines.append("  no window closed yet")
+        truth = drift.get("ground_truth")
+        if truth:
+            lines.append(
+                f"  ground truth ({truth['task']}, output {truth['output']}): outcomes "
+                + ", ".join(f"{k} {v}" for k, v in truth["outcomes"].items())
+                + f"; {truth['pending']} predictions waiting"
+            )
+            for q in truth["latest"]:
+                metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in q["metrics"].items())
+                lines.append(f"    {q['model']} v{q['version']} window {q['index']} ({q['rows']} rows): {metrics}")
     return "\n".join(lines) if lines else "no drift monitoring configured"
 
 
