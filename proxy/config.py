@@ -24,6 +24,7 @@ __all__ = [
     "CALL_TYPES",
     "DEFAULT_FALLBACK_CODES",
     "CLASSIFICATION_MODES",
+    "Attribution",
     "DEMOTE_TO",
     "DRIFT_METHODS",
     "CircuitPolicy",
@@ -245,6 +246,17 @@ class GroundTruth:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Attribution:
+    """Feature-attribution drift: importances from the attribution ``output`` tensor (one column per numeric
+    feature), or from a linear surrogate of the ``target`` output series (default: the first numeric output
+    series); flagged when the NDCG against the reference's ranking is below ``threshold``."""
+
+    output: str | None = None
+    target: str | None = None
+    threshold: float = 0.9
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Drift:
     """A route's drift monitoring: which inputs and outputs, how they are binned, windowed and judged.
 
@@ -265,6 +277,7 @@ class Drift:
     queue_size: int = 10_000
     history: int = 20
     ground_truth: GroundTruth | None = None
+    attribution: Attribution | None = None
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]
@@ -621,6 +634,7 @@ def _drift(node: Located, base: Path) -> Drift:
         "queue_size": lambda n: n.integer(minimum=1, maximum=10_000_000),
         "history": lambda n: n.integer(minimum=1, maximum=10_000),
         "ground_truth": _ground_truth,
+        "attribution": _attribution,
     }
     values, keys = _read(node, readers)
     drift = Drift(**values)
@@ -630,6 +644,18 @@ def _drift(node: Located, base: Path) -> Drift:
     if drift.detect not in drift.methods:
         raise keys.get("detect", node).error(f"detect method {drift.detect!r} is not in methods {list(drift.methods)}")
     return drift
+
+
+def _attribution(node: Located) -> Attribution:
+    readers: dict[str, Reader] = {
+        "output": Located.string,
+        "target": Located.string,
+        "threshold": lambda n: n.number(minimum=0.0, maximum=1.0),
+    }
+    values, keys = _read(node, readers)
+    if "output" in values and "target" in values:
+        raise keys["target"].error("give output (an attribution tensor) or target (for a surrogate), not both")
+    return Attribution(**values)
 
 
 def _ground_truth(node: Located) -> GroundTruth:

@@ -75,6 +75,9 @@ def test_the_example_config_loads_with_every_key_read():
         ("sepal_length", "input", 0, False), ("petal_length", "input", 2, False)
     ]  # fmt: skip
     assert drift.outputs == ("probabilities", "label")
+    assert (drift.attribution.target, drift.attribution.output, drift.attribution.threshold) == (
+        "probabilities[2]", None, 0.9
+    )  # fmt: skip
     truth = drift.ground_truth
     assert (truth.output, truth.task, truth.ttl, truth.max_pending, truth.window) == (
         "probabilities", "classification", 3600.0, 100000, 1000

@@ -25,6 +25,7 @@ import kernels
 from ..config import Drift
 from ..kserve import TensorError, request_inputs, response_outputs
 from ..tap import CallRecord
+from .attribution import AttributionState, AttributionTracker, ndcg
 from .outcomes import GroundTruthStore
 from .reference import Reference, WindowCounts
 from .schema import Rows, Schema, discover
@@ -55,6 +56,16 @@ class SeriesResult:
 
 
 @dataclass(frozen=True, slots=True)
+class AttributionResult:
+    """Feature importances of a window and of the reference, and the NDCG of the window's ranking."""
+
+    importance: dict[str, float]
+    reference: dict[str, float]
+    ndcg: float
+    drifted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class WindowResult:
     """A closed window of one model version."""
 
@@ -67,6 +78,7 @@ class WindowResult:
     started: float
     ended: float
     series: tuple[SeriesResult, ...]
+    attribution: AttributionResult | None = None
 
     @property
     def feature_drift_share(self) -> float:
@@ -86,6 +98,7 @@ class _Open:
     counts: WindowCounts
     started: float
     index: int
+    attribution: AttributionState | None = None
 
 
 class DriftEngine:
@@ -109,6 +122,8 @@ class DriftEngine:
         self.decode_errors: dict[str, int] = {}
         self.accepted = 0
         self.ground_truth = GroundTruthStore(spec.ground_truth, spec.history) if spec.ground_truth else None
+        self._tracker: AttributionTracker | None = None
+        self.reference_importance: np.ndarray | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -202,6 +217,11 @@ class DriftEngine:
             self.reference = Reference.build(
                 self.schema, rows, self.spec.bins, calls=self._captured_calls, model=key[0], version=key[1]
             )
+            tracker = self._attribution_tracker()
+            if tracker is not None:
+                state = tracker.new_state()
+                tracker.add(state, rows.numeric)
+                self.reference_importance = tracker.importance(state)
             self._captured = []
             log.info(
                 "drift %s: reference captured from %d calls (%d rows) of %s version %s",
@@ -213,17 +233,47 @@ class DriftEngine:
         if window is None:
             assert self.reference is not None
             index = self.windows.get(key, 0)
-            window = self._open[key] = _Open(self.reference.new_window(), time.time(), index)
+            tracker = self._attribution_tracker()
+            window = self._open[key] = _Open(
+                self.reference.new_window(), time.time(), index, tracker.new_state() if tracker else None
+            )
         return window
+
+    def _attribution_tracker(self) -> AttributionTracker | None:
+        """The tracker for ``spec.attribution``, once the schema is known; None when off or not possible."""
+        spec = self.spec.attribution
+        if spec is None or self.schema is None:
+            return None
+        if self._tracker is None:
+            numeric = self.schema.numeric
+            features = [i for i, s in enumerate(numeric) if s.kind == "feature"]
+            outputs = [i for i, s in enumerate(numeric) if s.kind == "output"]
+            if spec.output is not None:
+                sources = [i for i in outputs if numeric[i].tensor == spec.output]
+                surrogate = False
+            elif spec.target is not None:
+                sources = [i for i in outputs if numeric[i].name == spec.target]
+                surrogate = True
+            else:
+                sources, surrogate = outputs[:1], True
+            if not features or not sources or (not surrogate and len(sources) != len(features)):
+                need = "a numeric target" if surrogate else f"one column per feature in {spec.output!r}"
+                log.warning("drift %s: attribution needs numeric features and %s; it is off", self.route, need)
+                return None
+            self._tracker = AttributionTracker(features, sources, surrogate, spec.threshold)
+        return self._tracker
 
     def _add(self, window: _Open, group: list[Rows]) -> None:
         assert self.reference is not None
-        self.reference.add(window.counts, _concat(group))
+        rows = _concat(group)
+        self.reference.add(window.counts, rows)
         window.counts.calls += len(group)
+        if window.attribution is not None and self._tracker is not None:
+            self._tracker.add(window.attribution, rows.numeric)
 
     def _close(self, key: tuple[str, str]) -> None:
         window = self._open.pop(key)
-        result = self.score(window.counts, key, window.index, window.started)
+        result = self.score(window.counts, key, window.index, window.started, window.attribution)
         with self._lock:
             self.windows[key] = window.index + 1
             self.latest[key] = result
@@ -231,7 +281,14 @@ class DriftEngine:
 
     # --- scoring --------------------------------------------------------------------------------------------------
 
-    def score(self, counts: WindowCounts, key: tuple[str, str], index: int, started: float) -> WindowResult:
+    def score(
+        self,
+        counts: WindowCounts,
+        key: tuple[str, str],
+        index: int,
+        started: float,
+        attribution: AttributionState | None = None,
+    ) -> WindowResult:
         """Scores of ``counts`` against the reference, by every configured method."""
         reference = self.reference
         assert reference is not None
@@ -248,7 +305,23 @@ class DriftEngine:
             scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
             results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
         return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
-                            tuple(results))  # fmt: skip
+                            tuple(results), self._attribution(attribution))  # fmt: skip
+
+    def _attribution(self, state: AttributionState | None) -> AttributionResult | None:
+        tracker = self._tracker
+        if state is None or tracker is None or self.schema is None:
+            return None
+        importance = tracker.importance(state)
+        if self.reference_importance is None:  # a profile holds no attributions: the first window is the baseline
+            self.reference_importance = importance
+        names = [self.schema.numeric[i].name for i in tracker.features]
+        score = ndcg(self.reference_importance, importance)
+        return AttributionResult(
+            importance=dict(zip(names, importance.tolist(), strict=True)),
+            reference=dict(zip(names, self.reference_importance.tolist(), strict=True)),
+            ndcg=score,
+            drifted=bool(score < tracker.threshold),
+        )
 
     def _judge(self, name: str, kind: str, categorical: bool, scores: dict[str, float], nan: int) -> SeriesResult:
         method = self.spec.detect

@@ -64,6 +64,20 @@ class DriftCollector(Collector):
         pending = GaugeMetricFamily(
             "mlmirror_outcomes_pending", "Predictions waiting for their outcome.", labels=["route"]
         )
+        attribution_ndcg = GaugeMetricFamily(
+            "mlmirror_drift_attribution_ndcg",
+            "NDCG of the latest window's feature-importance ranking against the reference's (1: same ranking).",
+            labels=version,
+        )
+        attribution_detected = GaugeMetricFamily(
+            "mlmirror_drift_attribution_detected",
+            "1 when the latest window's NDCG is below the threshold.",
+            labels=version,
+        )
+        importance = GaugeMetricFamily(
+            "mlmirror_drift_attribution_importance", "Feature importance in the latest window.",
+            labels=[*version, "series"],
+        )  # fmt: skip
         for engine in self._engines():
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
@@ -90,12 +104,17 @@ class DriftCollector(Collector):
                 share.add_metric(key, result.feature_drift_share)
                 calls.add_metric(key, result.calls)
                 rows.add_metric(key, result.rows)
+                if result.attribution is not None:
+                    attribution_ndcg.add_metric(key, result.attribution.ndcg)
+                    attribution_detected.add_metric(key, 1 if result.attribution.drifted else 0)
+                    for name, value in result.attribution.importance.items():
+                        importance.add_metric([*key, name], value)
                 for series in result.series:
                     detected.add_metric([*key, series.name, series.kind], 1 if series.drifted else 0)
                     for method, value in series.scores.items():
                         score.add_metric([*key, series.name, series.kind, method], value)
         yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
-        yield from (quality, quality_rows, outcomes, pending)
+        yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
 
 
 def drift_status(engine: DriftEngine) -> dict[str, object]:
@@ -140,8 +159,17 @@ def _ground_truth(engine: DriftEngine) -> dict[str, object] | None:
 
 
 def _window(result: WindowResult) -> dict[str, object]:
+    attribution = result.attribution
     return {
         **_summary(result),
+        "attribution": None
+        if attribution is None
+        else {
+            "ndcg": _number(attribution.ndcg),
+            "drifted": attribution.drifted,
+            "importance": {k: _number(v) for k, v in attribution.importance.items()},
+            "reference": {k: _number(v) for k, v in attribution.reference.items()},
+        },
         "series": [
             {
                 "name": s.name,
@@ -204,6 +232,13 @@ def render_drift(status: Mapping) -> str:
             widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
             for row in (header, *body):
                 lines.append("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            attribution = window.get("attribution")
+            if attribution:
+                ranked = sorted(attribution["importance"].items(), key=lambda kv: -(kv[1] or 0.0))
+                lines.append(
+                    f"    attribution NDCG {_fmt(attribution['ndcg'])}{' DRIFTED' if attribution['drifted'] else ''}; "
+                    "importance " + ", ".join(f"{k} {_fmt(v)}" for k, v in ranked)
+                )
         if drift["history"]:
             shares = " ".join(_fmt(h["feature_drift_share"]) for h in drift["history"])
             lines.append(f"  history (feature drift share, oldest first): {shares}")
