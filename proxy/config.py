@@ -35,6 +35,7 @@ __all__ = [
     "GroundTruth",
     "HealthCheck",
     "Keepalive",
+    "Multivariate",
     "Promotion",
     "Route",
     "RouteMatch",
@@ -257,6 +258,15 @@ class Attribution:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Multivariate:
+    """PCA reconstruction error of the numeric features: components explaining ``variance`` of the reference's
+    standardized variance; flagged above the reference chunks' mean + ``k`` standard deviations."""
+
+    variance: float = 0.65
+    k: float = 3.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Drift:
     """A route's drift monitoring: which inputs and outputs, how they are binned, windowed and judged.
 
@@ -278,6 +288,7 @@ class Drift:
     history: int = 20
     ground_truth: GroundTruth | None = None
     attribution: Attribution | None = None
+    multivariate: Multivariate | None = field(default_factory=Multivariate)
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]
@@ -635,6 +646,7 @@ def _drift(node: Located, base: Path) -> Drift:
         "history": lambda n: n.integer(minimum=1, maximum=10_000),
         "ground_truth": _ground_truth,
         "attribution": _attribution,
+        "multivariate": _multivariate,
     }
     values, keys = _read(node, readers)
     drift = Drift(**values)
@@ -644,6 +656,20 @@ def _drift(node: Located, base: Path) -> Drift:
     if drift.detect not in drift.methods:
         raise keys.get("detect", node).error(f"detect method {drift.detect!r} is not in methods {list(drift.methods)}")
     return drift
+
+
+def _multivariate(node: Located) -> Multivariate | None:
+    """``off`` disables it; else {variance, k}."""
+    if node.is_null() or (_is_scalar(node) and node.scalar() in (False, "off")):
+        return None
+    values, _ = _read(
+        node,
+        {
+            "variance": lambda n: n.number(minimum=0.01, maximum=1.0),
+            "k": lambda n: n.number(minimum=0.0, maximum=100.0),
+        },
+    )
+    return Multivariate(**values)
 
 
 def _attribution(node: Located) -> Attribution:

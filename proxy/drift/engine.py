@@ -26,6 +26,7 @@ from ..config import Drift
 from ..kserve import TensorError, request_inputs, response_outputs
 from ..tap import CallRecord
 from .attribution import AttributionState, AttributionTracker, ndcg
+from .multivariate import PcaDrift, PcaState
 from .outcomes import GroundTruthStore
 from .reference import Reference, WindowCounts
 from .schema import Rows, Schema, discover
@@ -66,6 +67,16 @@ class AttributionResult:
 
 
 @dataclass(frozen=True, slots=True)
+class MultivariateResult:
+    """PCA reconstruction error of a window, the reference's, and the calibrated upper bound."""
+
+    error: float
+    reference: float
+    upper: float
+    drifted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class WindowResult:
     """A closed window of one model version."""
 
@@ -79,6 +90,7 @@ class WindowResult:
     ended: float
     series: tuple[SeriesResult, ...]
     attribution: AttributionResult | None = None
+    multivariate: MultivariateResult | None = None
 
     @property
     def feature_drift_share(self) -> float:
@@ -99,6 +111,7 @@ class _Open:
     started: float
     index: int
     attribution: AttributionState | None = None
+    pca: PcaState | None = None
 
 
 class DriftEngine:
@@ -124,6 +137,7 @@ class DriftEngine:
         self.ground_truth = GroundTruthStore(spec.ground_truth, spec.history) if spec.ground_truth else None
         self._tracker: AttributionTracker | None = None
         self.reference_importance: np.ndarray | None = None
+        self.pca: PcaDrift | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -222,6 +236,7 @@ class DriftEngine:
                 state = tracker.new_state()
                 tracker.add(state, rows.numeric)
                 self.reference_importance = tracker.importance(state)
+            self._fit_pca(rows)
             self._captured = []
             log.info(
                 "drift %s: reference captured from %d calls (%d rows) of %s version %s",
@@ -235,9 +250,31 @@ class DriftEngine:
             index = self.windows.get(key, 0)
             tracker = self._attribution_tracker()
             window = self._open[key] = _Open(
-                self.reference.new_window(), time.time(), index, tracker.new_state() if tracker else None
+                self.reference.new_window(),
+                time.time(),
+                index,
+                tracker.new_state() if tracker else None,
+                self.pca.new_state() if self.pca else None,
             )
         return window
+
+    def _features(self) -> list[int]:
+        assert self.schema is not None
+        return [i for i, s in enumerate(self.schema.numeric) if s.kind == "feature"]
+
+    def _fit_pca(self, rows: Rows) -> None:
+        """The multivariate measure, fitted on the captured reference (a profile file holds no rows: then off)."""
+        spec = self.spec.multivariate
+        features = self._features()
+        if spec is None or len(features) < 2:
+            return
+        rows_per_call = rows.numeric.shape[0] / max(self._captured_calls, 1)
+        try:
+            self.pca = PcaDrift(
+                rows.numeric[:, features], self.spec.window * rows_per_call, variance=spec.variance, k=spec.k
+            )
+        except ValueError as exc:
+            log.warning("drift %s: no multivariate measure: %s", self.route, exc)
 
     def _attribution_tracker(self) -> AttributionTracker | None:
         """The tracker for ``spec.attribution``, once the schema is known; None when off or not possible."""
@@ -270,10 +307,12 @@ class DriftEngine:
         window.counts.calls += len(group)
         if window.attribution is not None and self._tracker is not None:
             self._tracker.add(window.attribution, rows.numeric)
+        if window.pca is not None and self.pca is not None:
+            self.pca.add(window.pca, rows.numeric[:, self._features()])
 
     def _close(self, key: tuple[str, str]) -> None:
         window = self._open.pop(key)
-        result = self.score(window.counts, key, window.index, window.started, window.attribution)
+        result = self.score(window.counts, key, window.index, window.started, window.attribution, window.pca)
         with self._lock:
             self.windows[key] = window.index + 1
             self.latest[key] = result
@@ -288,6 +327,7 @@ class DriftEngine:
         index: int,
         started: float,
         attribution: AttributionState | None = None,
+        pca: PcaState | None = None,
     ) -> WindowResult:
         """Scores of ``counts`` against the reference, by every configured method."""
         reference = self.reference
@@ -305,7 +345,13 @@ class DriftEngine:
             scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
             results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
         return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
-                            tuple(results), self._attribution(attribution))  # fmt: skip
+                            tuple(results), self._attribution(attribution), self._multivariate(pca))  # fmt: skip
+
+    def _multivariate(self, state: PcaState | None) -> MultivariateResult | None:
+        if state is None or self.pca is None:
+            return None
+        error = self.pca.error(state)
+        return MultivariateResult(error, self.pca.reference_error, self.pca.upper, bool(error > self.pca.upper))
 
     def _attribution(self, state: AttributionState | None) -> AttributionResult | None:
         tracker = self._tracker

@@ -78,6 +78,16 @@ class DriftCollector(Collector):
             "mlmirror_drift_attribution_importance", "Feature importance in the latest window.",
             labels=[*version, "series"],
         )  # fmt: skip
+        pca_error = GaugeMetricFamily(
+            "mlmirror_drift_pca_reconstruction_error",
+            "Mean squared PCA reconstruction error of the latest window's standardized features.",
+            labels=version,
+        )
+        pca_detected = GaugeMetricFamily(
+            "mlmirror_drift_multivariate_detected",
+            "1 when the latest window's reconstruction error is above the calibrated bound.",
+            labels=version,
+        )
         for engine in self._engines():
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
@@ -104,6 +114,9 @@ class DriftCollector(Collector):
                 share.add_metric(key, result.feature_drift_share)
                 calls.add_metric(key, result.calls)
                 rows.add_metric(key, result.rows)
+                if result.multivariate is not None:
+                    pca_error.add_metric(key, result.multivariate.error)
+                    pca_detected.add_metric(key, 1 if result.multivariate.drifted else 0)
                 if result.attribution is not None:
                     attribution_ndcg.add_metric(key, result.attribution.ndcg)
                     attribution_detected.add_metric(key, 1 if result.attribution.drifted else 0)
@@ -115,6 +128,7 @@ class DriftCollector(Collector):
                         score.add_metric([*key, series.name, series.kind, method], value)
         yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
+        yield from (pca_error, pca_detected)
 
 
 def drift_status(engine: DriftEngine) -> dict[str, object]:
@@ -162,6 +176,14 @@ def _window(result: WindowResult) -> dict[str, object]:
     attribution = result.attribution
     return {
         **_summary(result),
+        "multivariate": None
+        if result.multivariate is None
+        else {
+            "reconstruction_error": _number(result.multivariate.error),
+            "reference": _number(result.multivariate.reference),
+            "upper": _number(result.multivariate.upper),
+            "drifted": result.multivariate.drifted,
+        },
         "attribution": None
         if attribution is None
         else {
@@ -232,6 +254,13 @@ def render_drift(status: Mapping) -> str:
             widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
             for row in (header, *body):
                 lines.append("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+            multivariate = window.get("multivariate")
+            if multivariate:
+                lines.append(
+                    f"    PCA reconstruction error {_fmt(multivariate['reconstruction_error'])} (reference "
+                    f"{_fmt(multivariate['reference'])}, bound {_fmt(multivariate['upper'])})"
+                    + (" DRIFTED" if multivariate["drifted"] else "")
+                )
             attribution = window.get("attribution")
             if attribution:
                 ranked = sorted(attribution["importance"].items(), key=lambda kv: -(kv[1] or 0.0))
