@@ -270,15 +270,20 @@ class Multivariate:
 class Drift:
     """A route's drift monitoring: which inputs and outputs, how they are binned, windowed and judged.
 
-    Each window of ``window`` calls (per model version) is compared with the reference: a profile file, or the first
-    ``capture`` calls the route sees. ``methods`` are computed for every feature and output; ``detect`` is the one
-    whose flag says "drifted"; ``thresholds`` override ``DRIFT_METHODS``' defaults.
+    A window (per model version) closes after ``window`` calls or ``window_time`` seconds, whichever comes first
+    (either may be None, not both); ``sliding`` > 0 also scores the sum of the last ``sliding`` windows. Windows are
+    compared with the reference: a profile file, or the first ``capture`` calls the route sees. ``methods`` are
+    computed for every series; ``detect`` is the one whose flag says "drifted"; ``thresholds`` override
+    ``DRIFT_METHODS``' defaults, and ``calibrate`` (k) replaces the distance thresholds of each series by mean + k sd
+    of its scores on chunks of the captured reference.
     """
 
     features: tuple[DriftFeature, ...] = ()
     outputs: tuple[str, ...] = ()
     bins: int = 10
-    window: int = 1000
+    window: int | None = 1000
+    window_time: float | None = None
+    sliding: int = 0
     profile: str | None = None
     capture: int = 1000
     methods: tuple[str, ...] = ("ks", "psi", "js")
@@ -289,6 +294,7 @@ class Drift:
     ground_truth: GroundTruth | None = None
     attribution: Attribution | None = None
     multivariate: Multivariate | None = field(default_factory=Multivariate)
+    calibrate: float | None = None
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]
@@ -636,7 +642,10 @@ def _drift(node: Located, base: Path) -> Drift:
         "features": lambda n: tuple(feature(item) for item in n.sequence()),
         "outputs": lambda n: tuple(item.string() for item in n.sequence()),
         "bins": lambda n: n.integer(minimum=1, maximum=1000),
-        "window": lambda n: n.integer(minimum=10, maximum=10_000_000),
+        "window": lambda n: None if n.is_null() else n.integer(minimum=10, maximum=10_000_000),
+        "window_time": lambda n: n.duration(minimum=0.1),
+        "sliding": lambda n: n.integer(minimum=0, maximum=1000),
+        "calibrate": lambda n: n.number(minimum=0.0, maximum=100.0),
         "profile": lambda n: _existing_file(n, base),
         "capture": lambda n: n.integer(minimum=10, maximum=10_000_000),
         "methods": lambda n: tuple(method(item) for item in n.sequence()),
@@ -650,6 +659,8 @@ def _drift(node: Located, base: Path) -> Drift:
     }
     values, keys = _read(node, readers)
     drift = Drift(**values)
+    if drift.window is None and drift.window_time is None:
+        raise keys["window"].error("a window needs a size (window) or a duration (window_time)")
     names = [f.name for f in drift.features]
     if len(set(names)) != len(names):
         raise keys["features"].error(f"feature names must be unique, got {names}")

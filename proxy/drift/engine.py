@@ -54,6 +54,7 @@ class SeriesResult:
     method: str
     drifted: bool
     nan: int
+    threshold: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,9 @@ class DriftEngine:
         self._tracker: AttributionTracker | None = None
         self.reference_importance: np.ndarray | None = None
         self.pca: PcaDrift | None = None
+        self.calibrated: dict[tuple[str, str], float] = {}
+        self._recent: dict[tuple[str, str], deque[tuple[WindowCounts, float]]] = {}
+        self.sliding: dict[tuple[str, str], WindowResult] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -173,13 +177,21 @@ class DriftEngine:
         batch = []
         while self._queue:
             batch.append(self._queue.popleft())
-        if not batch:
-            return
         try:
-            self._process(batch)
+            if batch:
+                self._process(batch)
+            self._close_expired(time.time())
         except Exception:  # a bug here must cost a batch of statistics, never the thread
             self._count_error("internal", len(batch))
             log.exception("drift engine of route %s: a batch of %d calls was lost", self.route, len(batch))
+
+    def _close_expired(self, now: float) -> None:
+        """Close the windows older than ``window_time`` (those with calls; an empty window just goes on)."""
+        if self.spec.window_time is None:
+            return
+        for key, window in list(self._open.items()):
+            if now - window.started >= self.spec.window_time and window.counts.calls:
+                self._close(key)
 
     def _process(self, batch: list[CallRecord]) -> None:
         pending: dict[tuple[str, str], list[Rows]] = {}
@@ -195,7 +207,7 @@ class DriftEngine:
             group = pending.setdefault(key, [])
             group.append(rows)
             window = self._window(key)
-            if window.counts.calls + len(group) >= self.spec.window:
+            if self.spec.window is not None and window.counts.calls + len(group) >= self.spec.window:
                 self._add(window, group)
                 pending[key] = []
                 self._close(key)
@@ -237,6 +249,7 @@ class DriftEngine:
                 tracker.add(state, rows.numeric)
                 self.reference_importance = tracker.importance(state)
             self._fit_pca(rows)
+            self._calibrate(rows)
             self._captured = []
             log.info(
                 "drift %s: reference captured from %d calls (%d rows) of %s version %s",
@@ -258,6 +271,45 @@ class DriftEngine:
             )
         return window
 
+    def _window_rows(self, rows_per_call: float) -> float:
+        """Rows a window is expected to hold (a time-only window is assumed as large as the capture)."""
+        return (self.spec.window or self.spec.capture) * rows_per_call
+
+    def _calibrate(self, rows: Rows) -> None:
+        """Per-series distance thresholds: mean + k sd of the scores of window-sized chunks of the reference, each
+        scored against the rest of the reference."""
+        k = self.spec.calibrate
+        reference = self.reference
+        if k is None or reference is None or self.schema is None:
+            return
+        size = max(1, round(self._window_rows(rows.numeric.shape[0] / max(self._captured_calls, 1))))
+        chunks = rows.numeric.shape[0] // size
+        if chunks < 3:
+            log.warning("drift %s: calibration needs 3 window-sized chunks of reference, has %d", self.route, chunks)
+            return
+        scores: dict[tuple[str, str], list[float]] = {}
+        full = reference.counts
+        for c in range(chunks):
+            part = Rows(rows.numeric[c * size : (c + 1) * size], rows.categorical[c * size : (c + 1) * size])
+            counts = reference.new_window()
+            reference.add(counts, part)
+            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged.
+            reference.counts = WindowCounts(
+                full.numeric - counts.numeric,
+                [a - b for a, b in zip(full.categorical, counts.categorical, strict=True)],
+            )
+            try:
+                for result in self.score(counts, ("", ""), -1, 0.0).series:
+                    for method, value in result.scores.items():
+                        scores.setdefault((result.name, method), []).append(value)
+            finally:
+                reference.counts = full
+        self.calibrated = {
+            key: float(np.nanmean(values) + k * np.nanstd(values))
+            for key, values in scores.items()
+            if key[1] not in _P_VALUE_METHODS
+        }
+
     def _features(self) -> list[int]:
         assert self.schema is not None
         return [i for i, s in enumerate(self.schema.numeric) if s.kind == "feature"]
@@ -271,7 +323,7 @@ class DriftEngine:
         rows_per_call = rows.numeric.shape[0] / max(self._captured_calls, 1)
         try:
             self.pca = PcaDrift(
-                rows.numeric[:, features], self.spec.window * rows_per_call, variance=spec.variance, k=spec.k
+                rows.numeric[:, features], self._window_rows(rows_per_call), variance=spec.variance, k=spec.k
             )
         except ValueError as exc:
             log.warning("drift %s: no multivariate measure: %s", self.route, exc)
@@ -313,10 +365,17 @@ class DriftEngine:
     def _close(self, key: tuple[str, str]) -> None:
         window = self._open.pop(key)
         result = self.score(window.counts, key, window.index, window.started, window.attribution, window.pca)
+        sliding = None
+        if self.spec.sliding:
+            recent = self._recent.setdefault(key, deque(maxlen=self.spec.sliding))
+            recent.append((window.counts, window.started))
+            sliding = self.score(_sum_counts([c for c, _ in recent]), key, window.index, recent[0][1])
         with self._lock:
             self.windows[key] = window.index + 1
             self.latest[key] = result
             self.history.append(result)
+            if sliding is not None:
+                self.sliding[key] = sliding
 
     # --- scoring --------------------------------------------------------------------------------------------------
 
@@ -376,9 +435,9 @@ class DriftEngine:
         if not categorical and method in _CATEGORICAL_ONLY:
             method = "ks"
         value = scores.get(method, math.nan)
-        threshold = self.spec.threshold(method)
+        threshold = self.calibrated.get((name, method), self.spec.threshold(method))
         drifted = bool(value < threshold) if method in _P_VALUE_METHODS else bool(value > threshold)
-        return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan)
+        return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan, threshold)
 
     # --- what the outside sees ------------------------------------------------------------------------------------
 
@@ -388,7 +447,21 @@ class DriftEngine:
             history = list(self.history)
             windows = dict(self.windows)
             errors = dict(self.decode_errors)
-        return {"latest": latest, "history": history, "windows": windows, "decode_errors": errors}
+            sliding = dict(self.sliding)
+        return {"latest": latest, "history": history, "windows": windows, "decode_errors": errors, "sliding": sliding}
+
+
+def _sum_counts(windows: list[WindowCounts]) -> WindowCounts:
+    """The counts of several windows together (counts merge by addition)."""
+    first = windows[0]
+    return WindowCounts(
+        numeric=sum((w.numeric for w in windows), np.zeros_like(first.numeric)),
+        categorical=[
+            sum((w.categorical[j] for w in windows), np.zeros_like(c)) for j, c in enumerate(first.categorical)
+        ],
+        calls=sum(w.calls for w in windows),
+        rows=sum(w.rows for w in windows),
+    )
 
 
 def _concat(groups: list[Rows]) -> Rows:

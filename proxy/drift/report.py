@@ -88,6 +88,15 @@ class DriftCollector(Collector):
             "1 when the latest window's reconstruction error is above the calibrated bound.",
             labels=version,
         )
+        sliding_share = GaugeMetricFamily(
+            "mlmirror_drift_sliding_feature_share",
+            "Share of input features drifted over the sliding view (the last `sliding` windows together).",
+            labels=version,
+        )
+        sliding_detected = GaugeMetricFamily(
+            "mlmirror_drift_sliding_detected", "1 when the series drifted over the sliding view.",
+            labels=[*version, "series", "kind"],
+        )  # fmt: skip
         for engine in self._engines():
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
@@ -109,6 +118,11 @@ class DriftCollector(Collector):
             reference_rows.add_metric([route], engine.reference.counts.rows if engine.reference else 0)
             for (model, ver), n in snapshot["windows"].items():
                 windows.add_metric([route, model, ver], n)
+            for result in snapshot["sliding"].values():
+                key = [route, result.model, result.version]
+                sliding_share.add_metric(key, result.feature_drift_share)
+                for series in result.series:
+                    sliding_detected.add_metric([*key, series.name, series.kind], 1 if series.drifted else 0)
             for result in snapshot["latest"].values():
                 key = [route, result.model, result.version]
                 share.add_metric(key, result.feature_drift_share)
@@ -128,7 +142,7 @@ class DriftCollector(Collector):
                         score.add_metric([*key, series.name, series.kind, method], value)
         yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
-        yield from (pca_error, pca_detected)
+        yield from (pca_error, pca_detected, sliding_share, sliding_detected)
 
 
 def drift_status(engine: DriftEngine) -> dict[str, object]:
@@ -142,6 +156,8 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "dropped": dict(engine.dropped),
         "decode_errors": snapshot["decode_errors"],
         "latest": [_window(result) for result in snapshot["latest"].values()],
+        "sliding": [_window(result) for result in snapshot["sliding"].values()],
+        "sliding_windows": engine.spec.sliding,
         "history": [_summary(result) for result in snapshot["history"]],
         "ground_truth": _ground_truth(engine),
     }
@@ -200,6 +216,7 @@ def _window(result: WindowResult) -> dict[str, object]:
                 "method": s.method,
                 "drifted": s.drifted,
                 "nan": s.nan,
+                "threshold": _number(s.threshold),
                 "scores": {m: _number(v) for m, v in sorted(s.scores.items())},
             }
             for s in result.series
