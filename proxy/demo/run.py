@@ -3,7 +3,8 @@
 The story, over ``duration`` seconds in three equal acts:
 1. production answers every call;
 2. production goes down: calls fall back to the baseline model, the circuit opens, clients see no error;
-3. production comes back: a half-open probe closes the circuit and traffic returns to it.
+3. production comes back: a half-open probe closes the circuit and traffic returns to it — and the flowers' petals
+   grow 1 cm longer: the drift engine flags petal length (input[2]) in production's next window.
 
 All along, the candidate model gets a fire-and-forget copy of every iris call as a shadow; the commentary follows
 its agreement with production and ends with the shadow table (``mlmirror shadows``).
@@ -22,6 +23,7 @@ from typing import TextIO
 import grpc
 
 from ..config import parse_config
+from ..drift.report import render_drift
 from ..server import Proxy
 from ..shadow_table import render_shadows
 from .models import MODELS, serve_model
@@ -53,6 +55,7 @@ routes:
     shadows: [{{upstream: candidate}}]
     compare: {{classification: argmax, output: probabilities}}
     promotion: {{window: 1000, min_samples: 200, agreement: 0.9}}
+    drift: {{window: {window}, capture: {window}, bins: 10}}
     static_response:
       model_version: static
       outputs:
@@ -87,7 +90,8 @@ async def run_demo(
     try:
         for role in ("production", "baseline", "candidate"):
             servers[role], ports[role] = await serve_model(MODELS[role], "127.0.0.1:0", aliases=(f"iris-{role}",))
-        config_text = DEMO_CONFIG.format(listen=listen, admin=admin, **ports)
+        window = max(50, int(rate * duration / 6))  # about one window per act
+        config_text = DEMO_CONFIG.format(listen=listen, admin=admin, window=window, **ports)
         proxy = Proxy(parse_config(config_text, "<demo config>"))
         await proxy.start()
         target = f"127.0.0.1:{proxy.grpc_port}"
@@ -100,6 +104,7 @@ async def run_demo(
         say("config:\n" + textwrap.indent(config_text, "  "))
         await _play(proxy, servers, ports, stats, duration=duration, rate=rate, say=say)
         say("shadows (mlmirror shadows):\n" + textwrap.indent(render_shadows(proxy.status()), "  "))
+        say("drift (mlmirror drift):\n" + textwrap.indent(render_drift(proxy.status()), "  "))
     finally:
         if proxy is not None:
             await proxy.stop(grace=2.0)
@@ -127,9 +132,12 @@ async def _play(
 ) -> None:
     """Send traffic for ``duration`` seconds through the three acts, reporting once per window."""
     stop = asyncio.Event()
+    shifted = asyncio.Event()
     models = ("iris",) * 9 + ("iris-candidate",)
     target = f"127.0.0.1:{proxy.grpc_port}"
-    traffic = asyncio.ensure_future(run_traffic(target, rate=rate, stop=stop, stats=stats, models=models))
+    traffic = asyncio.ensure_future(
+        run_traffic(target, rate=rate, stop=stop, stats=stats, models=models, shifted=shifted)
+    )
     started = time.perf_counter()
     act = 1
     say("act 1: production serves")
@@ -143,7 +151,8 @@ async def _play(
                 await servers["production"].stop(None)
             elif act == 2 and elapsed >= 2 * duration / 3:
                 act = 3
-                say("act 3: production is back on the same port")
+                say("act 3: production is back on the same port, and the petals grow 1 cm longer (input drift)")
+                shifted.set()
                 servers["production"], _ = await serve_model(
                     MODELS["production"], f"127.0.0.1:{ports['production']}", aliases=("iris-production",)
                 )
@@ -165,8 +174,20 @@ def _report_line(elapsed: float, window: Window, seconds: float, proxy: Proxy) -
     errors = window.calls - ok
     return (
         f"[{elapsed:5.1f}s] {window.calls / seconds:5.1f} calls/s | errors {errors} | served by {share or '-'}"
-        f"{latency} | production circuit {circuit}{_shadow_summary(proxy)}"
+        f"{latency} | production circuit {circuit}{_shadow_summary(proxy)}{_drift_summary(proxy)}"
     )
+
+
+def _drift_summary(proxy: Proxy) -> str:
+    """`` | drift v1: input[2]`` — what the latest window of each model version flagged."""
+    route = next((r for r in proxy.status()["routes"] if r["name"] == "iris"), None)
+    if route is None or not route["drift"]:
+        return ""
+    parts = []
+    for window in route["drift"]["latest"]:
+        inputs = [name for name in window["drifted"] if name.startswith("input")]
+        parts.append(f"version {window['version']} window {window['index']}: {', '.join(inputs) or 'none'}")
+    return f" | drifted inputs {'; '.join(parts)}" if parts else " | drift: reference/window filling"
 
 
 def _shadow_summary(proxy: Proxy) -> str:

@@ -83,14 +83,17 @@ async def run_traffic(
     models: tuple[str, ...] = ("iris",),
     call_timeout: float = 2.0,
     seed: int = 0,
+    shifted: asyncio.Event | None = None,
 ) -> None:
     """Send ModelInfer calls to ``target`` at ``rate`` calls per second (cycling over ``models``) until ``stop``.
 
     Open loop: calls start on schedule whether or not earlier ones have answered, so a slow upstream shows up as
-    latency, not as a lower offered rate. In-flight calls are awaited before returning.
+    latency, not as a lower offered rate. In-flight calls are awaited before returning. Once ``shifted`` is set, the
+    flowers' petals are 1 cm longer (drifting inputs).
     """
     rng = np.random.default_rng(seed)
     pool = [sample_features(rng, 1) for _ in range(256)]
+    drifted = [sample_features(rng, 1, shift=1.0) for _ in range(256)]
     async with grpc.aio.insecure_channel(target) as channel:
         stub = channel.unary_unary(MODEL_INFER)
         tasks: set[asyncio.Task[None]] = set()
@@ -99,7 +102,8 @@ async def run_traffic(
         for n in itertools.count():
             if stop.is_set():
                 break
-            request = infer_request(pool[n % len(pool)], model=models[n % len(models)], request_id=f"demo-{n}")
+            source = drifted if shifted is not None and shifted.is_set() else pool
+            request = infer_request(source[n % len(source)], model=models[n % len(models)], request_id=f"demo-{n}")
             task = asyncio.ensure_future(_one_call(stub, request, call_timeout, stats))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
