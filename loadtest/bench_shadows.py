@@ -1,4 +1,4 @@
-"""Benchmark: what shadows cost production calls, in latency and in the proxy's CPU.
+"""Benchmark: what shadows (and the drift engine) cost production calls, in latency and in the proxy's CPU.
 
     python -m loadtest.bench_shadows [--rate R | --load 0.5] [--calls 8000] [--rounds 5] [--warmup 1000]
 
@@ -8,6 +8,7 @@ shadows, each mirroring 100% of calls with the default limits (timeout 2 s, max_
 - no shadow;
 - 1 shadow: the ``candidate`` model;
 - 2 shadows: ``candidate`` and a ``control`` shadow (a second instance of the production model);
+- the drift engine on the route (windows of 1000 calls), no shadow;
 - 1 hung shadow: a gRPC server that accepts every call, reads the request and never answers, so each copy ends at
   its 2 s timeout (DEADLINE_EXCEEDED). The shadow's circuit breaker is disabled (``circuit: {codes: []}``) so that
   the copies keep hanging for the whole run — in flight and queue full, every further copy dropped — the worst case;
@@ -60,6 +61,7 @@ NONE = "no shadow"
 ONE = "1 shadow (candidate), 100%"
 TWO = "2 shadows (candidate + control), 100%"
 HUNG = "1 hung shadow, 100%"
+DRIFT = "drift engine, no shadow"
 
 #: configuration -> its shadows: (shadow upstream, control?)
 SHADOWS: dict[str, tuple[tuple[str, bool], ...]] = {
@@ -67,7 +69,10 @@ SHADOWS: dict[str, tuple[tuple[str, bool], ...]] = {
     ONE: (("candidate", False),),
     TWO: (("candidate", False), ("control", True)),
     HUNG: (("hung", False),),
+    DRIFT: (),
 }
+#: configurations whose route also runs the drift engine (windows of 1000 calls, reference from the first 1000)
+DRIFT_ON = {DRIFT}
 #: upstream -> the demo model it serves (each in its own process); the control shadow is production again
 MODEL_SERVERS = {"production": "production", "candidate": "candidate", "control": "production"}
 #: configuration -> (what, largest ratio to "no shadow" allowed): the issue's targets
@@ -124,6 +129,8 @@ def _config(path: Path, setup: Setup, backends: dict[str, int], hung_breaker: bo
         for upstream, control in shadows:
             extra = ", control: true" if control else ""
             route.append(f"      - {{upstream: {upstream}, percent: 100, {SHADOW_LIMITS}{extra}}}")
+    if setup.name in DRIFT_ON:
+        route.append("    drift: {window: 1000, capture: 1000, bins: 10}")
     lines = [f"listen: 127.0.0.1:{setup.port}", f"admin: 127.0.0.1:{setup.admin}", "upstreams:", *upstreams]
     path.write_text("\n".join([*lines, "routes:", *route, ""]))
     load_config(path)  # a mistake here would otherwise only show as a proxy that never listens
@@ -213,11 +220,60 @@ def run(args: argparse.Namespace, command: str) -> str:
                     print(f"round {round_ + 1}/{args.rounds}: {setup.name} done", file=sys.stderr, flush=True)
             calls = {setup.name: _calls_by_code(setup.admin) for setup in setups}
             mirrors = {setup.name: _mirror_counts(setup.admin) for setup in setups}
+            drift = {setup.name: _drift_counts(setup.admin) for setup in setups if setup.name in DRIFT_ON}
     for name, codes in calls.items():
         if set(codes) != {"OK"}:
             raise RuntimeError(f"{name}: mlmirror answered calls with other statuses: {codes}")
     header = _header(args, command, body_size, rate, saturation)
-    return "\n".join([*header, "", *_table(setups, rate), "", *_mirror_table(calls, mirrors)])
+    return "\n".join(
+        [
+            *header,
+            "",
+            *_table(setups, rate),
+            "",
+            *_mirror_table(calls, mirrors),
+            "",
+            *_drift_table(calls, drift, setups),
+        ]
+    )
+
+
+def _drift_counts(admin: int) -> dict[str, float]:
+    """Totals of the drift engine's counters on a proxy's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("mlmirror_drift_calls_total", "mlmirror_drift_dropped_total",
+                               "mlmirror_drift_decode_errors_total", "mlmirror_drift_windows_total"):  # fmt: skip
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def _drift_table(
+    calls: dict[str, dict[str, float]], drift: dict[str, dict[str, float]], setups: list[Setup]
+) -> list[str]:
+    lines = [
+        "Drift engine counters at the end (warm-up calls included), and the rate it sustained while the proxy served "
+        "the fixed load:",
+        "",
+        "| configuration | client calls | counted by the engine | dropped (queue full) | decode errors "
+        "| windows closed | rows/s sustained |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setup in setups:
+        if setup.name not in drift:
+            continue
+        totals = drift[setup.name]
+        counted = totals.get("mlmirror_drift_calls_total", 0.0)
+        lines.append(
+            f"| {setup.name} | {sum(calls[setup.name].values()):.0f} | {counted:.0f} "
+            f"| {totals.get('mlmirror_drift_dropped_total', 0.0):.0f} "
+            f"| {totals.get('mlmirror_drift_decode_errors_total', 0.0):.0f} "
+            f"| {totals.get('mlmirror_drift_windows_total', 0.0):.0f} | {statistics.median(setup.achieved):.0f} |"
+        )
+    return lines
 
 
 def _header(args: argparse.Namespace, command: str, body_size: int, rate: float, saturation: float | None) -> list[str]:

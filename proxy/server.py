@@ -28,6 +28,7 @@ from . import __version__
 from .admin import AdminServer, Request, Response
 from .config import Config, Drift, load_config
 from .drift.engine import DriftEngine
+from .drift.metadata_check import model_inputs, profile_mismatches
 from .drift.reference import Reference
 from .drift.report import DriftCollector, drift_status
 from .errors import ConfigError, StartError
@@ -108,6 +109,11 @@ class Proxy:
         except BaseException:
             await self.stop(grace=0)
             raise
+        try:
+            await self._check_profiles(config)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         self.started_at = time.time()
         self.metrics.config_reloads.labels("success")  # both series exist from the start
         self.metrics.config_reloads.labels("failure")
@@ -148,6 +154,28 @@ class Proxy:
             raise StartError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
         return server
+
+    async def _check_profiles(self, config: Config) -> None:
+        """Refuse to start when a route's drift profile does not fit the inputs its model declares."""
+        assert self.table is not None
+        for route in self.table.routes:
+            engine = self._drift.get(route.name)
+            if engine is None or engine.spec.profile is None or engine.reference is None:
+                continue
+            target = route.chain[0]
+            try:
+                inputs = await model_inputs(target.channel, route.spec.match.model or "")
+            except (grpc.aio.AioRpcError, ValueError) as exc:
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.warning("route %s: cannot check profile %s against %s's metadata (%s); starting anyway",
+                            route.name, engine.spec.profile, target.name, reason)  # fmt: skip
+                continue
+            problems = profile_mismatches(engine.reference, inputs)
+            if problems:
+                raise StartError(
+                    f"route {route.name}: profile {engine.spec.profile} does not fit the inputs of {target.name}: "
+                    + "; ".join(problems)
+                )
 
     def inflight_calls(self) -> int:
         """Client calls being served, on the current route table and on retired ones still draining."""

@@ -88,13 +88,19 @@ def test_bench_shadows_prints_its_tables():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Command: `python -m loadtest.bench_shadows --rounds 1 --calls 300 --rate 100 --warmup 50`" in result.stdout
-    latency, mirrors = _tables(result.stdout)
+    latency, mirrors, drift = _tables(result.stdout)
     assert [row[0] for row in latency[1:]] == [
         "no shadow",
         "1 shadow (candidate), 100%",
         "2 shadows (candidate + control), 100%",
         "1 hung shadow, 100%",
+        "drift engine, no shadow",
     ]
+    (engine,) = drift[1:]
+    assert engine[0] == "drift engine, no shadow"
+    assert int(engine[1]) == 350  # warm-up + measured client calls
+    assert int(engine[2]) == 350  # every one counted by the engine...
+    assert (engine[3], engine[4]) == ("0", "0")  # ...none dropped, none undecodable
     one = latency[2]
     assert one[1].startswith("100 / ")  # offered / achieved calls/s
     assert float(one[4].rstrip("x")) > 0  # p99 vs none
