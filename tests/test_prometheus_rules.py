@@ -1,0 +1,87 @@
+"""The Prometheus rules in deploy/prometheus: valid (promtool check rules), behaving as their unit tests say
+(promtool test rules), and naming only metrics a live mlmirror really exports."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos import feedback_pb2
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
+from tests.support import REPO, http_get, model_server, through_proxy, wait_until
+
+RULES = REPO / "deploy" / "prometheus" / "mlmirror-rules.yml"
+RULE_TESTS = REPO / "deploy" / "prometheus" / "tests" / "mlmirror-rules.test.yml"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    tool = shutil.which("promtool")
+    assert tool is not None, "promtool (Debian package prometheus) is needed; .ci/run installs it"
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_the_rules_are_valid():
+    checked = promtool("check", "rules", str(RULES))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 17 rules found" in checked.stdout
+
+
+def test_the_rules_pass_their_unit_tests():
+    tested = promtool("test", "rules", str(RULE_TESTS))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+async def test_every_metric_the_rules_use_is_exported_by_a_live_proxy():
+    names = set(re.findall(r"\b(mlmirror_[a-z0-9_]+)", RULES.read_text()))
+    assert len(names) >= 12
+    rng = np.random.default_rng(0)
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config = f"""
+        mirror_shed_lag: off
+        upstreams:
+          production: 127.0.0.1:{production}
+          candidate: 127.0.0.1:{candidate}
+          dead: {{address: 127.0.0.1:1, timeout: 1s}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            shadows: [{{upstream: candidate}}]
+            drift:
+              window: 50
+              capture: 50
+              attribution: {{}}
+              ground_truth: {{output: probabilities, window: 10}}
+          - name: broken
+            match: {{model: broken}}
+            primary: dead
+            fallback: [production]
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            ids = [f"r{i}" for i in range(120)]
+            await asyncio.gather(*(infer(infer_request(sample_features(rng, 1), request_id=i)) for i in ids))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:  # a move along the chain: the fallback's answer is
+                await infer(infer_request(sample_features(rng, 1), model="broken"))  # NOT_FOUND for this model name
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            await wait_until(lambda: proxy.status()["routes"][0]["drift"]["latest"] != [], what="a drift window")
+            report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome")
+            outcomes = [feedback_pb2.Outcome(request_id=i, labels=["1"]) for i in ids[:20]]
+            await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes).SerializeToString())
+            await wait_until(lambda: proxy.status()["routes"][0]["shadows"][0]["window"]["calls"] == 120)
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+    assert status == 200
+    exported = {sample.name for family in text_string_to_metric_families(body) for sample in family.samples} | {
+        family.name for family in text_string_to_metric_families(body)
+    }
+    missing = sorted(name for name in names if name not in exported)
+    assert missing == [], f"the rules use metrics that mlmirror does not export: {missing}"
