@@ -408,20 +408,23 @@ def run(args: argparse.Namespace, command: str) -> str:
         + "."
     )
     drifting = {
-        "mlmirror PSI": got["psi"][0],
-        "JS (base 2)": got["js"][0],
-        "KS": got["ks"][0],
-        "W1": got["w1"][0],
-        "Evidently psi": ev_values["psi"][0],
-        "jensenshannon (base e)": ev_values["jensenshannon"][0],
-        "ks p-value": ev_values["ks"][0],
-        "wasserstein (normed)": ev_values["wasserstein"][0],
-        "NannyML jensen_shannon": nm_values["jensen_shannon"][0],
-        "kolmogorov_smirnov": nm_values["kolmogorov_smirnov"][0],
-        "wasserstein": nm_values["wasserstein"][0],
-        "hellinger": nm_values["hellinger"][0],
+        "mlmirror": {"PSI": got["psi"], "JS (base 2)": got["js"], "KS": got["ks"], "W1": got["w1"]},
+        "Evidently": {
+            "psi": ev_values["psi"],
+            "jensenshannon (base e)": ev_values["jensenshannon"],
+            "ks p-value": ev_values["ks"],
+            "wasserstein (normed)": ev_values["wasserstein"],
+        },
+        "NannyML": {m: nm_values[m] for m in NANNYML_METHODS},
     }
-    lines.append("Drifting feature f0: " + ", ".join(f"{k} {v:.4g}" for k, v in drifting.items()) + ".")
+    lines.append(
+        "Drifting feature f0 — "
+        + "; ".join(
+            f"{system}: " + ", ".join(f"{k} {v[0]:.4g}" for k, v in values.items())
+            for system, values in drifting.items()
+        )
+        + "."
+    )
 
     lines += [
         "",

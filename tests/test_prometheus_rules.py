@@ -1,9 +1,11 @@
 """The Prometheus rules in deploy/prometheus: valid (promtool check rules), behaving as their unit tests say
-(promtool test rules), and naming only metrics a live mlmirror really exports."""
+(promtool test rules), and — with the Grafana dashboard in deploy/grafana — naming only metrics a live mlmirror
+really exports. (Grafana itself is not installable here; its dashboard is checked as JSON and by its queries.)"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -40,9 +42,20 @@ def test_the_rules_pass_their_unit_tests():
     assert "SUCCESS" in tested.stdout
 
 
-async def test_every_metric_the_rules_use_is_exported_by_a_live_proxy():
-    names = set(re.findall(r"\b(mlmirror_[a-z0-9_]+)", RULES.read_text()))
-    assert len(names) >= 12
+DASHBOARD = REPO / "deploy" / "grafana" / "mlmirror-dashboard.json"
+
+
+async def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_live_proxy():
+    rule_names = set(re.findall(r"\b(mlmirror_[a-z0-9_]+)", RULES.read_text()))
+    assert len(rule_names) >= 12
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(queries) >= 11
+    panel_names = {name for query in queries for name in re.findall(r"\b(mlmirror_[a-z0-9_]+)", query)}
+    recorded = set(re.findall(r"record: (mlmirror:[a-z0-9_:]+)", RULES.read_text()))
+    used_records = {name for query in queries for name in re.findall(r"\b(mlmirror:[a-z0-9_:]+)", query)}
+    assert used_records <= recorded, f"the dashboard uses recording rules that do not exist: {used_records - recorded}"
+    names = rule_names | panel_names
     rng = np.random.default_rng(0)
     async with model_server("production") as production, model_server("candidate") as candidate:
         config = f"""
@@ -84,4 +97,18 @@ async def test_every_metric_the_rules_use_is_exported_by_a_live_proxy():
         family.name for family in text_string_to_metric_families(body)
     }
     missing = sorted(name for name in names if name not in exported)
-    assert missing == [], f"the rules use metrics that mlmirror does not export: {missing}"
+    assert missing == [], f"the rules or the dashboard use metrics that mlmirror does not export: {missing}"
+
+
+def test_the_dashboard_queries_are_valid_promql(tmp_path):
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    # promtool parses PromQL when it checks rules: each query becomes a recording rule ($__rate_interval: Grafana's).
+    rules = "groups:\n  - name: dashboard\n    rules:\n" + "".join(
+        f"      - record: dashboard:query{i}\n        expr: {json.dumps(q.replace('$__rate_interval', '5m'))}\n"
+        for i, q in enumerate(queries)
+    )
+    (tmp_path / "dashboard-rules.yml").write_text(rules)
+    checked = promtool("check", "rules", str(tmp_path / "dashboard-rules.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in checked.stdout
