@@ -295,6 +295,7 @@ class Drift:
     attribution: Attribution | None = None
     multivariate: Multivariate | None = field(default_factory=Multivariate)
     calibrate: float | None = None
+    export_bins: tuple[str, ...] = ()
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]
@@ -646,6 +647,7 @@ def _drift(node: Located, base: Path) -> Drift:
         "window_time": lambda n: n.duration(minimum=0.1),
         "sliding": lambda n: n.integer(minimum=0, maximum=1000),
         "calibrate": lambda n: n.number(minimum=0.0, maximum=100.0),
+        "export_bins": lambda n: tuple(item.string() for item in n.sequence()),
         "profile": lambda n: _existing_file(n, base),
         "capture": lambda n: n.integer(minimum=10, maximum=10_000_000),
         "methods": lambda n: tuple(method(item) for item in n.sequence()),

@@ -142,6 +142,8 @@ class DriftEngine:
         self.calibrated: dict[tuple[str, str], float] = {}
         self._recent: dict[tuple[str, str], deque[tuple[WindowCounts, float]]] = {}
         self.sliding: dict[tuple[str, str], WindowResult] = {}
+        #: the latest closed window's counts per model version (exported for the series in ``export_bins``)
+        self.latest_counts: dict[tuple[str, str], WindowCounts] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -373,6 +375,7 @@ class DriftEngine:
         with self._lock:
             self.windows[key] = window.index + 1
             self.latest[key] = result
+            self.latest_counts[key] = window.counts
             self.history.append(result)
             if sliding is not None:
                 self.sliding[key] = sliding
@@ -448,7 +451,15 @@ class DriftEngine:
             windows = dict(self.windows)
             errors = dict(self.decode_errors)
             sliding = dict(self.sliding)
-        return {"latest": latest, "history": history, "windows": windows, "decode_errors": errors, "sliding": sliding}
+            counts = dict(self.latest_counts)
+        return {
+            "latest": latest,
+            "history": history,
+            "windows": windows,
+            "decode_errors": errors,
+            "sliding": sliding,
+            "counts": counts,
+        }
 
 
 def _sum_counts(windows: list[WindowCounts]) -> WindowCounts:

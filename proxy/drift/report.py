@@ -97,7 +97,18 @@ class DriftCollector(Collector):
             "mlmirror_drift_sliding_detected", "1 when the series drifted over the sliding view.",
             labels=[*version, "series", "kind"],
         )  # fmt: skip
+        window_bins = GaugeMetricFamily(
+            "mlmirror_drift_window_bins",
+            "Counts per bin of the latest window, for the series in export_bins (bin: slot index, underflow first, "
+            "NaN left out; categories in vocabulary order, then other). Summed over replicas for fleet-wide drift.",
+            labels=[*version, "series", "bin"],
+        )
+        reference_bins = GaugeMetricFamily(
+            "mlmirror_drift_reference_bins", "Reference counts per bin, for the series in export_bins.",
+            labels=["route", "series", "bin"],
+        )  # fmt: skip
         for engine in self._engines():
+            _export_bins(engine, window_bins, reference_bins)
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
                 pending.add_metric([engine.route], truth["pending"])
@@ -142,7 +153,31 @@ class DriftCollector(Collector):
                         score.add_metric([*key, series.name, series.kind, method], value)
         yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
-        yield from (pca_error, pca_detected, sliding_share, sliding_detected)
+        yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
+
+
+def _export_bins(engine: DriftEngine, window_bins: GaugeMetricFamily, reference_bins: GaugeMetricFamily) -> None:
+    """Per-bin counts of the series named in ``export_bins`` (opt-in: a series of n bins is n + 2 series)."""
+    wanted = set(engine.spec.export_bins)
+    reference, schema = engine.reference, engine.schema
+    if not wanted or reference is None or schema is None:
+        return
+
+    def distributions(counts) -> Iterator[tuple[str, list[int]]]:
+        for j, series in enumerate(schema.numeric):
+            if series.name in wanted:
+                yield series.name, counts.numeric[j, :-1].tolist()  # underflow, bins, overflow: NaN apart
+        for j, series in enumerate(schema.categorical):
+            if series.name in wanted:
+                yield series.name, counts.categorical[j][0].tolist()
+
+    for name, bins in distributions(reference.counts):
+        for slot, n in enumerate(bins):
+            reference_bins.add_metric([engine.route, name, str(slot)], n)
+    for (model, ver), counts in engine.snapshot()["counts"].items():
+        for name, bins in distributions(counts):
+            for slot, n in enumerate(bins):
+                window_bins.add_metric([engine.route, model, ver, name, str(slot)], n)
 
 
 def drift_status(engine: DriftEngine) -> dict[str, object]:
