@@ -190,7 +190,8 @@ def run(args: argparse.Namespace, command: str) -> str:
         body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
         body_size = body.stat().st_size
         backends = {name: free_port() for name in ("production", "candidate", "control", "hung")}
-        setups = [Setup(name, free_port(), free_port()) for name in SHADOWS]
+        names = [NONE, *(n for n in SHADOWS if n != NONE and (not args.only or n in args.only))]
+        setups = [Setup(name, free_port(), free_port()) for name in names]
         configs = {}
         for setup in setups:
             configs[setup.name] = Path(tmp) / f"mlmirror-{len(configs)}.yaml"
@@ -353,6 +354,8 @@ def _mirror_table(calls: dict[str, dict[str, float]], mirrors: dict[str, dict[st
         "|---|---|---:|---:|---|---:|---|---:|",
     ]
     for name, shadows in SHADOWS.items():
+        if name not in mirrors:
+            continue
         for upstream, _ in shadows:
             counts = mirrors[name].get(upstream, MirrorCounts())
             lines.append(
@@ -374,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--saturation-calls", type=int, default=10000, help="calls of the saturation run")
     parser.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     parser.add_argument("--hung-breaker", action="store_true", help="keep the hung shadow's default circuit breaker")
+    parser.add_argument("--only", action="append", choices=list(SHADOWS)[1:], metavar="CONFIGURATION",
+                        help="measure only this configuration (and no shadow); may be repeated")  # fmt: skip
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "loadtest.bench_shadows", *given])

@@ -296,6 +296,8 @@ class Drift:
     multivariate: Multivariate | None = field(default_factory=Multivariate)
     calibrate: float | None = None
     export_bins: tuple[str, ...] = ()
+    model_version: str = "unknown"
+    percent: float = 100.0
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]
@@ -648,6 +650,8 @@ def _drift(node: Located, base: Path) -> Drift:
         "sliding": lambda n: n.integer(minimum=0, maximum=1000),
         "calibrate": lambda n: n.number(minimum=0.0, maximum=100.0),
         "export_bins": lambda n: tuple(item.string() for item in n.sequence()),
+        "model_version": lambda n: str(n.scalar()),
+        "percent": lambda n: n.number(minimum=0.0, maximum=100.0),
         "profile": lambda n: _existing_file(n, base),
         "capture": lambda n: n.integer(minimum=10, maximum=10_000_000),
         "methods": lambda n: tuple(method(item) for item in n.sequence()),

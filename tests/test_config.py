@@ -84,6 +84,7 @@ def test_the_example_config_loads_with_every_key_read():
     )  # fmt: skip
     assert (drift.bins, drift.window, drift.capture, drift.profile) == (10, 1000, 1000, None)
     assert (drift.window_time, drift.sliding, drift.calibrate) == (300.0, 6, 3.0)
+    assert (drift.model_version, drift.export_bins) == ("unknown", ("petal_length",))
     assert (drift.methods, drift.detect, drift.queue_size, drift.history) == (("ks", "psi", "js"), "ks", 10000, 20)
     assert (drift.threshold("ks"), drift.threshold("psi"), drift.threshold("js"), drift.threshold("chi2")) == (
         0.01, 0.2, 0.1, 0.01

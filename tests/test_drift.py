@@ -8,6 +8,7 @@ never started), so every window is deterministic."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -329,6 +330,9 @@ def test_calls_without_a_version_are_windowed_as_unknown():
     assert engine.reference is not None
     assert engine.reference.version == "unknown"
     assert engine.reference.model == "iris"
+    configured = DriftEngine("iris", Drift(window=10, capture=10, model_version="2024-06"))
+    feed(configured, numeric_calls(rng.standard_normal((20, 4)), version=""))
+    assert configured.windows == {("iris", "2024-06"): 1}  # the configured version stands in
 
 
 # --- 5. bad input -----------------------------------------------------------------------------------------------
@@ -838,3 +842,18 @@ def test_calls_whose_tensor_width_changes_are_shape_mismatches_and_empty_calls_a
     feed(engine, [record(infer_request(np.zeros((0, 3), dtype=np.float32)), response())])
     assert engine.decode_errors == {"shape_mismatch": 2}
     assert engine.accepted == 4
+
+
+def test_a_percent_watches_the_calls_the_request_id_hash_samples():
+    from proxy.sampling import sampled
+
+    rng = np.random.default_rng(11)
+    engine = DriftEngine("iris", Drift(window=10, capture=10, percent=25.0))
+    records = []
+    for i in range(400):
+        item = record(infer_request(rng.standard_normal((1, 4)).astype(np.float32)), response())
+        records.append(dataclasses.replace(item, request_id=f"id-{i}"))
+    feed(engine, records)
+    expected = sum(sampled(r.request_id, 25.0) for r in records)
+    assert engine.accepted == expected
+    assert 60 < expected < 140
