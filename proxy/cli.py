@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 # gRPC core logs connection chatter (GOAWAY, reconnects) at INFO on stderr; the proxy reports what matters itself.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -182,11 +183,16 @@ def _reload(args: argparse.Namespace) -> int:
 def _shadows(args: argparse.Namespace) -> int:
     from .shadow_table import render_shadows
 
-    code, body = _admin_request(args.admin, "/status")
+    return _print_status(args.admin, render_shadows)
+
+
+def _print_status(admin: str, render: Callable[[dict], str]) -> int:
+    """Fetch a running proxy's ``/status`` and print it as ``render`` lays it out."""
+    code, body = _admin_request(admin, "/status")
     if code != 200:
         print(body, end="")
         return 1
-    print(render_shadows(json.loads(body)))
+    print(render(json.loads(body)))
     return 0
 
 
@@ -200,12 +206,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _drift(args: argparse.Namespace) -> int:
     from .drift.report import render_drift
 
-    code, body = _admin_request(args.admin, "/status")
-    if code != 200:
-        print(body, end="")
-        return 1
-    print(render_drift(json.loads(body)))
-    return 0
+    return _print_status(args.admin, render_drift)
 
 
 def _profile_build(args: argparse.Namespace) -> int:

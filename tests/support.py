@@ -23,7 +23,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,9 @@ import numpy as np
 from protos import inference_pb2, inference_pb2_grpc
 from proxy.config import parse_config
 from proxy.demo.models import MODELS, serve_model
+from proxy.drift.engine import DriftEngine
 from proxy.server import Proxy
+from proxy.tap import CallRecord
 
 ECHO = "/test.Echo/"
 REPO = Path(__file__).resolve().parent.parent
@@ -257,3 +259,34 @@ def mlmirror(*args: str, **kwargs) -> subprocess.Popen:
         cwd=REPO,
         **kwargs,
     )
+
+
+def fp64_call(x: np.ndarray, outputs: Sequence[tuple[str, np.ndarray]] = ()) -> CallRecord:
+    """An answered ModelInfer call as the tap hands it to the drift engine: model "m", FP64 input "input" holding
+    ``x``, answered by version "1" with the given FP64 outputs."""
+    request = inference_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="input", datatype="FP64", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f8").tobytes())
+    response = inference_pb2.ModelInferResponse(model_name="m", model_version="1")
+    for name, values in outputs:
+        response.outputs.add(name=name, datatype="FP64", shape=list(values.shape))
+        response.raw_output_contents.append(np.ascontiguousarray(values, dtype="<f8").tobytes())
+    return CallRecord(
+        route="m", method="/inference.GRPCInferenceService/ModelInfer", request=request.SerializeToString(),
+        response=response.SerializeToString(), code=grpc.StatusCode.OK, served_by="p", role="primary",
+        request_id="", metadata=(), started=0.0, latency=0.0, upstream_latency=0.0,
+    )  # fmt: skip
+
+
+def feed_calls(engine: DriftEngine, calls: Iterable[CallRecord], batch: int = 500) -> None:
+    """Offer ``calls`` to a drift engine, draining every ``batch`` of them and at the end, as its worker would."""
+    for call in calls:
+        engine.offer(call)
+        if len(engine._queue) >= batch:
+            engine.drain()
+    engine.drain()
+
+
+def feed_rows(engine: DriftEngine, rows: np.ndarray) -> None:
+    """One ``fp64_call`` per row of ``rows``, fed to ``engine``."""
+    feed_calls(engine, (fp64_call(rows[i : i + 1]) for i in range(rows.shape[0])))

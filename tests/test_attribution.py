@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import math
 
-import grpc
 import numpy as np
 import pytest
 
-from protos import inference_pb2
 from proxy.config import Attribution, Drift, parse_config
 from proxy.drift.attribution import AttributionTracker, ndcg
 from proxy.drift.engine import DriftEngine
 from proxy.errors import ConfigError
-from proxy.tap import CallRecord
+from tests.support import feed_calls, fp64_call
 
 
 def test_surrogate_importances_equal_standardized_least_squares_coefficients():
@@ -59,27 +57,13 @@ def test_ndcg_follows_its_definition():
     assert math.isnan(ndcg(np.zeros(4), reference))
 
 
-def call(x: np.ndarray, y: np.ndarray) -> CallRecord:
-    request = inference_pb2.ModelInferRequest(model_name="m")
-    request.inputs.add(name="input", datatype="FP64", shape=list(x.shape))
-    request.raw_input_contents.append(x.astype("<f8").tobytes())
-    response = inference_pb2.ModelInferResponse(model_name="m", model_version="1")
-    response.outputs.add(name="score", datatype="FP64", shape=[len(y)])
-    response.raw_output_contents.append(y.astype("<f8").tobytes())
-    method = "/inference.GRPCInferenceService/ModelInfer"
-    return CallRecord(
-        "m", method, request.SerializeToString(), response.SerializeToString(), grpc.StatusCode.OK, "p", "primary", "",
-        (), 0.0, 0.0, 0.0,
-    )  # fmt: skip
-
-
 def feed(engine: DriftEngine, rng: np.random.Generator, calls: int, weights: np.ndarray) -> None:
-    for _ in range(calls):
-        x = rng.normal(size=(1, 3))
-        engine.offer(call(x, x @ weights + rng.normal(scale=0.1, size=1)))
-        if len(engine._queue) >= 500:
-            engine.drain()
-    engine.drain()
+    """``calls`` calls of 3 standard-normal features answered with ``score = x @ weights + noise``."""
+
+    def make(x: np.ndarray):
+        return fp64_call(x, [("score", (x @ weights + rng.normal(scale=0.1, size=1)))])
+
+    feed_calls(engine, (make(rng.normal(size=(1, 3))) for _ in range(calls)))
 
 
 def test_a_change_in_reliance_is_flagged_while_the_inputs_do_not_drift():

@@ -3,14 +3,12 @@ the features' joint structure is flagged while no feature's own distribution mov
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
-from protos import inference_pb2
 from proxy.config import Drift, Multivariate, parse_config
 from proxy.drift.engine import DriftEngine
 from proxy.drift.multivariate import PcaDrift
-from proxy.tap import CallRecord
+from tests.support import feed_rows
 
 
 def correlated(rng: np.random.Generator, rows: int, rho: float) -> np.ndarray:
@@ -36,33 +34,15 @@ def test_the_error_from_sums_equals_the_error_computed_on_rows():
     assert pca.components.shape == (3, 2)
 
 
-def record(x: np.ndarray) -> CallRecord:
-    request = inference_pb2.ModelInferRequest(model_name="m")
-    request.inputs.add(name="input", datatype="FP64", shape=list(x.shape))
-    request.raw_input_contents.append(x.astype("<f8").tobytes())
-    response = inference_pb2.ModelInferResponse(model_name="m", model_version="1").SerializeToString()
-    method = "/inference.GRPCInferenceService/ModelInfer"
-    return CallRecord("m", method, request.SerializeToString(), response, grpc.StatusCode.OK, "p", "primary", "", (),
-                      0.0, 0.0, 0.0)  # fmt: skip
-
-
-def feed(engine: DriftEngine, rows: np.ndarray) -> None:
-    for i in range(rows.shape[0]):
-        engine.offer(record(rows[i : i + 1]))
-        if len(engine._queue) >= 500:
-            engine.drain()
-    engine.drain()
-
-
 def test_a_broken_correlation_is_flagged_while_every_feature_alone_is_steady():
     rng = np.random.default_rng(1)
     engine = DriftEngine("m", Drift(window=1000, capture=3000))
-    feed(engine, correlated(rng, 3000, 0.9))  # the reference
-    feed(engine, correlated(rng, 1000, 0.9))  # the same world
+    feed_rows(engine, correlated(rng, 3000, 0.9))  # the reference
+    feed_rows(engine, correlated(rng, 1000, 0.9))  # the same world
     steady = engine.latest["m", "1"]
     assert steady.multivariate is not None
     assert not steady.multivariate.drifted
-    feed(engine, correlated(rng, 1000, 0.0))  # the same marginals, the correlation gone
+    feed_rows(engine, correlated(rng, 1000, 0.0))  # the same marginals, the correlation gone
     broken = engine.latest["m", "1"]
     assert broken.index == 1
     assert broken.multivariate is not None

@@ -5,41 +5,20 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import numpy as np
 import pytest
 
-from protos import inference_pb2
 from proxy.config import Drift, parse_config
 from proxy.drift.engine import DriftEngine
 from proxy.errors import ConfigError
-from proxy.tap import CallRecord
-
-EMPTY_ANSWER = inference_pb2.ModelInferResponse(model_name="m", model_version="1").SerializeToString()
-
-
-def record(x: np.ndarray) -> CallRecord:
-    request = inference_pb2.ModelInferRequest(model_name="m")
-    request.inputs.add(name="input", datatype="FP64", shape=list(x.shape))
-    request.raw_input_contents.append(x.astype("<f8").tobytes())
-    method = "/inference.GRPCInferenceService/ModelInfer"
-    return CallRecord("m", method, request.SerializeToString(), EMPTY_ANSWER, grpc.StatusCode.OK, "p", "primary", "",
-                      (), 0.0, 0.0, 0.0)  # fmt: skip
-
-
-def feed(engine: DriftEngine, rows: np.ndarray) -> None:
-    for i in range(rows.shape[0]):
-        engine.offer(record(rows[i : i + 1]))
-        if len(engine._queue) >= 500:
-            engine.drain()
-    engine.drain()
+from tests.support import feed_rows
 
 
 def test_a_time_window_closes_on_time_with_the_calls_it_has():
     rng = np.random.default_rng(0)
     engine = DriftEngine("m", Drift(window=None, window_time=0.3, capture=200))
-    feed(engine, rng.normal(size=(200, 2)))  # the reference
-    feed(engine, rng.normal(size=(50, 2)))
+    feed_rows(engine, rng.normal(size=(200, 2)))  # the reference
+    feed_rows(engine, rng.normal(size=(50, 2)))
     assert engine.latest == {}
     time.sleep(0.35)
     engine.drain()  # nothing queued: the worker's tick closes the expired window
@@ -53,7 +32,7 @@ def test_a_time_window_closes_on_time_with_the_calls_it_has():
 def test_a_count_window_closes_before_its_time():
     rng = np.random.default_rng(1)
     engine = DriftEngine("m", Drift(window=100, window_time=3600, capture=100))
-    feed(engine, rng.normal(size=(350, 2)))
+    feed_rows(engine, rng.normal(size=(350, 2)))
     assert engine.windows == {("m", "1"): 2}
     assert engine.latest["m", "1"].calls == 100
 
@@ -61,11 +40,11 @@ def test_a_count_window_closes_before_its_time():
 def test_the_sliding_view_adds_the_last_windows_and_sees_what_one_window_cannot():
     rng = np.random.default_rng(2)
     engine = DriftEngine("m", Drift(window=200, capture=3000, sliding=5))
-    feed(engine, rng.normal(size=(3000, 2)))
+    feed_rows(engine, rng.normal(size=(3000, 2)))
     shift = np.array([0.2, 0.0])  # too small for 200 calls, plain over 1000
     single_flags = []
     for _ in range(5):
-        feed(engine, rng.normal(size=(200, 2)) + shift)
+        feed_rows(engine, rng.normal(size=(200, 2)) + shift)
         single_flags.append(engine.latest["m", "1"].series[0].drifted)
     sliding = engine.sliding["m", "1"]
     assert (sliding.calls, sliding.rows) == (1000, 1000)
@@ -81,18 +60,18 @@ def test_calibrated_thresholds_come_from_reference_chunks_and_catch_a_shift_the_
     rng = np.random.default_rng(3)
     spec = Drift(window=500, capture=5000, methods=("psi", "ks"), detect="psi", calibrate=3.0, multivariate=None)
     engine = DriftEngine("m", spec)
-    feed(engine, rng.normal(size=(5000, 2)))
+    feed_rows(engine, rng.normal(size=(5000, 2)))
     assert set(engine.calibrated) == {("input[0]", "psi"), ("input[1]", "psi")}
     thresholds = list(engine.calibrated.values())
     assert all(0.0 < t < 0.2 for t in thresholds), thresholds  # tighter than the generic 0.2
     false_alarms = 0
     for _ in range(30):
-        feed(engine, rng.normal(size=(500, 2)))
+        feed_rows(engine, rng.normal(size=(500, 2)))
         false_alarms += sum(s.drifted for s in engine.latest["m", "1"].series)
     # Not the 0.1% a normal law would give at 3 sd: PSI's null distribution is skewed (chi-square-like) and the sd
     # comes from 10 chunks. Documented in docs/DRIFT.md; the p-value methods are the calibrated ones.
     assert false_alarms / 60 <= 0.1, f"false-alarm rate {false_alarms / 60:.3f}"
-    feed(engine, rng.normal(size=(500, 2)) + np.array([0.25, 0.0]))
+    feed_rows(engine, rng.normal(size=(500, 2)) + np.array([0.25, 0.0]))
     shifted = engine.latest["m", "1"].series[0]
     assert shifted.scores["psi"] < 0.2  # the default threshold would not flag it...
     assert shifted.drifted  # ...the calibrated one does
