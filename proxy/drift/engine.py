@@ -5,8 +5,9 @@ with the reference, off the event loop.
 dropped (``queue_full``). A worker thread wakes every ``POLL`` seconds, takes what is queued, decodes it (KServe V2
 request inputs and response outputs, per ``schema``), and adds the rows to the current window of the call's model
 version with the Numba kernels (which release the GIL). The first ``capture`` calls build the reference when no
-profile is configured. A window closes after ``window`` calls of one version; its scores are computed from counts
-and published (``latest``, ``history``). Calls that cannot be decoded are counted by reason, never raised.
+profile is configured. A window closes after ``window`` calls of one version or ``window_time`` seconds; its scores
+are computed from counts and published (``latest``, ``history``, and the ``sliding`` view). The worker hands the GIL
+back to the event loop every ``YIELD_EVERY`` calls. Calls that cannot be decoded are counted by reason, never raised.
 """
 
 from __future__ import annotations
