@@ -1,6 +1,6 @@
 """Benchmark: the drift kernels against Evidently and NannyML, on the task of ``bench_kernels``.
 
-    PYTHONPATH=. /tmp/benchenv/bin/python -m loadtest.bench_peers [--rows 100000] [--features 20] [--bins 20]
+    PYTHONPATH=. .venv-peers/bin/python -m loadtest.bench_peers [--rows 100000] [--features 20] [--bins 20]
         [--repeat 3]
 
 Run from the repository's root. Evidently and NannyML are not dependencies of the project (CI never installs them,
@@ -9,8 +9,8 @@ numpy, numba and scipy for ``kernels`` and ``loadtest.bench_kernels``. The envir
 3.11; pandas must stay below 3: evidently 0.7.23 imports ``pandas.core.dtypes.common.infer_dtype_from_object``,
 which pandas 3 removed, and nannyml 0.13.1 accepts pandas 2.3)::
 
-    python3.11 -m venv /tmp/benchenv
-    /tmp/benchenv/bin/pip install evidently==0.7.23 nannyml==0.13.1 pandas==2.3.3 \\
+    python3.11 -m venv .venv-peers
+    .venv-peers/bin/pip install evidently==0.7.23 nannyml==0.13.1 pandas==2.3.3 \\
         numpy==2.4.6 scipy==1.17.1 numba==0.68.1
 
 (with scikit-learn 1.9.1, plotly 5.24.1, pydantic 2.14.4 pulled in; ``pip check`` is clean). Both libraries send
