@@ -7,6 +7,7 @@ client can make it hold: 16 KiB of request head, 1 MiB of body, 10 s to send the
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,6 +19,8 @@ __all__ = ["AdminServer", "Request", "Response"]
 
 log = logging.getLogger(__name__)
 
+#: Endpoints answered without the admin token: liveness and readiness probes (they reveal no more than up or down).
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 2**20
 _READ_TIMEOUT = 10.0
@@ -39,6 +42,7 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def text(cls, text: str, status: int = 200) -> Response:
@@ -55,9 +59,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 class AdminServer:
     """Serves ``routes``: (HTTP method, path) → async handler."""
 
-    def __init__(self, address: str, routes: Mapping[tuple[str, str], Handler]) -> None:
+    def __init__(self, address: str, routes: Mapping[tuple[str, str], Handler], *, token: str | None = None) -> None:
         self.address = address
         self._routes = dict(routes)
+        self._token = token
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -92,6 +97,11 @@ class AdminServer:
             writer.close()
 
     async def _dispatch(self, request: Request) -> Response:
+        if self._token is not None and request.path not in OPEN_PATHS and not self._authorized(request):
+            return Response(
+                401, b"unauthorized: send Authorization: Bearer <admin token>\n", "text/plain; charset=utf-8",
+                (("WWW-Authenticate", 'Bearer realm="mlmirror"'),),
+            )  # fmt: skip
         handler = self._routes.get((request.method, request.path))
         if handler is None:
             if any(path == request.path for _, path in self._routes):
@@ -104,6 +114,11 @@ class AdminServer:
         except Exception:
             log.exception("admin endpoint %s %s failed", request.method, request.path)
             return Response.text("internal error; see the proxy's log", 500)
+
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        assert self._token is not None
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token.encode())
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request | Response:
@@ -143,6 +158,7 @@ def _encode(response: Response) -> bytes:
         f"HTTP/1.1 {response.status} {reason}\r\n"
         f"Content-Type: {response.content_type}\r\n"
         f"Content-Length: {len(response.body)}\r\n"
-        "Connection: close\r\n\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in response.headers)
+        + "Connection: close\r\n\r\n"
     )
     return head.encode("latin-1") + response.body

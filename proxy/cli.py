@@ -158,7 +158,11 @@ def _model_server(args: argparse.Namespace) -> int:
 
 
 def _admin_request(admin: str, path: str, method: str = "GET") -> tuple[int, str]:
+    """Ask the admin endpoint; the bearer token, when the proxy wants one, comes from ``$MLMIRROR_ADMIN_TOKEN``."""
     request = urllib.request.Request(f"http://{admin}{path}", method=method, data=b"" if method == "POST" else None)
+    token = os.environ.get("MLMIRROR_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token.strip()}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()

@@ -335,6 +335,7 @@ class Config:
     source: str
     listen: str = "0.0.0.0:8500"
     admin: str | None = "127.0.0.1:9500"
+    admin_token_file: str | None = None
     max_message_size: int = 4 * 2**20
     stream_replay_limit: int = 2**20
     shutdown_grace: float = 15.0
@@ -364,6 +365,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     readers: dict[str, Reader] = {
         "listen": Located.address,
         "admin": _admin_address,
+        "admin_token_file": lambda n: _token_file(n, base),
         "max_message_size": lambda n: n.size(minimum=1024),
         "stream_replay_limit": lambda n: n.size(minimum=0),
         "shutdown_grace": Located.duration,
@@ -392,6 +394,14 @@ def _read(node: Located, readers: Mapping[str, Reader], required: Iterable[str] 
     """
     keys = node.mapping(readers, required)
     return {name: readers[name](value) for name, value in keys.items()}, keys
+
+
+def _token_file(node: Located, base: Path) -> str:
+    """A file holding the admin bearer token (read at start, stripped); it must exist and not be empty."""
+    path = _existing_file(node, base)
+    if not Path(path).read_text(encoding="utf-8").strip():
+        raise node.error(f"the admin token file {path} is empty")
+    return path
 
 
 def _admin_address(node: Located) -> str | None:

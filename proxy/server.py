@@ -98,7 +98,7 @@ class Proxy:
         try:
             self._server = await self._start_listener(config)
             if config.admin is not None:
-                self._admin = AdminServer(config.admin, self._admin_routes())
+                self._admin = AdminServer(config.admin, self._admin_routes(), token=_admin_token(config))
                 try:
                     await self._admin.start()
                 except OSError as exc:
@@ -556,6 +556,11 @@ def _counter_values(counter: Counter, labels: tuple[str, ...]) -> dict[tuple[str
                 key = tuple(sample.labels[name] for name in labels)
                 totals[key] = totals.get(key, 0.0) + sample.value
     return totals
+
+
+def _admin_token(config: Config) -> str | None:
+    """The admin bearer token, read from ``admin_token_file`` at start; None: the endpoint is open (loopback)."""
+    return Path(config.admin_token_file).read_text(encoding="utf-8").strip() if config.admin_token_file else None
 
 
 def _server_credentials(config: Config) -> grpc.ServerCredentials:
