@@ -10,12 +10,13 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["AdminServer", "Request", "Response"]
+__all__ = ["AdminServer", "Request", "Response", "json_number"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_number(value: float) -> float | None:
+    """A figure for a JSON answer: rounded to 6 decimals; NaN (unknown) as null, since JSON has no NaN."""
+    return None if math.isnan(value) else round(float(value), 6)
 
 
 class AdminServer:

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from .admin import json_number
 from .metrics import LATENCY_BUCKETS
 from .mirror import RouteMirror, ShadowMirror
 from .verdict import Verdict, WindowSummary
@@ -143,16 +144,16 @@ def _shadow_entry(shadow: ShadowMirror, summary: WindowSummary, verdict: Verdict
         "window": {
             "calls": summary.calls,
             "samples": summary.samples,
-            "agreement": _number(summary.agreement),
-            "lower_bound": _number(verdict.lower_bound),
-            "noise": _number(verdict.noise),
-            "shadow_error_ratio": _number(summary.shadow_error_ratio),
-            "production_error_ratio": _number(summary.production_error_ratio),
-            "shadow_p99_seconds": _number(summary.shadow_p99),
-            "production_p99_seconds": _number(summary.production_p99),
-            "mae": _number(summary.mae),
-            "rmse": _number(summary.rmse),
-            "max_abs_error": _number(summary.abs_max),
+            "agreement": json_number(summary.agreement),
+            "lower_bound": json_number(verdict.lower_bound),
+            "noise": json_number(verdict.noise),
+            "shadow_error_ratio": json_number(summary.shadow_error_ratio),
+            "production_error_ratio": json_number(summary.production_error_ratio),
+            "shadow_p99_seconds": json_number(summary.shadow_p99),
+            "production_p99_seconds": json_number(summary.production_p99),
+            "mae": json_number(summary.mae),
+            "rmse": json_number(summary.rmse),
+            "max_abs_error": json_number(summary.abs_max),
         },
         "mirrored": dict(sorted(stats.results.items())),
         "dropped": {reason: n for reason, n in stats.drops.items() if n},
@@ -162,8 +163,3 @@ def _shadow_entry(shadow: ShadowMirror, summary: WindowSummary, verdict: Verdict
         "queued": shadow.queued,
         "circuit_open": shadow.circuit_open,
     }
-
-
-def _number(value: float) -> float | None:
-    """JSON has no NaN: unknown figures are null."""
-    return None if math.isnan(value) else round(value, 6)

@@ -234,8 +234,9 @@ async def wait_ready(proxy: Proxy, within: float = 10.0) -> None:
     await wait_until(lambda: proxy.readiness()[0], within, "the proxy to be ready")
 
 
-def http_get(url: str, method: str = "GET") -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def http_get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, str]:
+    """(status, text) of one admin request; a POST sends ``body`` (empty by default)."""
+    request = urllib.request.Request(url, method=method, data=(body or b"") if method == "POST" else None)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()

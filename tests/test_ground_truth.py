@@ -139,13 +139,14 @@ async def test_outcomes_reported_late_over_grpc_and_http_give_quality_per_versio
             outcomes.append(feedback_pb2.Outcome(request_id="never-seen", labels=["0"]))
             answer = await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes))
             assert (answer.matched, answer.unknown) == (150, 1)
+            outcomes_url = f"http://127.0.0.1:{proxy.admin_port}/outcomes"
             body = json.dumps({"outcomes": [{"request_id": i, "labels": [t]} for i, t in
                                             zip(ids[150:210], truth[150:210], strict=True)]
                                + [{"request_id": ids[0], "labels": [truth[0]]}]})  # fmt: skip
-            status, text = await asyncio.to_thread(_post, proxy.admin_port, "/outcomes", body)
+            status, text = await asyncio.to_thread(http_get, outcomes_url, "POST", body.encode())
             assert status == 200, text
             assert json.loads(text) == {"matched": 60, "unknown": 0, "late": 0, "duplicate": 1, "invalid": 0}
-            status, text = await asyncio.to_thread(_post, proxy.admin_port, "/outcomes", '{"outcomes": 3}')
+            status, text = await asyncio.to_thread(http_get, outcomes_url, "POST", b'{"outcomes": 3}')
             assert status == 400
             assert "expected" in text
 
@@ -168,18 +169,6 @@ def _model_probabilities(x: np.ndarray) -> np.ndarray:
     from proxy.demo.models import MODELS
 
     return MODELS["production"].predict(x)[0][0]
-
-
-def _post(port: int, path: str, body: str) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body.encode(), method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 async def test_the_feedback_service_answers_even_without_ground_truth_configured():

@@ -172,15 +172,15 @@ def _report_line(elapsed: float, window: Window, seconds: float, proxy: Proxy) -
     p50, p99 = window.percentile(50) * 1e3, window.percentile(99) * 1e3
     latency = "" if math.isnan(p50) else f" | p50 {p50:5.2f} ms p99 {p99:6.2f} ms"
     errors = window.calls - ok
+    iris = next((r for r in proxy.status()["routes"] if r["name"] == "iris"), None)  # one status per line
     return (
         f"[{elapsed:5.1f}s] {window.calls / seconds:5.1f} calls/s | errors {errors} | served by {share or '-'}"
-        f"{latency} | production circuit {circuit}{_shadow_summary(proxy)}{_drift_summary(proxy)}"
+        f"{latency} | production circuit {circuit}{_shadow_summary(iris)}{_drift_summary(iris)}"
     )
 
 
-def _drift_summary(proxy: Proxy) -> str:
-    """`` | drift v1: input[2]`` — what the latest window of each model version flagged."""
-    route = next((r for r in proxy.status()["routes"] if r["name"] == "iris"), None)
+def _drift_summary(route: dict | None) -> str:
+    """`` | drifted inputs version 1 window 2: input[2]`` — what the latest window of each version flagged."""
     if route is None or not route["drift"]:
         return ""
     parts = []
@@ -190,9 +190,8 @@ def _drift_summary(proxy: Proxy) -> str:
     return f" | drifted inputs {'; '.join(parts)}" if parts else " | drift: reference/window filling"
 
 
-def _shadow_summary(proxy: Proxy) -> str:
-    """`` | candidate agrees 97.8% (n=412) not yet`` for the iris route's shadow."""
-    route = next((r for r in proxy.status()["routes"] if r["name"] == "iris"), None)
+def _shadow_summary(route: dict | None) -> str:
+    """`` | candidate agrees 97.8% (n=412) not yet`` for the iris route's shadow (``route``: its /status entry)."""
     if route is None or not route["shadows"]:
         return ""
     shadow = route["shadows"][0]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .reference import Reference
-from .schema import Rows, Schema, Series
+from .schema import Rows, Schema, Series, as_category
 
 __all__ = ["build_profile", "read_table"]
 
@@ -65,7 +65,7 @@ def _columns(tensors: list[tuple[str, np.ndarray]], names: list[str] | None) -> 
             series.append(Series(name, "feature", tensor, None if table.shape[1] == 1 else i, is_text))
             column = table[:, i]
             if is_text:
-                categorical.append(np.array([_category(v) for v in column], dtype=object))
+                categorical.append(np.array([as_category(v) for v in column], dtype=object))
             else:
                 numeric.append(column.astype(np.float64))
     if names is not None:
@@ -88,13 +88,8 @@ def _named_columns(tensor: str, header: list[str], columns: list[list]) -> tuple
             numeric.append(numbers)
         else:
             series.append(Series(name, "feature", tensor, column, True))
-            categorical.append(np.array([_category(v) for v in values], dtype=object))
+            categorical.append(np.array([as_category(v) for v in values], dtype=object))
     return _schema_rows(series, numeric, categorical)
-
-
-def _category(value: object) -> bytes:
-    """Categories are compared as the bytes a KServe BYTES tensor carries."""
-    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _schema_rows(series: list[Series], numeric: list[np.ndarray], categorical: list[np.ndarray]) -> tuple[Schema, Rows]:

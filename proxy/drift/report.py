@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..admin import json_number
 from .engine import DriftEngine, WindowResult
+from .reference import WindowCounts
 
 __all__ = ["DriftCollector", "drift_status", "render_drift"]
 
@@ -108,7 +109,8 @@ class DriftCollector(Collector):
             labels=["route", "series", "bin"],
         )  # fmt: skip
         for engine in self._engines():
-            _export_bins(engine, window_bins, reference_bins)
+            snapshot = engine.snapshot()
+            _export_bins(engine, snapshot["counts"], window_bins, reference_bins)
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
                 pending.add_metric([engine.route], truth["pending"])
@@ -119,7 +121,6 @@ class DriftCollector(Collector):
                     quality_rows.add_metric(key, window.rows)
                     for metric, value in window.metrics.items():
                         quality.add_metric([*key, metric], value)
-            snapshot = engine.snapshot()
             route = engine.route
             records.add_metric([route], engine.accepted)
             for reason, n in engine.dropped.items():
@@ -156,7 +157,12 @@ class DriftCollector(Collector):
         yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
 
 
-def _export_bins(engine: DriftEngine, window_bins: GaugeMetricFamily, reference_bins: GaugeMetricFamily) -> None:
+def _export_bins(
+    engine: DriftEngine,
+    latest: Mapping[tuple[str, str], WindowCounts],
+    window_bins: GaugeMetricFamily,
+    reference_bins: GaugeMetricFamily,
+) -> None:
     """Per-bin counts of the series named in ``export_bins`` (opt-in: a series of n bins is n + 2 series)."""
     wanted = set(engine.spec.export_bins)
     reference, schema = engine.reference, engine.schema
@@ -174,7 +180,7 @@ def _export_bins(engine: DriftEngine, window_bins: GaugeMetricFamily, reference_
     for name, bins in distributions(reference.counts):
         for slot, n in enumerate(bins):
             reference_bins.add_metric([engine.route, name, str(slot)], n)
-    for (model, ver), counts in engine.snapshot()["counts"].items():
+    for (model, ver), counts in latest.items():
         for name, bins in distributions(counts):
             for slot, n in enumerate(bins):
                 window_bins.add_metric([engine.route, model, ver, name, str(slot)], n)
@@ -216,7 +222,7 @@ def _ground_truth(engine: DriftEngine) -> dict[str, object] | None:
                 "version": q.version,
                 "index": q.index,
                 "rows": q.rows,
-                "metrics": {k: _number(v) for k, v in q.metrics.items()},
+                "metrics": {k: json_number(v) for k, v in q.metrics.items()},
             }
             for q in truth["latest"].values()
         ],
@@ -230,18 +236,18 @@ def _window(result: WindowResult) -> dict[str, object]:
         "multivariate": None
         if result.multivariate is None
         else {
-            "reconstruction_error": _number(result.multivariate.error),
-            "reference": _number(result.multivariate.reference),
-            "upper": _number(result.multivariate.upper),
+            "reconstruction_error": json_number(result.multivariate.error),
+            "reference": json_number(result.multivariate.reference),
+            "upper": json_number(result.multivariate.upper),
             "drifted": result.multivariate.drifted,
         },
         "attribution": None
         if attribution is None
         else {
-            "ndcg": _number(attribution.ndcg),
+            "ndcg": json_number(attribution.ndcg),
             "drifted": attribution.drifted,
-            "importance": {k: _number(v) for k, v in attribution.importance.items()},
-            "reference": {k: _number(v) for k, v in attribution.reference.items()},
+            "importance": {k: json_number(v) for k, v in attribution.importance.items()},
+            "reference": {k: json_number(v) for k, v in attribution.reference.items()},
         },
         "series": [
             {
@@ -251,8 +257,8 @@ def _window(result: WindowResult) -> dict[str, object]:
                 "method": s.method,
                 "drifted": s.drifted,
                 "nan": s.nan,
-                "threshold": _number(s.threshold),
-                "scores": {m: _number(v) for m, v in sorted(s.scores.items())},
+                "threshold": json_number(s.threshold),
+                "scores": {m: json_number(v) for m, v in sorted(s.scores.items())},
             }
             for s in result.series
         ],
@@ -268,13 +274,9 @@ def _summary(result: WindowResult) -> dict[str, object]:
         "rows": result.rows,
         "started": result.started,
         "ended": result.ended,
-        "feature_drift_share": _number(result.feature_drift_share),
+        "feature_drift_share": json_number(result.feature_drift_share),
         "drifted": [s.name for s in result.series if s.drifted],
     }
-
-
-def _number(value: float) -> float | None:
-    return None if math.isnan(value) else round(float(value), 6)
 
 
 def render_drift(status: Mapping) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import Drift
 from ..kserve import Tensor, TensorError
 
-__all__ = ["Rows", "Schema", "Series", "discover"]
+__all__ = ["Rows", "Schema", "Series", "as_category", "discover"]
 
 #: A call may carry at most this many rows into the drift engine (more are counted as ``too_many_rows``).
 MAX_ROWS_PER_CALL = 65536
@@ -79,6 +79,12 @@ class Schema:
         )
 
 
+def as_category(value: object) -> bytes:
+    """A category as drift compares it: the bytes a KServe BYTES tensor carries; anything else (an integer label,
+    a CSV cell) as its text in UTF-8. Profiles and live calls both go through here, so their vocabularies agree."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 def _column(tensor: Tensor, series: Series) -> np.ndarray:
     values = tensor.values
     if values.ndim == 0:
@@ -96,7 +102,7 @@ def _column(tensor: Tensor, series: Series) -> np.ndarray:
         column = table[:, series.column]
     if series.categorical:
         # Categories are compared as bytes, whatever the tensor's datatype (labels may come as integers).
-        return np.array([v if isinstance(v, bytes) else str(v).encode() for v in column.tolist()], dtype=object)
+        return np.array([as_category(v) for v in column.tolist()], dtype=object)
     if column.dtype == object:
         raise TensorError("dtype_mismatch", f"{series.name}: BYTES values for a numeric series")
     return column
