@@ -27,6 +27,7 @@ __all__ = [
     "Attribution",
     "DEMOTE_TO",
     "DRIFT_METHODS",
+    "MODES",
     "CircuitPolicy",
     "Compare",
     "Config",
@@ -57,6 +58,7 @@ _STATUS_BY_NAME = {code.name: code for code in grpc.StatusCode if code is not gr
 _HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
 DEMOTE_TO = ("shadow", "fallback", "none")
+MODES = ("proxy", "observer")
 #: Drift methods and their default thresholds: a feature drifts when the score is above it (below it for ``ks``
 #: and ``chi2``, whose scores are p-values).
 DRIFT_METHODS = {"ks": 0.01, "chi2": 0.01, "psi": 0.2, "js": 0.1, "hellinger": 0.1, "linf": 0.1, "kl": 0.1, "w1": 0.1}
@@ -330,9 +332,11 @@ class Route:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    """The whole configuration. ``source`` is the file it was read from."""
+    """The whole configuration. ``source`` is the file it was read from. ``mode``: ``proxy`` serves clients'
+    calls; ``observer`` serves Envoy's ext_proc stream instead and only watches (proxy/extproc.py)."""
 
     source: str
+    mode: str = "proxy"
     listen: str = "0.0.0.0:8500"
     admin: str | None = "127.0.0.1:9500"
     admin_token_file: str | None = None
@@ -363,6 +367,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     root = parse_yaml(text, file)
     base = Path(file).parent if file != "<string>" else Path.cwd()
     readers: dict[str, Reader] = {
+        "mode": _mode,
         "listen": Located.address,
         "admin": _admin_address,
         "admin_token_file": lambda n: _token_file(n, base),
@@ -402,6 +407,15 @@ def _token_file(node: Located, base: Path) -> str:
     if not Path(path).read_text(encoding="utf-8").strip():
         raise node.error(f"the admin token file {path} is empty")
     return path
+
+
+def _mode(node: Located) -> str:
+    """``proxy`` (clients call mlmirror) or ``observer`` (Envoy carries the calls and streams them to mlmirror over
+    ext_proc)."""
+    value = node.string()
+    if value not in MODES:
+        raise node.error(f"unknown mode {value!r} (one of {', '.join(MODES)})")
+    return value
 
 
 def _admin_address(node: Located) -> str | None:

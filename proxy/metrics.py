@@ -79,6 +79,16 @@ class Metrics:
         self.mirror_shedding = Gauge(
             "mlmirror_mirror_shedding", "1 while mirror copies are shed because the event loop runs late.", registry=r
         )
+        self.extproc_streams = Counter(
+            "mlmirror_extproc_streams",
+            "Observer mode: Envoy ext_proc streams that ended, by outcome (observed, streaming, compressed, too_large,"
+            " incomplete, malformed, unrouted).",
+            ["outcome"],
+            registry=r,
+        )
+        self.extproc_active_streams = Gauge(
+            "mlmirror_extproc_active_streams", "Observer mode: Envoy ext_proc streams open now.", registry=r
+        )
         Info("mlmirror_build", "mlmirror version.", registry=r).info({"version": __version__})
 
     def for_route(self, route: str) -> RouteMetrics:

@@ -1,10 +1,11 @@
 """The running proxy: listener, admin endpoint, health checks, reload and graceful stop.
 
-Lifecycle: ``start()`` binds the gRPC listener (generic relay handler, plus grpc.health.v1 and server reflection)
-and the admin HTTP endpoint, and starts one health-check loop per upstream. ``reload(config)`` swaps in a new route
-table; calls already running finish on the old one, and upstreams only the old one used are closed once it has
-drained. ``stop(grace)`` stops in a fixed order: report not-serving, stop accepting and drain in-flight calls for up
-to ``grace`` seconds, then stop health checks, close upstream channels and the admin endpoint.
+Lifecycle: ``start()`` binds the gRPC listener (generic relay handler — or, in observer mode, Envoy's ext_proc
+service — plus grpc.health.v1 and server reflection) and the admin HTTP endpoint, and starts one health-check loop
+per upstream. ``reload(config)`` swaps in a new route table; calls already running finish on the old one, and
+upstreams only the old one used are closed once it has drained. ``stop(grace)`` stops in a fixed order: report
+not-serving, stop accepting and drain in-flight calls for up to ``grace`` seconds, then stop health checks, close
+upstream channels and the admin endpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
@@ -33,6 +35,7 @@ from .drift.reference import Reference
 from .drift.report import DriftCollector, drift_status
 from .errors import ConfigError, StartError
 from .eventloop import loop_name
+from .extproc import EXT_PROC_SERVICE, ExtProcObserver
 from .feedback import FeedbackService, parse_outcomes_json
 from .handler import ProxyHandler
 from .looplag import LoopLag
@@ -141,10 +144,17 @@ class Proxy:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((self.feedback.handler(),))
+        if config.mode == "observer":
+            observer = ExtProcObserver(self, self.metrics.extproc_streams, config.max_message_size)
+            self.metrics.extproc_active_streams.set_function(lambda: observer.active)
+            external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(observer, server)
+            served = EXT_PROC_SERVICE
+        else:
+            server.add_generic_rpc_handlers((self._handler,))
+            served = INFERENCE_SERVICE
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (served, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        server.add_generic_rpc_handlers((self._handler,))
         try:
             if config.tls is None:
                 self.grpc_port = server.add_insecure_port(config.listen)
@@ -276,6 +286,8 @@ class Proxy:
         assert self.table is not None
         if self.draining:
             return False, {"proxy": "draining: shutting down"}
+        if self._first_config.mode == "observer":  # Envoy carries the calls; the observer needs no upstream
+            return True, {"proxy": "observing calls streamed by Envoy (ext_proc)"}
         reasons = {}
         ready = True
         for route in self.table.routes:
@@ -299,7 +311,7 @@ class Proxy:
         are logged and ignored."""
         old = self.table
         assert old is not None
-        for setting in ("listen", "admin", "tls", "max_message_size"):
+        for setting in ("mode", "listen", "admin", "tls", "max_message_size"):
             if getattr(config, setting) != getattr(old.config, setting):
                 log.warning("reload: %s changed; it takes effect only after a restart", setting)
         table = self._build_table(config, old.targets)
