@@ -39,7 +39,7 @@ from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 
 from .h2load import ProcessCPU, grpc_frame, run_h2load
-from .ports import free_port, wait_for_port
+from .ports import free_port, stop_process, wait_for_port
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 REPO = Path(__file__).resolve().parent.parent
@@ -51,12 +51,7 @@ def _process(*args: str) -> Iterator[subprocess.Popen]:
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @dataclass

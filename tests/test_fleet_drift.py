@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import kernels
-from loadtest.ports import free_port
+from loadtest.ports import free_port, stop_process
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 from proxy.drift.profile_build import build_profile
@@ -51,12 +51,7 @@ def prometheus(tmp: Path, targets: list[str]):
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         if process.stderr is not None:
             process.stderr.close()
 

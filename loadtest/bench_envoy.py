@@ -1,0 +1,270 @@
+"""Benchmark: mlmirror's two modes against Envoy's own forwarding and mirroring, side by side.
+
+    python -m loadtest.bench_envoy [--rate 400] [--calls 8000] [--saturation-calls 10000] [--rounds 3] [--out DIR]
+
+Systems, each in front of the same demo ``production`` model server (and, where they mirror, the same ``candidate``
+shadow model server), all separate processes:
+
+- direct: the model server itself;
+- mlmirror proxy, and mlmirror proxy mirroring 100% of calls to one shadow (with comparison);
+- Envoy forwarding only, and Envoy forwarding plus one mirror (``request_mirror_policies``): the anchors, made from
+  envoy/dataplane.yaml by taking features out (loadtest/envoy.py);
+- the data plane: envoy/dataplane.yaml as is (forward, mirror, ext_proc in observability mode) feeding mlmirror in
+  ``mode: observer`` with a drift engine on the route (windows of 1000 calls).
+
+Envoy runs with ``--concurrency 1`` (one worker thread), like mlmirror's one event loop. Per round and system
+(rounds interleave the systems): warm-up calls, then ``--calls`` calls at ``--rate`` calls/s over 4 connections
+(h2load), giving the latency distribution and each measured process's CPU time per call (user + system, all
+threads, from /proc), then ``--saturation-calls`` as fast as answers come (4 connections x 8 streams) for the
+throughput. The data plane's CPU is Envoy's plus the observer's. Each system's fixed-rate calls are written as a
+ghz-format report (``--out``), and the table is ``python -m loadtest compare`` of those reports; after it, what the
+observer saw of the calls Envoy carried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
+
+from .bench_proxy import MODEL_INFER, _process
+from .envoy import DATAPLANE, forward_only, load, mirror_only, on_ports, running_envoy
+from .ghz import compare, report
+from .h2load import ProcessCPU, grpc_frame, run_h2load
+from .ports import free_port, wait_for_port
+
+DIRECT = "direct (the model server)"
+MLMIRROR = "mlmirror proxy"
+MLMIRROR_SHADOW = "mlmirror proxy + 1 shadow (compared)"
+ENVOY = "Envoy, forward only"
+ENVOY_MIRROR = "Envoy + 1 mirror"
+DATA_PLANE = "Envoy + 1 mirror + ext_proc to mlmirror observer (drift)"
+SYSTEMS = (DIRECT, MLMIRROR, MLMIRROR_SHADOW, ENVOY, ENVOY_MIRROR, DATA_PLANE)
+
+
+@dataclass
+class System:
+    """One system under test: the port clients call and the processes whose CPU counts (label -> pid)."""
+
+    name: str
+    port: int
+    pids: dict[str, int] = field(default_factory=dict)
+    latencies_s: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    failed: int = 0
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    saturated: list[float] = field(default_factory=list)
+    sent: int = 0
+
+
+def _measure(system: System, body: Path, args: argparse.Namespace) -> None:
+    run_h2load(system.port, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
+    clocks = {label: ProcessCPU(pid) for label, pid in system.pids.items()}
+    before = {label: clock.seconds() for label, clock in clocks.items()}
+    fixed = run_h2load(system.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=args.rate)
+    for label, clock in clocks.items():
+        system.cpu_us.setdefault(label, []).append((clock.seconds() - before[label]) / max(fixed.calls, 1) * 1e6)
+    system.latencies_s.append(fixed.latencies_us / 1e6)
+    system.seconds += fixed.seconds
+    system.failed += fixed.failed
+    saturated = run_h2load(system.port, MODEL_INFER, body, calls=args.saturation_calls, connections=4, streams=8)
+    system.failed += saturated.failed
+    system.saturated.append(saturated.rate)
+    system.sent += args.warmup + args.calls + args.saturation_calls
+
+
+def ghz_report(system: System) -> dict:
+    """The system's fixed-rate calls (all rounds) as a ghz-format report, with CPU and saturation added."""
+    latencies = np.concatenate(system.latencies_s) if system.latencies_s else np.zeros(0)
+    codes = Counter({"OK": int(latencies.size)})
+    if system.failed:
+        codes["failed"] = system.failed
+    result = report(system.name, latencies.tolist(), codes, Counter(), system.seconds)
+    result["generator"] = "h2load"
+    result["saturationRps"] = statistics.median(system.saturated) if system.saturated else 0.0
+    if system.cpu_us:
+        breakdown = {label: statistics.median(values) for label, values in system.cpu_us.items()}
+        result["cpuPerCallMicros"] = sum(breakdown.values())
+        if len(breakdown) > 1:
+            result["cpuBreakdown"] = breakdown
+    return result
+
+
+def _metric_totals(admin: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _settled_totals(admin: int, within: float = 15.0) -> dict[tuple[str, tuple], float]:
+    """The observer's metrics once no ext_proc stream is open and the observed count has stopped moving."""
+    deadline = time.monotonic() + within
+    previous = None
+    while True:
+        samples = _metric_totals(admin)
+        observed = samples.get(("mlmirror_extproc_streams_total", (("outcome", "observed"),)))
+        if (samples.get(("mlmirror_extproc_active_streams", ())) == 0 and observed == previous) or (
+            time.monotonic() > deadline
+        ):
+            return samples
+        previous = observed
+        time.sleep(0.5)
+
+
+def observer_table(system: System, admin: int) -> list[str]:
+    """What the observer saw of the calls Envoy carried to the data plane's production model."""
+    samples = _settled_totals(admin)
+    streams = {dict(labels)["outcome"]: v for (name, labels), v in samples.items()
+               if name == "mlmirror_extproc_streams_total"}  # fmt: skip
+    drift_calls = sum(v for (name, _), v in samples.items() if name == "mlmirror_drift_calls_total")
+    dropped = sum(v for (name, _), v in samples.items() if name == "mlmirror_drift_dropped_total")
+    observed = streams.get("observed", 0.0)
+    share = observed / system.sent if system.sent else 0.0
+    others = ", ".join(f"{k} {v:.0f}" for k, v in sorted(streams.items()) if k != "observed" and v) or "none"
+    return [
+        "| calls Envoy carried | ext_proc streams observed | share | other outcomes | drift engine calls | "
+        "drift engine dropped |",
+        "|---:|---:|---:|---|---:|---:|",
+        f"| {system.sent} | {observed:.0f} | {share:.1%} | {others} | {drift_calls:.0f} | {dropped:.0f} |",
+    ]
+
+
+def _configs(folder: Path, ports: dict[str, int]) -> dict[str, Path]:
+    production, candidate = f"127.0.0.1:{ports['production']}", f"127.0.0.1:{ports['candidate']}"
+    texts = {
+        MLMIRROR: f"""listen: 127.0.0.1:{ports["mlmirror"]}
+admin: 127.0.0.1:{free_port()}
+upstreams: {{production: {production}}}
+routes: [{{name: iris, match: {{model: iris}}, primary: production}}]
+""",
+        MLMIRROR_SHADOW: f"""listen: 127.0.0.1:{ports["mlmirror_shadow"]}
+admin: 127.0.0.1:{free_port()}
+mirror_shed_lag: off
+upstreams: {{production: {production}, candidate: {candidate}}}
+routes:
+  - name: iris
+    match: {{model: iris}}
+    primary: production
+    shadows: [{{upstream: candidate}}]
+    compare: {{classification: argmax, output: probabilities}}
+""",
+        DATA_PLANE: f"""mode: observer
+listen: 127.0.0.1:{ports["observer"]}
+admin: 127.0.0.1:{ports["observer_admin"]}
+upstreams: {{production: {production}}}
+routes:
+  - name: iris
+    match: {{model: iris}}
+    primary: production
+    drift: {{window: 1000, capture: 1000}}
+""",
+    }
+    paths = {}
+    for i, (name, text) in enumerate(texts.items()):
+        paths[name] = folder / f"mlmirror-{i}.yaml"
+        paths[name].write_text(text)
+    return paths
+
+
+def run(args: argparse.Namespace, command: str) -> str:
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        body = folder / "infer.bin"
+        body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
+        names = ("production", "candidate", "mlmirror", "mlmirror_shadow", "observer", "observer_admin",
+                 "envoy", "envoy_mirror", "dataplane")  # fmt: skip
+        ports = {name: free_port() for name in names}
+        configs = _configs(folder, ports)
+        dataplane = load(DATAPLANE)
+        clusters = {"production": [ports["production"]], "shadow": [ports["candidate"]]}
+        envoys = {
+            ENVOY: on_ports(forward_only(dataplane), ports["envoy"], free_port(), clusters),
+            ENVOY_MIRROR: on_ports(mirror_only(dataplane), ports["envoy_mirror"], free_port(), clusters),
+            DATA_PLANE: on_ports(dataplane, ports["dataplane"], free_port(),
+                                 {**clusters, "mlmirror_observer": [ports["observer"]]}),
+        }  # fmt: skip
+        model = ("-m", "proxy", "model-server", "--listen")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_process(*model, f"127.0.0.1:{ports['production']}", "--model", "production"))
+            stack.enter_context(_process(*model, f"127.0.0.1:{ports['candidate']}", "--model", "candidate"))
+            pids = {name: stack.enter_context(_process("-m", "proxy", "serve", "--config", str(path))).pid
+                    for name, path in configs.items()}  # fmt: skip
+            for name in ("production", "candidate", "mlmirror", "mlmirror_shadow", "observer", "observer_admin"):
+                wait_for_port(ports[name])
+            envoy_pids = {name: stack.enter_context(running_envoy(config, folder, concurrency=1)).pid
+                          for name, config in envoys.items()}  # fmt: skip
+            systems = [
+                System(DIRECT, ports["production"]),
+                System(MLMIRROR, ports["mlmirror"], {"mlmirror": pids[MLMIRROR]}),
+                System(MLMIRROR_SHADOW, ports["mlmirror_shadow"], {"mlmirror": pids[MLMIRROR_SHADOW]}),
+                System(ENVOY, ports["envoy"], {"envoy": envoy_pids[ENVOY]}),
+                System(ENVOY_MIRROR, ports["envoy_mirror"], {"envoy": envoy_pids[ENVOY_MIRROR]}),
+                System(DATA_PLANE, ports["dataplane"], {"envoy": envoy_pids[DATA_PLANE], "observer": pids[DATA_PLANE]}),
+            ]
+            for round_ in range(args.rounds):
+                shift = round_ % len(systems)
+                for system in systems[shift:] + systems[:shift]:
+                    _measure(system, body, args)
+                    print(f"round {round_ + 1}/{args.rounds}: {system.name} done", file=sys.stderr, flush=True)
+            observed = observer_table(systems[-1], ports["observer_admin"])
+    reports = [ghz_report(system) for system in systems]
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for result in reports:
+            slug = re.sub(r"[^a-z0-9]+", "-", result["name"].lower()).strip("-")
+            (args.out / f"{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
+    failed = {s.name: s.failed for s in systems if s.failed}
+    lines = [
+        f"`{command}`",
+        "",
+        f"ModelInfer, {args.batch} row(s) of 4 FP32 features; fixed load {args.rate:g} calls/s x {args.calls} calls "
+        f"per round; saturation: {args.saturation_calls} calls over 4 connections x 8 streams; {args.rounds} "
+        "interleaved rounds; Envoy --concurrency 1. Latencies over all rounds' fixed-rate calls; CPU and "
+        "saturation are medians over rounds.",
+        "",
+        compare(reports),
+        "",
+        *observed,
+    ]
+    if failed:
+        lines += ["", f"failed calls: {failed}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=400.0, help="fixed offered load, calls/s (default 400)")
+    parser.add_argument("--calls", type=int, default=8000, help="calls per fixed-load run (default 8000)")
+    parser.add_argument("--saturation-calls", type=int, default=10000, help="calls per saturation run")
+    parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
+    parser.add_argument("--out", type=Path, help="write each system's ghz-format report into this folder")
+    args = parser.parse_args(argv)
+    command = "python -m loadtest.bench_envoy " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(run(args, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""envoy/dataplane.yaml with the real Envoy binary: Envoy forwards to production and mirrors to the shadow itself,
+and streams each call to mlmirror in observer mode over ext_proc; the observer's drift engine sees production
+traffic, and neither a dead nor a hung observer fails or holds a call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.envoy import DATAPLANE, load, on_ports
+from loadtest.ports import free_port
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
+from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def iris_outputs(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    """A fixed linear 'model': label = argmax of three scores of the petal length."""
+    scores = np.stack([-x[:, 2], 0.1 * x[:, 0], x[:, 2] - 4.0], axis=1).astype(np.float32)
+    return [("label", "INT64", scores.argmax(axis=1).astype(np.int64)), ("scores", "FP32", scores)]
+
+
+def observer_config(production: FunctionModel) -> str:
+    return f"""
+    mode: observer
+    mirror_shed_lag: off
+    upstreams: {{production: {production.address}}}
+    routes:
+      - name: iris
+        match: {{model: iris}}
+        primary: production
+        drift: {{window: 200, capture: 300, bins: 10}}
+    """
+
+
+@contextlib.asynccontextmanager
+async def dataplane(tmp: Path, production: int, shadow: int, observer: int):
+    """Envoy on envoy/dataplane.yaml, its clusters on the given ports; yields a client channel to it."""
+    listen = free_port()
+    clusters = {"production": [production], "shadow": [shadow], "mlmirror_observer": [observer]}
+    async with (
+        envoy_running(on_ports(load(DATAPLANE), listen, free_port(), clusters), tmp),
+        grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel,
+    ):
+        yield channel
+
+
+async def send(channel: grpc.aio.Channel, rng: np.random.Generator, n: int, shift: float = 0.0) -> list[float]:
+    """``n`` ModelInfer calls, 16 at a time, all answered OK; returns their latencies (seconds)."""
+    infer = channel.unary_unary(MODEL_INFER)
+    limit = asyncio.Semaphore(16)
+    latencies = []
+
+    async def one(i: int) -> None:
+        async with limit:
+            started = asyncio.get_running_loop().time()
+            await infer(infer_request(sample_features(rng, 2, shift=shift), request_id=f"{shift}-{i}"), timeout=10)
+            latencies.append(asyncio.get_running_loop().time() - started)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return latencies
+
+
+def scrape(port: int | None) -> dict[tuple[str, tuple], float]:
+    code, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+async def test_envoy_carries_the_calls_mirrors_them_and_the_observer_sees_drift(tmp_path):
+    rng = np.random.default_rng(3)
+    async with (
+        FunctionModel(iris_outputs) as production,
+        FunctionModel(iris_outputs) as shadow,
+        running_proxy(observer_config(production)) as observer,
+        dataplane(tmp_path, production.port, shadow.port, observer.grpc_port) as channel,
+    ):
+
+        def drift() -> dict:
+            return observer.status()["routes"][0]["drift"]
+
+        await send(channel, rng, 300)  # the reference
+        await send(channel, rng, 200)  # a window without drift
+        await wait_until(lambda: drift()["history"], what="the first window")
+        await send(channel, rng, 200, shift=1.5)  # petal length 1.5 cm longer
+        await wait_until(lambda: len(drift()["history"]) == 2, what="the second window")
+        await wait_until(lambda: shadow.calls == 700, what="Envoy's mirrored copies")
+
+        assert production.calls == 700
+        status = drift()
+        assert status["calls"] == 700
+        assert status["decode_errors"] == {}
+        assert status["reference"]["rows"] == 600  # 300 calls of 2 rows
+        first, second = status["history"]
+        assert "input[2]" not in first["drifted"], first
+        assert "input[2]" in second["drifted"], second
+        assert second["calls"] == 200
+
+        samples = await asyncio.to_thread(scrape, observer.admin_port)
+        assert samples[("mlmirror_extproc_streams_total", (("outcome", "observed"),))] == 700
+        assert observer.status()["routes"][0]["calls"] == {"OK": 700}
+        assert samples[("mlmirror_extproc_active_streams", ())] >= 0
+
+        # The observer takes no client calls itself: Envoy carries them.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{observer.grpc_port}") as direct:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await direct.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_observer_sees_error_answers_with_their_status(tmp_path):
+    def failing(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        raise ValueError("the model failed")
+
+    async with (
+        FunctionModel(failing) as production,
+        FunctionModel(iris_outputs) as shadow,
+        running_proxy(observer_config(production)) as observer,
+        dataplane(tmp_path, production.port, shadow.port, observer.grpc_port) as channel,
+    ):
+        infer = channel.unary_unary(MODEL_INFER)
+        for i in range(20):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await infer(infer_request(sample_features(np.random.default_rng(i), 1)), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNKNOWN
+        await wait_until(lambda: observer.status()["routes"][0]["calls"].get("UNKNOWN") == 20,
+                         what="the observer to count 20 failed calls")  # fmt: skip
+        drift = observer.status()["routes"][0]["drift"]
+        assert drift["history"] == []  # failed calls carry no prediction: no window
+        samples = await asyncio.to_thread(scrape, observer.admin_port)
+        assert samples[("mlmirror_extproc_streams_total", (("outcome", "observed"),))] == 20
+
+
+async def test_a_dead_observer_fails_no_call(tmp_path):
+    rng = np.random.default_rng(5)
+    nothing_listens = free_port()
+    async with (
+        FunctionModel(iris_outputs) as production,
+        FunctionModel(iris_outputs) as shadow,
+        dataplane(tmp_path, production.port, shadow.port, nothing_listens) as channel,
+    ):
+        await send(channel, rng, 100)
+        assert production.calls == 100
+        await wait_until(lambda: shadow.calls == 100, what="the mirrored copies")
+
+
+class HungProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
+    """An ext_proc server that accepts each stream and never reads from it nor answers."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+
+    async def Process(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        self.streams += 1
+        await asyncio.sleep(60)
+
+
+async def test_a_hung_observer_holds_no_call(tmp_path):
+    rng = np.random.default_rng(6)
+    hung = HungProcessor()
+    server = grpc.aio.server()
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(hung, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with (
+            FunctionModel(iris_outputs) as production,
+            FunctionModel(iris_outputs) as shadow,
+            dataplane(tmp_path, production.port, shadow.port, port) as channel,
+        ):
+            latencies = await send(channel, rng, 100)
+            assert production.calls == 100
+            assert hung.streams >= 100  # Envoy did stream every call to it
+            assert max(latencies) < 2.0  # and did not wait for it (observability mode)
+    finally:
+        await server.stop(0)
