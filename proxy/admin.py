@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["AdminServer", "Request", "Response", "json_number"]
+__all__ = ["AdminServer", "Request", "Response", "answer_promotion", "endpoints", "json_number"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,38 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+#: Every admin endpoint: (method, path) -> the name of the method that answers it on the serving object.
+ENDPOINTS = {
+    ("GET", "/metrics"): "_get_metrics",
+    ("GET", "/healthz"): "_get_healthz",
+    ("GET", "/readyz"): "_get_readyz",
+    ("GET", "/status"): "_get_status",
+    ("POST", "/reload"): "_post_reload",
+    ("POST", "/promote"): "_post_promote",
+    ("POST", "/outcomes"): "handle_outcomes",
+}
+PROMOTE_USAGE = "give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]"
+
+
+def endpoints(server: object) -> dict[tuple[str, str], Handler]:
+    """The admin routes of ``server`` (a proxy, or the supervisor of a group): its methods named in ENDPOINTS."""
+    return {key: getattr(server, name) for key, name in ENDPOINTS.items()}
+
+
+async def answer_promotion(
+    request: Request, promote: Callable[[str, str, bool], Awaitable[str]], refused: type[Exception]
+) -> Response:
+    """``POST /promote?route=R&shadow=S[&force=1]``: ``promote(route, shadow, force)`` says what it did, or raises
+    ``refused`` (404 when the exception says ``unknown_name``, else 409)."""
+    route, shadow = request.query.get("route", ""), request.query.get("shadow", "")
+    if not route or not shadow:
+        return Response.text(PROMOTE_USAGE, 400)
+    force = request.query.get("force", "") in ("1", "true", "yes")
+    try:
+        return Response.text(await promote(route, shadow, force))
+    except refused as exc:
+        return Response.text(f"not promoted: {exc}", 404 if getattr(exc, "unknown_name", False) else 409)
 
 
 def json_number(value: float) -> float | None:

@@ -61,6 +61,16 @@ def _duration(text: str) -> float:
     return seconds
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlmirror", description="gRPC inference proxy that watches your models.")
     parser.add_argument("--version", action="version", version=f"mlmirror {__version__}")
@@ -70,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", "-c", required=True, help="YAML configuration file")
     serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    serve.add_argument("--workers", type=_positive, default=1, metavar="N",
+                       help="worker processes sharing the port, plus one hub for shadows and drift (default 1: "
+                       "one process does everything)")  # fmt: skip
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
@@ -121,6 +134,17 @@ def _serve(args: argparse.Namespace) -> int:
     from .eventloop import run
     from .server import Proxy
 
+    if args.workers > 1:
+        from .workers import Supervisor
+
+        async def supervise() -> None:
+            supervisor = Supervisor(args.config, args.workers, use_uvloop=not args.no_uvloop,
+                                    log_level=args.log_level)  # fmt: skip
+            await supervisor.start()
+            await supervisor.run_until_signalled()
+
+        run(supervise(), use_uvloop=not args.no_uvloop)
+        return 0
     config = load_config(args.config)
 
     async def serve() -> None:

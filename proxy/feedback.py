@@ -17,7 +17,7 @@ from protos import FEEDBACK_SERVICE, feedback_pb2
 
 from .drift.outcomes import OUTCOME_RESULTS, GroundTruthStore
 
-__all__ = ["FeedbackService", "parse_outcomes_json"]
+__all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json"]
 
 Outcome = tuple[str, Sequence[float], Sequence[str]]
 
@@ -57,6 +57,29 @@ class FeedbackService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a ReportOutcomeRequest: {exc}")
         counts = self.report((o.request_id, list(o.values), list(o.labels)) for o in message.outcomes)
         return feedback_pb2.ReportOutcomeResponse(**counts).SerializeToString()
+
+
+class FeedbackRelay:
+    """A worker's ``mlmirror.v1.Feedback``: each call is relayed, bytes untouched, to the hub that holds the
+    predictions (``serve --workers N``); the hub's answer or error is the client's."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._call = self._channel.unary_unary(f"/{FEEDBACK_SERVICE}/ReportOutcome")
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
+        return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
+
+    async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        remaining = context.time_remaining()
+        try:
+            return await self._call(request, timeout=10.0 if remaining is None else remaining)
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
+
+    async def close(self) -> None:
+        await self._channel.close()
 
 
 def parse_outcomes_json(body: bytes) -> list[Outcome]:

@@ -23,6 +23,8 @@ class PromotionError(MlmirrorError):
 class UnknownNameError(PromotionError):
     """The route or the shadow named does not exist."""
 
+    unknown_name = True  # the admin endpoint answers 404, not 409
+
 
 def promoted_config(config: Config, route_name: str, shadow_name: str) -> Config:
     """``config`` with ``shadow_name`` promoted to primary of ``route_name``."""

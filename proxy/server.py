@@ -27,8 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from protos import FEEDBACK_SERVICE, INFERENCE_SERVICE
 
 from . import __version__
-from .admin import AdminServer, Request, Response
-from .config import Config, Drift, load_config
+from .admin import AdminServer, Request, Response, answer_promotion, endpoints
+from .config import Config, Drift, Route, load_config
 from .drift.engine import DriftEngine
 from .drift.metadata_check import model_inputs, profile_mismatches
 from .drift.reference import Reference
@@ -36,12 +36,13 @@ from .drift.report import DriftCollector, drift_status
 from .errors import ConfigError, StartError
 from .eventloop import loop_name
 from .extproc import EXT_PROC_SERVICE, ExtProcObserver
-from .feedback import FeedbackService, parse_outcomes_json
+from .feedback import FeedbackRelay, FeedbackService, parse_outcomes_json
 from .handler import ProxyHandler
 from .looplag import LoopLag
 from .metrics import Metrics
 from .mirror import RouteMirror, ShadowMirror
-from .promotion import PromotionError, UnknownNameError, promoted_config
+from .promotion import PromotionError, promoted_config
+from .role import ALONE, Role
 from .sampling import RequestIds
 from .shadow_report import ShadowCollector, shadow_status
 from .table import RouteTable
@@ -59,7 +60,15 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Proxy:
     """One mlmirror proxy process (or an in-process instance in tests)."""
 
-    def __init__(self, config: Config, *, observers: Sequence[Observer] = (), metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        observers: Sequence[Observer] = (),
+        metrics: Metrics | None = None,
+        role: Role = ALONE,
+    ) -> None:
+        self.role = role
         self.metrics = metrics if metrics is not None else Metrics()
         self.tap = Tap(observers, self.metrics.observer_errors)
         self.ids = RequestIds()
@@ -69,6 +78,7 @@ class Proxy:
         self.feedback = FeedbackService(
             lambda: [e.ground_truth for e in self._drift.values() if e.ground_truth is not None]
         )
+        self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []
         self._first_config = config
         self.table: RouteTable | None = None
@@ -100,15 +110,14 @@ class Proxy:
         self.lag.start()
         try:
             self._server = await self._start_listener(config)
-            if config.admin is not None:
-                self._admin = AdminServer(config.admin, self._admin_routes(), token=_admin_token(config))
+            admin = self.admin_address
+            if admin is not None:
+                self._admin = AdminServer(admin, endpoints(self), token=admin_token(config))
                 try:
                     await self._admin.start()
                 except OSError as exc:
                     self._admin = None
-                    raise StartError(
-                        f"cannot serve the admin endpoint on {config.admin}: {exc.strerror or exc}"
-                    ) from None
+                    raise StartError(f"cannot serve the admin endpoint on {admin}: {exc.strerror or exc}") from None
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -123,28 +132,44 @@ class Proxy:
         self.metrics.config_last_reload_success.set(self.started_at)
         await self._refresh_serving_status()
         log.info(
-            "mlmirror %s: gRPC on %s (port %d)%s, admin on %s; %d routes, %d upstreams; event loop %s",
+            "mlmirror %s%s: gRPC on %s (port %d)%s, admin on %s; %d routes, %d upstreams; event loop %s",
             __version__,
-            config.listen,
+            "" if self.role.kind == "alone" else f" ({self.role.kind})",
+            self.listen_address,
             self.grpc_port,
             " with TLS" if config.tls else "",
-            f"http://{config.admin}" if config.admin else "(disabled)",
+            f"http://{self.admin_address}" if self.admin_address else "(none)",
             len(config.routes),
             len(config.upstreams),
             loop_name(),
         )
+
+    @property
+    def listen_address(self) -> str:
+        return self.role.listen or self._first_config.listen
+
+    @property
+    def admin_address(self) -> str | None:
+        """The admin endpoint's address: the config's, a worker's internal one, none for the hub."""
+        if self.role.kind == "alone":
+            return self._first_config.admin
+        return self.role.admin
 
     async def _start_listener(self, config: Config) -> grpc.aio.Server:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_size),
                 ("grpc.max_send_message_length", config.max_message_size),
-                ("grpc.so_reuseport", 0),  # a second proxy on the same port must fail, not share it silently
+                # Workers share their port on purpose; otherwise a second proxy on the port must fail, not share it.
+                ("grpc.so_reuseport", 1 if self.role.worker else 0),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        server.add_generic_rpc_handlers((self.feedback.handler(),))
-        if config.mode == "observer":
+        feedback = self._feedback_relay or self.feedback
+        server.add_generic_rpc_handlers((feedback.handler(),))
+        if self.role.hub:
+            served = FEEDBACK_SERVICE
+        elif config.mode == "observer":
             observer = ExtProcObserver(self, self.metrics.extproc_streams, config.max_message_size)
             self.metrics.extproc_active_streams.set_function(lambda: observer.active)
             external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(observer, server)
@@ -152,16 +177,16 @@ class Proxy:
         else:
             server.add_generic_rpc_handlers((self._handler,))
             served = INFERENCE_SERVICE
-        reflection.enable_server_reflection(
-            (served, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        services = dict.fromkeys((served, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME))
+        reflection.enable_server_reflection(tuple(services), server)
+        listen = self.listen_address
         try:
-            if config.tls is None:
-                self.grpc_port = server.add_insecure_port(config.listen)
+            if config.tls is None or self.role.hub:
+                self.grpc_port = server.add_insecure_port(listen)
             else:
-                self.grpc_port = server.add_secure_port(config.listen, _server_credentials(config))
+                self.grpc_port = server.add_secure_port(listen, _server_credentials(config))
         except (RuntimeError, OSError) as exc:
-            raise StartError(f"cannot listen on {config.listen}: {exc}") from None
+            raise StartError(f"cannot listen on {listen}: {exc}") from None
         await server.start()
         return server
 
@@ -215,6 +240,10 @@ class Proxy:
         drift = self._drift_engines(config)  # first: it may refuse the config
         self._drift = drift
         targets = self._build_targets(config, current)
+        if self.role.worker:  # shadows and drift live in the hub: watched routes' calls go there
+            assert self.role.handoff is not None
+            handoff = {route.name: self.role.handoff for route in config.routes if watched(route)}
+            return RouteTable(config, targets, self.metrics, self.tap, {}, self.ids, handoff)
         shadows: dict[tuple[str, str], ShadowMirror] = {}
         mirrors: dict[str, RouteMirror] = {}
         for route in config.routes:
@@ -244,7 +273,7 @@ class Proxy:
         kept: dict[str, DriftEngine] = {}
         references: dict[str, Reference | None] = {}
         for route in config.routes:
-            if route.drift is None:
+            if route.drift is None or self.role.worker:
                 continue
             existing = self._drift.get(route.name)
             if existing is not None and existing.spec == route.drift:
@@ -286,6 +315,8 @@ class Proxy:
         assert self.table is not None
         if self.draining:
             return False, {"proxy": "draining: shutting down"}
+        if self.role.hub:  # the workers carry the calls
+            return True, {"proxy": "hub: watching the calls the workers hand off"}
         if self._first_config.mode == "observer":  # Envoy carries the calls; the observer needs no upstream
             return True, {"proxy": "observing calls streamed by Envoy (ext_proc)"}
         reasons = {}
@@ -389,6 +420,8 @@ class Proxy:
             await target.close()
         if self._admin is not None:
             await self._admin.close()
+        if self._feedback_relay is not None:
+            await self._feedback_relay.close()
         log.info("stopped")
         self._stopped.set()
 
@@ -420,17 +453,6 @@ class Proxy:
 
     # --- admin endpoints --------------------------------------------------------------------------------------
 
-    def _admin_routes(self) -> dict[tuple[str, str], object]:
-        return {
-            ("GET", "/metrics"): self._get_metrics,
-            ("GET", "/healthz"): self._get_healthz,
-            ("GET", "/readyz"): self._get_readyz,
-            ("GET", "/status"): self._get_status,
-            ("POST", "/reload"): self._post_reload,
-            ("POST", "/promote"): self._post_promote,
-            ("POST", "/outcomes"): self._post_outcomes,
-        }
-
     async def _get_metrics(self, request: Request) -> Response:
         return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
 
@@ -450,7 +472,7 @@ class Proxy:
             return Response.text("reloaded")
         return Response.text("reload rejected; the current config stays (see the proxy's log)", 400)
 
-    async def _post_outcomes(self, request: Request) -> Response:
+    async def handle_outcomes(self, request: Request) -> Response:
         """``POST /outcomes``: ground truth as JSON (see proxy/feedback.py); answers the counts by result."""
         try:
             outcomes = parse_outcomes_json(request.body)
@@ -460,15 +482,7 @@ class Proxy:
 
     async def _post_promote(self, request: Request) -> Response:
         """``POST /promote?route=R&shadow=S[&force=1]``: make shadow S the primary of route R."""
-        route, shadow = request.query.get("route", ""), request.query.get("shadow", "")
-        if not route or not shadow:
-            return Response.text("give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]", 400)
-        force = request.query.get("force", "") in ("1", "true", "yes")
-        try:
-            message = await self.promote(route, shadow, force=force)
-        except PromotionError as exc:
-            return Response.text(f"not promoted: {exc}", 404 if isinstance(exc, UnknownNameError) else 409)
-        return Response.text(message)
+        return await answer_promotion(request, lambda r, s, f: self.promote(r, s, force=f), PromotionError)
 
     async def promote(self, route: str, shadow: str, *, force: bool = False) -> str:
         """Make ``shadow`` the primary of ``route`` (a table swap: no call fails). Unless ``force``, only when its
@@ -476,17 +490,17 @@ class Proxy:
         assert self.table is not None
         config = promoted_config(self.table.config, route, shadow)  # checks the names first
         runtime = next(r for r in self.table.routes if r.name == route)
-        assert runtime.mirror is not None
-        _, verdict = runtime.mirror.verdicts()[shadow]
-        if not verdict.promotable and not force:
-            reasons = "; ".join(verdict.reasons)
+        verdict = runtime.mirror.verdicts()[shadow][1] if runtime.mirror is not None else None
+        if not force and (verdict is None or not verdict.promotable):
+            reasons = "; ".join(verdict.reasons) if verdict is not None else "its verdict is kept by the hub"
             raise PromotionError(f"shadow {shadow!r} is not promotable: {reasons} (force=1 overrides)")
         old_primary = runtime.spec.primary
         await self.reload(config)
         new_primary = next(r for r in config.routes if r.name == route).primary
+        forced = " [forced]" if verdict is None or not verdict.promotable else ""
         message = (
             f"route {route}: primary is now {new_primary} (was {old_primary}, now "
-            f"{runtime.spec.promotion.demote_to}){' [forced]' if force and not verdict.promotable else ''}"
+            f"{runtime.spec.promotion.demote_to}){forced}"
         )
         self.promotions.append({"time": time.time(), "route": route, "shadow": shadow, "detail": message})
         log.warning("%s; the config file still says otherwise: a reload from it reverts the promotion", message)
@@ -512,7 +526,7 @@ class Proxy:
             "ready": ready,
             "draining": self.draining,
             "inflight_calls": self.inflight_calls(),
-            "listen": {"grpc": config.listen, "port": self.grpc_port, "admin": config.admin},
+            "listen": {"grpc": self.listen_address, "port": self.grpc_port, "admin": self.admin_address},
             "routes": [
                 {
                     "name": route.name,
@@ -543,6 +557,11 @@ class Proxy:
         }
 
 
+def watched(route: Route) -> bool:
+    """Whether anything observes ``route``'s answered calls beyond its metrics (shadows, drift)."""
+    return bool(route.shadows) or route.drift is not None
+
+
 def _load_profile(route: str, spec: Drift) -> Reference | None:
     """The reference profile ``spec`` names, checked against the configured features; None: capture it live."""
     if spec.profile is None:
@@ -570,7 +589,7 @@ def _counter_values(counter: Counter, labels: tuple[str, ...]) -> dict[tuple[str
     return totals
 
 
-def _admin_token(config: Config) -> str | None:
+def admin_token(config: Config) -> str | None:
     """The admin bearer token, read from ``admin_token_file`` at start; None: the endpoint is open (loopback)."""
     return Path(config.admin_token_file).read_text(encoding="utf-8").strip() if config.admin_token_file else None
 

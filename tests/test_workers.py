@@ -1,0 +1,218 @@
+"""``mlmirror serve --workers N`` as a real process group: two workers share the port, the hub makes the shadow
+copies and measures drift, and the admin endpoint shows one truth; a killed worker is started again, a dead
+supervisor takes its workers with it, SIGTERM stops everyone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.ports import free_port, stop_process
+from protos import feedback_pb2
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
+from tests.support import REPO, http_get, model_server, wait_until
+
+pytestmark = pytest.mark.slow
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+REPORT = "/mlmirror.v1.Feedback/ReportOutcome"
+
+
+def group_config(folder: Path, production: int, candidate: int) -> tuple[Path, int, int]:
+    listen, admin = free_port(), free_port()
+    path = folder / "mlmirror.yaml"
+    path.write_text(f"""
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+mirror_shed_lag: off
+shutdown_grace: 5s
+upstreams: {{production: 127.0.0.1:{production}, candidate: 127.0.0.1:{candidate}}}
+routes:
+  - name: iris
+    match: {{model: iris}}
+    primary: production
+    shadows: [{{upstream: candidate, queue_size: 1000}}]
+    compare: {{classification: argmax, output: probabilities}}
+    drift: {{window: 100, capture: 100, ground_truth: {{output: probabilities}}}}
+""")
+    return path, listen, admin
+
+
+@contextlib.asynccontextmanager
+async def process_group(config: Path, admin: int, log: Path, workers: int = 2) -> AsyncIterator[subprocess.Popen]:
+    with log.open("w") as output:
+        process = subprocess.Popen(  # noqa: ASYNC220 - a process beside the test, waited for in a thread
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--workers", str(workers)],
+            cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        await polled(lambda: {"exited": process.poll() is not None, "ready": ready(admin)},
+                     lambda s: s["exited"] or s["ready"], "the group to be ready", within=90)  # fmt: skip
+        assert process.poll() is None, await asyncio.to_thread(log.read_text)
+        yield process
+    finally:
+        if process.poll() is None:
+            await asyncio.to_thread(stop_process, process, 30)
+
+
+def ready(admin: int) -> bool:
+    try:
+        return http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
+    except OSError:
+        return False
+
+
+async def admin_get(admin: int, path: str) -> str:
+    code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}{path}")
+    assert code == 200, body
+    return body
+
+
+async def send(listen: int, n: int, rng: np.random.Generator, prefix: str, channels: int = 8) -> list[np.ndarray]:
+    """``n`` ModelInfer calls spread over ``channels`` connections (so over the workers); all must succeed."""
+    features = [sample_features(rng, 1) for _ in range(n)]
+    # A local subchannel pool each: otherwise gRPC shares one connection between the channels.
+    opened = [grpc.aio.insecure_channel(f"127.0.0.1:{listen}", options=[("grpc.use_local_subchannel_pool", 1)])
+              for _ in range(channels)]  # fmt: skip
+    try:
+        calls = [opened[i % channels].unary_unary(MODEL_INFER)(infer_request(x, request_id=f"{prefix}-{i}"),
+                                                               timeout=10)
+                 for i, x in enumerate(features)]  # fmt: skip
+        await asyncio.gather(*calls)
+    finally:
+        for channel in opened:
+            await channel.close()
+    return features
+
+
+async def polled(fetch: Callable[[], dict], done: Callable[[dict], bool], what: str, within: float = 60.0) -> dict:
+    """``fetch()`` (blocking, so in a thread: the model servers share this loop) until ``done`` says yes."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await asyncio.to_thread(fetch)
+        with contextlib.suppress(KeyError, IndexError):
+            if done(value):
+                return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}: {value}")
+        await asyncio.sleep(0.2)
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+async def test_two_workers_share_the_port_and_the_hub_holds_one_truth(tmp_path):
+    rng = np.random.default_rng(1)
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = group_config(tmp_path, production, candidate)
+        async with process_group(config, admin, tmp_path / "group.log") as group:
+            await send(listen, 400, rng, "call")
+
+            def status() -> dict:
+                code, body = http_get(f"http://127.0.0.1:{admin}/status")
+                return json.loads(body) if code == 200 else {}
+
+            def copies(state: dict) -> int:
+                return state["routes"][0]["shadows"][0]["mirrored"].get("OK", 0)
+
+            state = await polled(status, lambda s: copies(s) == 400, "the hub's 400 shadow copies")
+            route = state["routes"][0]
+            assert route["calls"] == {"OK": 400}  # summed over the workers
+            workers = state["workers"]
+            assert [w["index"] for w in workers] == [0, 1]
+            assert all(w["ready"] for w in workers)
+            assert sum(w["calls"] for w in workers) == 400
+            assert all(w["calls"] > 0 for w in workers), workers  # the kernel spread the connections
+            assert route["drift"]["calls"] == 400  # one drift engine, in the hub, saw every call
+            assert len(route["drift"]["history"]) == 3  # 100 captured, then 3 windows of 100
+
+            text = await admin_get(admin, "/metrics")
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+            assert samples[("mlmirror_calls_total", (("grpc_code", "OK"), ("route", "iris")))] == 400
+            assert samples[("mlmirror_mirror_requests_total", (("result", "OK"), ("route", "iris"),
+                                                               ("shadow", "candidate")))] == 400  # fmt: skip
+            assert samples[("mlmirror_handoff_received_total", (("worker", "0"),))] + samples[
+                ("mlmirror_handoff_received_total", (("worker", "1"),))] == 400  # fmt: skip
+            assert {dict(labels).get("worker") for name, labels in samples if name == "mlmirror_ready"} == {
+                "0", "1", "hub"}  # fmt: skip
+            assert samples[("mlmirror_workers", ())] == 2
+            promtool = shutil.which("promtool")
+            assert promtool is not None, "promtool (Debian package prometheus) is needed; .ci/run installs it"
+            checked = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=text,
+                                              capture_output=True, text=True, check=False)  # fmt: skip
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+
+            # Ground truth over gRPC reaches the hub's store through whichever worker takes the call.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
+                report = channel.unary_unary(REPORT, feedback_pb2.ReportOutcomeRequest.SerializeToString,
+                                             feedback_pb2.ReportOutcomeResponse.FromString)  # fmt: skip
+                outcomes = [feedback_pb2.Outcome(request_id=f"call-{i}", labels=["0"]) for i in range(50)]
+                answer = await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes), timeout=10)
+            assert (answer.matched, answer.unknown) == (50, 0)
+
+            # Promotion: the hub checks the verdict (force here), then every worker swaps its primary.
+            base = f"http://127.0.0.1:{admin}"
+            code, body = await asyncio.to_thread(http_get, f"{base}/promote?route=iris&shadow=nope", "POST")
+            assert code == 404, body
+            code, body = await asyncio.to_thread(http_get, f"{base}/promote?route=iris&shadow=candidate&force=1",
+                                                 "POST")  # fmt: skip
+            assert code == 200, body
+            assert "primary is now candidate" in body
+            served = set()
+            for _ in range(8):
+                async with grpc.aio.insecure_channel(
+                    f"127.0.0.1:{listen}", options=[("grpc.use_local_subchannel_pool", 1)]
+                ) as channel:
+                    call = channel.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=10)
+                    await call
+                    served.add(dict(await call.trailing_metadata())["x-mlmirror-served-by"])
+            assert served == {"candidate"}
+
+            # A killed worker is started again; the group keeps serving.
+            victim = workers[0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            await polled(status, lambda s: s["workers"][0]["restarts"] == 1 and s["ready"], "the worker back")
+            await send(listen, 100, rng, "after")
+            state = await asyncio.to_thread(status)
+            assert state["workers"][0]["pid"] != victim
+            pids = [w["pid"] for w in state["workers"]]
+
+            # SIGTERM: the workers drain and stop, then the supervisor exits 0.
+            group.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(group.wait, 30) == 0
+            assert pids_alive(pids) == []
+
+
+async def test_workers_stop_when_their_supervisor_dies(tmp_path):
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = group_config(tmp_path, production, candidate)
+        async with process_group(config, admin, tmp_path / "group.log") as group:
+            body = await admin_get(admin, "/status")
+            pids = [w["pid"] for w in json.loads(body)["workers"]]
+            assert len(pids_alive(pids)) == 2
+            group.kill()  # no chance to stop them
+            await asyncio.to_thread(group.wait)
+            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
