@@ -14,8 +14,9 @@ A line holds (absent keys are ``include``'s choice; ``null`` is "not known"):
 - ``redacted``: the inputs redacted (proxy/redact.py). The request bytes are the redacted ones, and a redacted
   input appears as ``{name, datatype, shape, "redacted": true}`` without data: no value of it is ever written.
 
-Numbers are written in chunks (``CHUNK`` elements per ``json.dumps``) so that the writer thread hands the GIL back
-to the event loop while it encodes a large tensor.
+Numbers and bytes are encoded in pieces (``CHUNK`` elements per ``json.dumps``, ``B64_CHUNK`` bytes per base64
+call) and never joined into one large string, so that the writer thread hands the GIL back to the event loop while
+it encodes a large tensor.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from .wire import read_string_field
 
 __all__ = ["CHUNK", "captured_inputs", "encode_record"]
 
-#: Elements encoded per ``json.dumps`` call.
-CHUNK = 8192
+#: Elements encoded per ``json.dumps`` call (about 2 ms of holding the GIL on a slow core).
+CHUNK = 2048
+#: Bytes per base64 call (a multiple of 3, so that the pieces concatenate into one base64 text).
+B64_CHUNK = 3 * 2**16
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
@@ -67,36 +70,43 @@ def encode_record(record: CallRecord, spec: Capture, redact: tuple[str, ...] = (
         head["redacted"] = list(redact)
     parts = [json.dumps(head)[:-1]]
     if spec.include in ("request", "both"):
-        parts.append(f', "request": "{base64.b64encode(request).decode()}"')
+        parts += [', "request": "', *_base64(request), '"']
         if kserve and spec.tensors:
-            parts.append(_tensors("inputs", lambda: request_inputs(request)[1], redact))
+            parts += _tensors("inputs", lambda: request_inputs(request)[1], redact)
     if spec.include in ("response", "both"):
         response = record.response
-        parts.append(
-            ', "response": null' if response is None else f', "response": "{base64.b64encode(response).decode()}"'
-        )
+        parts += [', "response": null'] if response is None else [', "response": "', *_base64(response), '"']
         if kserve and spec.tensors and response is not None:
-            parts.append(_tensors("outputs", lambda: response_outputs(response)[1], ()))
+            parts += _tensors("outputs", lambda: response_outputs(response)[1], ())
     parts.append("}\n")
-    return "".join(parts).encode()
+    return b"".join(part.encode() for part in parts)  # small pieces: no long hold of the GIL on a large record
+
+
+def _base64(data: bytes) -> list[str]:
+    """``data`` in base64, in pieces of ``B64_CHUNK`` bytes."""
+    view = memoryview(data)
+    return [base64.b64encode(view[i : i + B64_CHUNK]).decode() for i in range(0, len(data), B64_CHUNK)]
 
 
 def _number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _tensors(key: str, decode, redact: tuple[str, ...]) -> str:
+def _tensors(key: str, decode, redact: tuple[str, ...]) -> list[str]:
     try:
         tensors: list[Tensor] = decode()
     except TensorError as exc:
-        return f', "{key}_error": {json.dumps(exc.reason)}'
-    return f', "{key}": [{", ".join(_tensor(t, t.name in redact) for t in tensors)}]'
+        return [f', "{key}_error": {json.dumps(exc.reason)}']
+    parts = [f', "{key}": [']
+    for i, tensor in enumerate(tensors):
+        parts += [", "] * (i > 0) + _tensor(tensor, tensor.name in redact)
+    return [*parts, "]"]
 
 
-def _tensor(tensor: Tensor, redacted: bool) -> str:
+def _tensor(tensor: Tensor, redacted: bool) -> list[str]:
     head = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
     if redacted:
-        return json.dumps({**head, "redacted": True})
+        return [json.dumps({**head, "redacted": True})]
     flat = tensor.values.reshape(-1)
     if tensor.datatype == "BYTES":
         try:
@@ -104,20 +114,20 @@ def _tensor(tensor: Tensor, redacted: bool) -> str:
         except UnicodeDecodeError:
             head["encoding"] = "base64"
             elements = [base64.b64encode(element).decode() for element in flat]
-        return f'{json.dumps(head)[:-1]}, "data": {json.dumps(elements)}}}'
-    return f'{json.dumps(head)[:-1]}, "data": {_numbers(flat)}}}'
+        return [json.dumps(head)[:-1], ', "data": ', json.dumps(elements), "}"]
+    return [json.dumps(head)[:-1], ', "data": [', *_numbers(flat), "]}"]
 
 
-def _numbers(flat: np.ndarray) -> str:
-    """A JSON array of ``flat``'s numbers, encoded ``CHUNK`` at a time."""
+def _numbers(flat: np.ndarray) -> list[str]:
+    """The comma-separated JSON numbers of ``flat``, in pieces of ``CHUNK``."""
     pieces = []
     for start in range(0, flat.shape[0], CHUNK):
         chunk = flat[start : start + CHUNK]
         values = chunk.tolist()
         if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
             values = [v if math.isfinite(v) else _NON_FINITE.get(v, "NaN") for v in values]
-        pieces.append(json.dumps(values)[1:-1])
-    return f"[{', '.join(pieces)}]"
+        pieces += [", "] * (start > 0) + [json.dumps(values)[1:-1]]
+    return pieces
 
 
 # --- reading back --------------------------------------------------------------------------------------------------
