@@ -8,7 +8,7 @@ mlmirror status / reload            ask a running proxy's admin endpoint
 mlmirror shadows                    a running proxy's shadows and their promotion verdicts, as a table
 mlmirror promote ROUTE SHADOW       make a shadow the primary of its route (no call fails)
 mlmirror drift                      a running proxy's drift windows, as tables
-mlmirror profile build --data F --out P   a drift reference profile from a data file
+mlmirror profile build --data F --out P   a drift reference profile from a data file or a capture
 """
 
 from __future__ import annotations
@@ -103,8 +103,10 @@ def _parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser("profile", help="drift reference profiles")
     profile_sub = profile.add_subparsers(dest="profile_command", metavar="ACTION", required=True)
-    build = profile_sub.add_parser("build", help="build a profile from a data file (.npy, .npz, .csv, .parquet)")
-    build.add_argument("--data", required=True, help="reference data file")
+    build = profile_sub.add_parser(
+        "build", help="build a profile from a data file (.npy, .npz, .csv, .parquet) or a capture (.jsonl, directory)"
+    )
+    build.add_argument("--data", required=True, help="reference data file, capture file or capture directory")
     build.add_argument("--out", required=True, help="profile to write (.npz)")
     build.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature (default 10)")
     build.add_argument("--model", default="", help="model name to record")

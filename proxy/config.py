@@ -25,6 +25,8 @@ __all__ = [
     "DEFAULT_FALLBACK_CODES",
     "CLASSIFICATION_MODES",
     "Attribution",
+    "CAPTURE_INCLUDE",
+    "Capture",
     "DEMOTE_TO",
     "DRIFT_METHODS",
     "MODES",
@@ -57,6 +59,8 @@ DEFAULT_FALLBACK_CODES = frozenset(
 _STATUS_BY_NAME = {code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK}
 _HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
+CAPTURE_INCLUDE = ("request", "response", "both")
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 DEMOTE_TO = ("shadow", "fallback", "none")
 MODES = ("proxy", "observer")
 #: Drift methods and their default thresholds: a feature drifts when the score is above it (below it for ``ks``
@@ -306,6 +310,26 @@ class Drift:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Capture:
+    """Sampled calls of a route written as JSON lines to rotating files in the directory ``path``.
+
+    ``percent`` (0-100) of calls are captured, chosen by the request-id hash as shadows choose theirs (the same calls
+    on every replica). A file grows to at most ``max_file_bytes`` bytes, then the next one starts; at most
+    ``max_files`` files are kept (the oldest is deleted), so captures take at most ``max_files * max_file_bytes``
+    bytes of disk. At most ``queue_size`` records wait for the writer thread; beyond that they are dropped and
+    counted. ``include``: ``request``, ``response`` or ``both``; ``tensors``: also write the decoded KServe tensors.
+    """
+
+    path: str
+    percent: float = 100.0
+    include: str = "both"
+    tensors: bool = True
+    max_file_bytes: int = 64 * 2**20
+    max_files: int = 10
+    queue_size: int = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Route:
     """Where matching calls go: ``primary``, then each of ``fallback`` in order, then ``static_response``; copies
     of sampled unary calls also go to each of ``shadows``."""
@@ -320,6 +344,8 @@ class Route:
     compare: Compare = field(default_factory=Compare)
     promotion: Promotion = field(default_factory=Promotion)
     drift: Drift | None = None
+    capture: Capture | None = None
+    redact: tuple[str, ...] = ()
 
     def shadow(self, name: str) -> Shadow | None:
         return next((shadow for shadow in self.shadows if shadow.name == name), None)
@@ -475,14 +501,8 @@ def _circuit(node: Located) -> CircuitPolicy:
 
 
 def _health_check(node: Located) -> HealthCheck:
-    def kind(n: Located) -> str:
-        value = n.string()
-        if value not in _HEALTH_CHECK_KINDS:
-            raise n.error(f"unknown health check type {value!r} (one of {', '.join(_HEALTH_CHECK_KINDS)})")
-        return value
-
     readers: dict[str, Reader] = {
-        "type": kind,
+        "type": lambda n: _one_of(n, _HEALTH_CHECK_KINDS, "health check type"),
         "interval": lambda n: n.duration(minimum=0.05),
         "timeout": lambda n: n.duration(minimum=0.01),
         "service": lambda n: "" if n.is_null() else str(n.scalar()),
@@ -491,10 +511,22 @@ def _health_check(node: Located) -> HealthCheck:
     return HealthCheck(**values)
 
 
-def _existing_file(node: Located, base: Path) -> str:
+def _one_of(node: Located, choices: tuple[str, ...], what: str) -> str:
+    """A string among ``choices``; else an error naming ``what`` and the choices."""
+    value = node.string()
+    if value not in choices:
+        raise node.error(f"unknown {what} {value!r} (one of {', '.join(choices)})")
+    return value
+
+
+def _path(node: Located, base: Path) -> Path:
+    """A path; a relative one is taken from ``base`` (the config file's directory)."""
     path = Path(node.string())
-    if not path.is_absolute():
-        path = base / path
+    return path if path.is_absolute() else base / path
+
+
+def _existing_file(node: Located, base: Path) -> str:
+    path = _path(node, base)
     if not path.is_file():
         raise node.error(f"no such file: {path}")
     return str(path)
@@ -551,7 +583,7 @@ def _method_types(node: Located) -> dict[str, str]:
 
 
 _ROUTE_KEYS = ("name", "match", "primary", "fallback", "fallback_on", "static_response", "shadows", "compare",
-               "promotion", "drift")  # fmt: skip
+               "promotion", "drift", "capture", "redact")  # fmt: skip
 
 
 def _route(index: int, node: Located, upstreams: Mapping[str, Upstream], base: Path) -> Route:
@@ -591,7 +623,47 @@ def _route(index: int, node: Located, upstreams: Mapping[str, Upstream], base: P
         compare=_compare(keys["compare"]) if "compare" in keys else Compare(),
         promotion=_promotion(keys["promotion"]) if "promotion" in keys else Promotion(),
         drift=_drift(keys["drift"], base) if "drift" in keys else None,
+        capture=_capture(keys["capture"], base) if "capture" in keys else None,
+        redact=_redact(keys["redact"], match) if "redact" in keys else (),
     )
+
+
+def _capture(node: Located, base: Path) -> Capture:
+    def directory(n: Located) -> str:
+        path = _path(n, base)
+        if path.exists() and not path.is_dir():
+            raise n.error(f"not a directory: {path}")
+        return str(path)
+
+    readers: dict[str, Reader] = {
+        "path": directory,
+        "percent": lambda n: n.number(minimum=0.0, maximum=100.0),
+        "include": lambda n: _one_of(n, CAPTURE_INCLUDE, "include"),
+        "tensors": Located.boolean,
+        "max_file_bytes": lambda n: n.size(minimum=4096),
+        "max_files": lambda n: n.integer(minimum=1, maximum=100_000),
+        "queue_size": lambda n: n.integer(minimum=1, maximum=1_000_000),
+    }
+    values, _ = _read(node, readers, required=("path",))
+    return Capture(**values)
+
+
+def _redact(node: Located, match: RouteMatch) -> tuple[str, ...]:
+    """Input tensor names to redact; only KServe ModelInfer requests can be redacted, so a route must be able to
+    carry them."""
+    names: list[str] = []
+    for item in node.sequence():
+        name = item.string()
+        if name in names:
+            raise item.error(f"input {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        raise node.error("give the input tensors to redact, or leave redact out")
+    if not _covers(RouteMatch(method=match.method), RouteMatch(method=MODEL_INFER)):
+        raise node.error(
+            f"redact applies to KServe ModelInfer requests; this route matches only {match.method}: nothing to redact"
+        )
+    return tuple(names)
 
 
 def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tuple[Shadow, ...]:
@@ -620,16 +692,10 @@ def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tu
 
 
 def _compare(node: Located) -> Compare:
-    def mode(n: Located) -> str:
-        value = n.string()
-        if value not in CLASSIFICATION_MODES:
-            raise n.error(f"unknown classification {value!r} (one of {', '.join(CLASSIFICATION_MODES)})")
-        return value
-
     readers: dict[str, Reader] = {
         "atol": lambda n: n.number(minimum=0.0),
         "rtol": lambda n: n.number(minimum=0.0),
-        "classification": mode,
+        "classification": lambda n: _one_of(n, CLASSIFICATION_MODES, "classification"),
         "output": Located.string,
     }
     values, _ = _read(node, readers)
@@ -744,12 +810,6 @@ def _ground_truth(node: Located) -> GroundTruth:
 
 
 def _promotion(node: Located) -> Promotion:
-    def demote(n: Located) -> str:
-        value = n.string()
-        if value not in DEMOTE_TO:
-            raise n.error(f"unknown demote_to {value!r} (one of {', '.join(DEMOTE_TO)})")
-        return value
-
     readers: dict[str, Reader] = {
         "window": lambda n: n.integer(minimum=1, maximum=1_000_000),
         "min_samples": lambda n: n.integer(minimum=1),
@@ -757,7 +817,7 @@ def _promotion(node: Located) -> Promotion:
         "confidence": lambda n: n.number(minimum=0.5, maximum=0.9999),
         "error_margin": lambda n: n.number(minimum=0.0, maximum=1.0),
         "latency_factor": lambda n: n.number(minimum=0.01),
-        "demote_to": demote,
+        "demote_to": lambda n: _one_of(n, DEMOTE_TO, "demote_to"),
     }
     values, keys = _read(node, readers)
     promotion = Promotion(**values)
@@ -812,6 +872,11 @@ def _check_routes(routes: tuple[Route, ...], node: Located) -> None:
                 f"route name {route.name!r} is used twice (also routes[{seen[route.name]}]); set name:"
             )
         seen[route.name] = i
+        capture = route.capture
+        other = next((r for r in routes[:i] if capture and r.capture and r.capture.path == capture.path), None)
+        if capture is not None and other is not None:
+            path = items[i].dictionary()["capture"].dictionary()["path"]
+            raise path.error(f"capture directory {capture.path} is also route {other.name}'s: each needs its own")
         for j in range(i):
             if _covers(routes[j].match, route.match):
                 raise items[i].error(

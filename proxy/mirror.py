@@ -12,7 +12,12 @@ capped by ``timeout``. A copy that cannot be sent is dropped and counted by reas
 - ``shed``: the event loop runs late (``mirror_shed_lag``), so mirror work goes first;
 - ``circuit_open``: the shadow's circuit breaker is open (it keeps failing);
 - ``queue_full``: the shadow's in-flight limit and queue are both full;
-- ``closed``: still queued when the shadow was removed by a reload or a promotion.
+- ``closed``: still queued when the shadow was removed by a reload or a promotion;
+- ``unredactable``: the route redacts inputs (``redact``) and this request cannot be redacted (not ModelInfer, or
+  malformed): it is never sent as it is.
+
+On a route with ``redact``, copies carry the request with those inputs zeroed (proxy/redact.py), computed once per
+call for all the route's shadows, when the first shadow with room takes it.
 
 The memory a shadow can hold is therefore at most ``(max_inflight + queue_size) * max_message_size`` of requests
 (plus production's answers), whatever the shadow does.
@@ -32,8 +37,10 @@ import grpc
 
 from .compare import Comparator, Comparison, ProductionAnswer
 from .config import Compare, Promotion, Shadow
+from .kserve import TensorError
 from .looplag import LoopLag
 from .metrics import LATENCY_BUCKETS
+from .redact import RedactedRequest
 from .resilience import CircuitState
 from .sampling import SHADOW, sampled
 from .tap import CallRecord
@@ -44,7 +51,7 @@ __all__ = ["DROP_REASONS", "RouteMirror", "ShadowMirror", "ShadowStats"]
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("too_large", "shed", "circuit_open", "queue_full", "closed")
+DROP_REASONS = ("too_large", "shed", "circuit_open", "queue_full", "closed", "unredactable")
 _OK = grpc.StatusCode.OK
 
 
@@ -103,7 +110,7 @@ class ShadowMirror:
         self.stats = ShadowStats(promotion.window)
         self._comparator = Comparator(compare)
         self._lag = lag
-        self._queue: deque[tuple[CallRecord, ProductionAnswer | None]] = deque()
+        self._queue: deque[tuple[CallRecord, bytes, ProductionAnswer | None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._warned = False
@@ -120,8 +127,11 @@ class ShadowMirror:
     def queued(self) -> int:
         return len(self._queue)
 
-    def consider(self, record: CallRecord, production: ProductionAnswer | None) -> None:
-        """Send a copy of ``record``'s request if it is sampled and the shadow has room; else count why not."""
+    def consider(
+        self, record: CallRecord, production: ProductionAnswer | None, redacted: RedactedRequest | None = None
+    ) -> None:
+        """Send a copy of ``record``'s request (``redacted``'s when given) if it is sampled and the shadow has room;
+        else count why not."""
         spec = self.spec
         if not sampled(record.request_id, spec.percent) or self._closed:
             return
@@ -129,13 +139,18 @@ class ShadowMirror:
             self.stats.dropped("too_large")
         elif self._lag.overloaded:
             self.stats.dropped("shed")
-        elif len(self._tasks) < spec.max_inflight:
-            if self._admit():
-                task = asyncio.get_running_loop().create_task(self._work(record, production))
+        elif len(self._tasks) < spec.max_inflight or len(self._queue) < spec.queue_size:
+            try:
+                request = record.request if redacted is None else redacted.value()
+            except TensorError:
+                self.stats.dropped("unredactable")
+                return
+            if len(self._tasks) >= spec.max_inflight:
+                self._queue.append((record, request, production))
+            elif self._admit():
+                task = asyncio.get_running_loop().create_task(self._work(record, request, production))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        elif len(self._queue) < spec.queue_size:
-            self._queue.append((record, production))
         else:
             self.stats.dropped("queue_full")
 
@@ -146,21 +161,21 @@ class ShadowMirror:
         self.stats.dropped("circuit_open")
         return False
 
-    async def _work(self, record: CallRecord, production: ProductionAnswer | None) -> None:
-        """Mirror ``record``, then whatever is queued, until the queue is empty."""
+    async def _work(self, record: CallRecord, request: bytes, production: ProductionAnswer | None) -> None:
+        """Mirror ``record`` (sending ``request``), then whatever is queued, until the queue is empty."""
         while True:
-            await self._mirror(record, production)
+            await self._mirror(record, request, production)
             while self._queue:
-                record, production = self._queue.popleft()
+                record, request, production = self._queue.popleft()
                 if self._admit():
                     break
             else:
                 return
 
-    async def _mirror(self, record: CallRecord, production: ProductionAnswer | None) -> None:
+    async def _mirror(self, record: CallRecord, request: bytes, production: ProductionAnswer | None) -> None:
         metadata = (*record.metadata, (SHADOW, self.name))
         stub = self.target.stub("unary_unary", record.method)
-        call = stub(record.request, metadata=metadata, timeout=self.spec.timeout)
+        call = stub(request, metadata=metadata, timeout=self.spec.timeout)
         started = time.perf_counter()
         try:
             answer: bytes | None = await call
@@ -229,13 +244,17 @@ class ShadowMirror:
 
 
 class RouteMirror:
-    """The tap observer of one route: hands each answered call to every shadow of the route, after the answer."""
+    """The tap observer of one route: hands each answered call to every shadow of the route, after the answer.
+    ``redact``: input tensors zeroed in every copy."""
 
-    def __init__(self, route: str, shadows: Sequence[ShadowMirror], promotion: Promotion) -> None:
+    def __init__(
+        self, route: str, shadows: Sequence[ShadowMirror], promotion: Promotion, redact: tuple[str, ...] = ()
+    ) -> None:
         self.name = f"mirror:{route}"
         self.route = route
         self.shadows = tuple(shadows)
         self.promotion = promotion
+        self.redact = redact
         self._pending: list[CallRecord] = []
         self._scheduled = False
         self._limit = sum(s.spec.max_inflight + s.spec.queue_size for s in shadows) + 1024
@@ -257,8 +276,9 @@ class RouteMirror:
         for record in pending:
             production_ok = record.response is not None and record.role == "primary"
             production = ProductionAnswer(record.method, record.response) if production_ok else None
+            redacted = RedactedRequest(record.method, record.request, self.redact) if self.redact else None
             for shadow in self.shadows:
-                shadow.consider(record, production)
+                shadow.consider(record, production, redacted)
 
     def verdicts(self) -> dict[str, tuple[WindowSummary, Verdict]]:
         """Each shadow's window summary and verdict, judged against the route's control noise."""

@@ -28,6 +28,7 @@ from protos import FEEDBACK_SERVICE, INFERENCE_SERVICE
 
 from . import __version__
 from .admin import AdminServer, Request, Response, answer_promotion, endpoints
+from .capture import CaptureCollector, CaptureStats, CaptureWriter
 from .config import Config, Drift, Route, load_config
 from .drift.engine import DriftEngine
 from .drift.metadata_check import model_inputs, profile_mismatches
@@ -75,6 +76,10 @@ class Proxy:
         self.lag = LoopLag(config.mirror_shed_lag)
         self._shadows: dict[tuple[str, str], ShadowMirror] = {}
         self._drift: dict[str, DriftEngine] = {}
+        self._captures: dict[str, CaptureWriter] = {}
+        self._capture_stats: dict[str, CaptureStats] = {}
+        #: closed writers whose thread may still be writing what was queued (joined on stop)
+        self._retired_captures: list[CaptureWriter] = []
         self.feedback = FeedbackService(
             lambda: [e.ground_truth for e in self._drift.values() if e.ground_truth is not None]
         )
@@ -99,6 +104,7 @@ class Proxy:
         self.metrics.mirror_shedding.set_function(lambda: 1 if self.lag.overloaded else 0)
         self.metrics.registry.register(ShadowCollector(self._route_mirrors))
         self.metrics.registry.register(DriftCollector(lambda: list(self._drift.values())))
+        self.metrics.registry.register(CaptureCollector(lambda: list(self._captures.values())))
 
     # --- start ------------------------------------------------------------------------------------------------
 
@@ -237,13 +243,16 @@ class Proxy:
     def _build_table(self, config: Config, current: dict[str, UpstreamTarget]) -> RouteTable:
         """A route table for ``config``. Shadows whose settings and upstream are unchanged keep their mirror (and
         statistics); the others get a new one, and mirrors no longer configured are closed."""
-        drift = self._drift_engines(config)  # first: it may refuse the config
-        self._drift = drift
-        targets = self._build_targets(config, current)
-        if self.role.worker:  # shadows and drift live in the hub: watched routes' calls go there
+        if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
             handoff = {route.name: self.role.handoff for route in config.routes if watched(route)}
+            targets = self._build_targets(config, current)
             return RouteTable(config, targets, self.metrics, self.tap, {}, self.ids, handoff)
+        _make_capture_dirs(config)  # first, with the drift profiles: either may refuse the config
+        drift = self._drift_engines(config)
+        self._drift = drift
+        self._captures = self._capture_writers(config)
+        targets = self._build_targets(config, current)
         shadows: dict[tuple[str, str], ShadowMirror] = {}
         mirrors: dict[str, RouteMirror] = {}
         for route in config.routes:
@@ -258,13 +267,36 @@ class Proxy:
                 else:
                     shadows[key] = ShadowMirror(route.name, spec, target, route.compare, route.promotion, self.lag)
             mirrors[route.name] = RouteMirror(
-                route.name, [shadows[(route.name, s.name)] for s in route.shadows], route.promotion
+                route.name, [shadows[(route.name, s.name)] for s in route.shadows], route.promotion, route.redact
             )
         for key, mirror in self._shadows.items():
             if shadows.get(key) is not mirror:
                 mirror.close()
         self._shadows = shadows
-        return RouteTable(config, targets, self.metrics, self.tap, mirrors, self.ids, self._drift)
+        return RouteTable(config, targets, self.metrics, self.tap, mirrors, self.ids, self._drift, self._captures)
+
+    def _capture_writers(self, config: Config) -> dict[str, CaptureWriter]:
+        """A capture writer per route with ``capture``: kept across reloads when its settings and redaction are
+        unchanged. A replaced writer is closed; its successor's thread waits for it before writing."""
+        writers: dict[str, CaptureWriter] = {}
+        for route in config.routes:
+            if route.capture is None:
+                continue
+            existing = self._captures.get(route.name)
+            if existing is not None and (existing.spec, existing.redact) == (route.capture, route.redact):
+                writers[route.name] = existing
+        closing = [w for name, w in self._captures.items() if writers.get(name) is not w]
+        for writer in closing:
+            writer.close()
+        self._retired_captures = [w for w in (*self._retired_captures, *closing) if w.alive]
+        for route in config.routes:
+            if route.capture is None or route.name in writers:
+                continue
+            after = [w for w in self._retired_captures if w.route == route.name or w.spec.path == route.capture.path]
+            stats = self._capture_stats.setdefault(route.name, CaptureStats())
+            writers[route.name] = CaptureWriter(route.name, route.capture, route.redact, stats, after)
+            writers[route.name].start()
+        return writers
 
     def _drift_engines(self, config: Config) -> dict[str, DriftEngine]:
         """A drift engine per route with ``drift``: kept across reloads when its settings are unchanged. A profile
@@ -273,7 +305,7 @@ class Proxy:
         kept: dict[str, DriftEngine] = {}
         references: dict[str, Reference | None] = {}
         for route in config.routes:
-            if route.drift is None or self.role.worker:
+            if route.drift is None:
                 continue
             existing = self._drift.get(route.name)
             if existing is not None and existing.spec == route.drift:
@@ -415,6 +447,8 @@ class Proxy:
             mirror.close()
         for engine in self._drift.values():
             await asyncio.to_thread(engine.stop)
+        for writer in (*self._captures.values(), *self._retired_captures):
+            await asyncio.to_thread(writer.stop)  # writes what is queued, flushes, closes
         await self.lag.stop()
         for target in {t for table in self._live_tables for t in table.targets.values()}:
             await target.close()
@@ -540,6 +574,7 @@ class Proxy:
                     "fallbacks": {to: int(n) for (name, to), n in sorted(fallbacks.items()) if name == route.name},
                     "shadows": shadow_status(route.mirror) if route.mirror is not None else [],
                     "drift": drift_status(self._drift[route.name]) if route.name in self._drift else None,
+                    "capture": self._captures[route.name].snapshot() if route.name in self._captures else None,
                 }
                 for route in self.table.routes
             ],
@@ -558,8 +593,8 @@ class Proxy:
 
 
 def watched(route: Route) -> bool:
-    """Whether anything observes ``route``'s answered calls beyond its metrics (shadows, drift)."""
-    return bool(route.shadows) or route.drift is not None
+    """Whether anything observes ``route``'s answered calls beyond its metrics (shadows, drift, capture)."""
+    return bool(route.shadows) or route.drift is not None or route.capture is not None
 
 
 def _load_profile(route: str, spec: Drift) -> Reference | None:
@@ -576,6 +611,18 @@ def _load_profile(route: str, spec: Drift) -> Reference | None:
             f"route {route}: profile {spec.profile} has no series {sorted(missing)} (it has {reference.schema.names()})"
         )
     return reference
+
+
+def _make_capture_dirs(config: Config) -> None:
+    """Create the routes' capture directories; one that cannot be created refuses the start (or the reload)."""
+    for route in config.routes:
+        if route.capture is not None:
+            try:
+                Path(route.capture.path).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StartError(
+                    f"route {route.name}: cannot create capture directory {route.capture.path}: {exc.strerror or exc}"
+                ) from None
 
 
 def _counter_values(counter: Counter, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:

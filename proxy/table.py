@@ -38,6 +38,7 @@ class RouteRuntime:
         mirror: RouteMirror | None,
         ids: RequestIds,
         drift: Observer | None = None,
+        capture: Observer | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -46,7 +47,7 @@ class RouteRuntime:
         self.static = StaticResponder(spec.static_response) if spec.static_response is not None else None
         self.metrics: RouteMetrics = metrics.for_route(spec.name)
         self.mirror = mirror
-        self.tap = tap.with_observers([o for o in (mirror, drift) if o is not None])
+        self.tap = tap.with_observers([o for o in (mirror, drift, capture) if o is not None])
         self.ids = ids
 
     def readiness(self) -> tuple[bool, str]:
@@ -72,16 +73,21 @@ class RouteTable:
         mirrors: Mapping[str, RouteMirror] | None = None,
         ids: RequestIds | None = None,
         drift: Mapping[str, Observer] | None = None,
+        captures: Mapping[str, Observer] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.targets = dict(targets)
         mirrors = mirrors or {}
         ids = ids or RequestIds()
+        drift, captures = drift or {}, captures or {}
         self.routes = tuple(
-            RouteRuntime(route, self.targets, metrics, tap, mirrors.get(route.name), ids, (drift or {}).get(route.name))
+            RouteRuntime(
+                route, self.targets, metrics, tap, mirrors.get(route.name), ids, drift.get(route.name),
+                captures.get(route.name),
+            )
             for route in config.routes
-        )
+        )  # fmt: skip
         self.router: Router[RouteRuntime] = Router([(route.spec.match, route) for route in self.routes])
         self._call_types = {**KNOWN_CALL_TYPES, **config.method_types}
         self.inflight = 0

@@ -78,6 +78,11 @@ def test_the_example_config_loads_with_every_key_read():
     assert (drift.attribution.target, drift.attribution.output, drift.attribution.threshold) == (
         "probabilities[2]", None, 0.9
     )  # fmt: skip
+    capture = iris_route.capture
+    assert capture.path == str(REPO / "examples" / "captures" / "iris")
+    assert (capture.percent, capture.include, capture.tensors) == (1.0, "both", True)
+    assert (capture.max_file_bytes, capture.max_files, capture.queue_size) == (64 * 2**20, 10, 1000)
+    assert iris_route.redact == ("patient_id",)
     truth = drift.ground_truth
     assert (truth.output, truth.task, truth.ttl, truth.max_pending, truth.window) == (
         "probabilities", "classification", 3600.0, 100000, 1000

@@ -82,7 +82,7 @@ async def admin_get(admin: int, path: str) -> str:
     return body
 
 
-async def send(listen: int, n: int, rng: np.random.Generator, prefix: str, channels: int = 8) -> list[np.ndarray]:
+async def send(listen: int, n: int, rng: np.random.Generator, prefix: str, channels: int = 16) -> list[np.ndarray]:
     """``n`` ModelInfer calls spread over ``channels`` connections (so over the workers); all must succeed."""
     features = [sample_features(rng, 1) for _ in range(n)]
     # A local subchannel pool each: otherwise gRPC shares one connection between the channels.

@@ -7,6 +7,9 @@
 - ``.npz``: one array per input tensor, keyed by the tensor's name ([rows] or [rows, columns]); string arrays are
   categorical.
 - ``.parquet`` (when pyarrow is installed): like CSV, one column per feature.
+- a capture (``routes[].capture``): a ``.jsonl`` file or a directory of them: the decoded input tensors of every
+  captured ModelInfer call, stacked, named as the proxy names them (``tensor[i]``, or ``tensor`` for one column);
+  BYTES inputs are categorical, redacted inputs absent. ``--names`` renames the columns as for ``.npz``.
 
 Series names must match what the route watches (its ``drift.features`` names, or ``tensor[i]`` by default); the
 proxy checks at start-up and says what differs.
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..capture_record import captured_inputs
 from .reference import Reference
 from .schema import Rows, Schema, Series, as_category
 
@@ -28,6 +32,8 @@ __all__ = ["build_profile", "read_table"]
 def read_table(path: Path, input_name: str = "input", names: list[str] | None = None) -> tuple[Schema, Rows]:
     """The series and rows a data file holds (see the module docstring)."""
     suffix = path.suffix.lower()
+    if path.is_dir() or suffix == ".jsonl":
+        return _columns(captured_inputs(path), names)
     if suffix == ".npy":
         array = np.load(path, allow_pickle=False)
         return _columns([(input_name, array)], names)
@@ -50,7 +56,9 @@ def read_table(path: Path, input_name: str = "input", names: list[str] | None = 
             raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path)
         return _named_columns(input_name, table.column_names, [table.column(n).to_pylist() for n in table.column_names])
-    raise ValueError(f"{path}: unknown data format {suffix!r} (.npy, .npz, .csv, .parquet)")
+    raise ValueError(
+        f"{path}: unknown data format {suffix!r} (.npy, .npz, .csv, .parquet, .jsonl or a capture directory)"
+    )
 
 
 def _columns(tensors: list[tuple[str, np.ndarray]], names: list[str] | None) -> tuple[Schema, Rows]:
