@@ -5,11 +5,17 @@ Latency figures are for ``python -m loadtest.chaos``; only bounded-latency invar
 
 from __future__ import annotations
 
+import asyncio
 import math
 
+import grpc
 import pytest
 
-from loadtest.chaos.scenarios import SCENARIOS, Result, accounted
+from loadtest.chaos.load import MODEL_INFER, requests
+from loadtest.chaos.scenarios import SCENARIOS, Result, accounted, config_yaml
+from loadtest.chaos.servers import serve_faulty
+from proxy.config import parse_config
+from tests.support import through_proxy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +108,24 @@ async def test_sigterm_drains_calls_in_flight_and_refuses_new_ones_cleanly():
     assert set(facts["refused"]) <= {"UNAVAILABLE"}
     assert set(result.errors) <= {"UNAVAILABLE"}
     assert not [o for o in result.baseline if o.code != "OK"]
+
+
+async def test_copies_in_flight_when_a_reload_removes_their_shadow_are_counted():
+    """Before, close() cancelled copies in flight without counting them: they were neither finished, dropped nor
+    pending, and the books did not balance."""
+    async with serve_faulty("production") as (_, primary), serve_faulty("candidate") as (shadow, shadow_port):
+        shadow.delay = 3600.0
+        with_shadow = config_yaml(primary, shadows={"candidate": shadow_port}).replace(
+            "timeout: 300ms, max_inflight: 32, queue_size: 256", "timeout: 30s, max_inflight: 2, queue_size: 3"
+        )
+        async with through_proxy(with_shadow) as (proxy, channel):
+            stub = channel.unary_unary(MODEL_INFER)
+            for body in requests(5):
+                await stub(body, timeout=5)
+            mirror = proxy._shadows[("iris", "candidate")]
+            await wait_until(lambda: (mirror.inflight, mirror.queued) == (2, 3), what="2 copies in flight, 3 queued")
+            await proxy.reload(parse_config(config_yaml(primary), "<chaos>"))
+            await wait_until(lambda: mirror.inflight == 0, what="the copies in flight to be cancelled")
+            await asyncio.sleep(0)
+    assert mirror.stats.drops["closed"] == 3
+    assert mirror.stats.results == {grpc.StatusCode.CANCELLED.name: 2}
