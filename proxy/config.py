@@ -430,7 +430,11 @@ def _read(node: Located, readers: Mapping[str, Reader], required: Iterable[str] 
 def _token_file(node: Located, base: Path) -> str:
     """A file holding the admin bearer token (read at start, stripped); it must exist and not be empty."""
     path = _existing_file(node, base)
-    if not Path(path).read_text(encoding="utf-8").strip():
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise node.error(f"cannot read the admin token file {path}: {exc}") from None
+    if not token:
         raise node.error(f"the admin token file {path} is empty")
     return path
 

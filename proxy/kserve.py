@@ -92,6 +92,8 @@ def _tensor(spec, raw: bytes | None) -> Tensor:
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} declares {count} elements")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # empty, but numpy cannot shape even an empty array so
+        raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} is too large even though empty")
     if raw is not None:
         if datatype == "BYTES":
             values = decode_bytes_elements(raw, count, spec.name)

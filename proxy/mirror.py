@@ -19,6 +19,9 @@ capped by ``timeout``. A copy that cannot be sent is dropped and counted by reas
 On a route with ``redact``, copies carry the request with those inputs zeroed (proxy/redact.py), computed once per
 call for all the route's shadows, when the first shadow with room takes it.
 
+Copies in flight at that moment are cancelled and finish as ``CANCELLED``: every sampled copy ends up finished,
+dropped, or still pending.
+
 The memory a shadow can hold is therefore at most ``(max_inflight + queue_size) * max_message_size`` of requests
 (plus production's answers), whatever the shadow does.
 """
@@ -182,9 +185,10 @@ class ShadowMirror:
             code = _OK
         except grpc.aio.AioRpcError as error:
             answer, code = None, error.code()
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # close(): a reload or promotion removed the shadow, or the proxy stops
             call.cancel()
             self.target.breaker.record(grpc.StatusCode.CANCELLED)
+            self.stats.finished(grpc.StatusCode.CANCELLED.name, time.perf_counter() - started)
             raise
         seconds = time.perf_counter() - started
         if code is _OK:

@@ -3,6 +3,10 @@
 ``parse_yaml`` composes a document into PyYAML nodes (safe: no Python object tags are ever constructed) and wraps
 the root in ``Located``; typed readers (``string``, ``duration``, ``mapping`` ...) validate a value and raise
 ``ConfigError`` pointing at it.
+
+Hostile documents are bounded: nesting deeper than Python's recursion limit, aliases that refer to themselves, and
+aliases that would expand the document by more than ``MAX_ALIAS_EXPANSION`` nodes (a "billion laughs" document: the
+config readers walk the expanded tree) are ``ConfigError``s, as is any scalar a YAML tag cannot build.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ import yaml.constructor
 
 from .errors import ConfigError
 
-__all__ = ["Located", "parse_duration", "parse_yaml"]
+__all__ = ["MAX_ALIAS_EXPANSION", "MAX_DURATION", "Located", "parse_duration", "parse_yaml"]
+
+#: Nodes that aliases may add to a document, beyond those written in it.
+MAX_ALIAS_EXPANSION = 10_000
+#: Longest duration, in seconds (a year): gRPC treats timeouts beyond ~300 years as already expired.
+MAX_DURATION = 365 * 86400.0
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|µs|ms|s|m|h)\s*$")
 _DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -45,9 +54,51 @@ def parse_yaml(text: str, file: str) -> Located:
         raise ConfigError(f"invalid YAML: {exc.problem or exc}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None
-    if node is None:
-        node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", file=file) from None
+    if node is None:  # an empty document: an empty mapping on line 1 (errors about it need a line)
+        start = yaml.error.Mark(file, 0, 0, 0, None, None)
+        node = yaml.MappingNode("tag:yaml.org,2002:map", [], start_mark=start, end_mark=start)
+    _check_aliases(node, file)
     return Located(file=file, key="", node=node)
+
+
+def _check_aliases(root: yaml.Node, file: str) -> None:
+    """Refuse aliases that refer to an enclosing node, or that expand the document by more than
+    ``MAX_ALIAS_EXPANSION`` nodes. Counts without expanding: each distinct node is visited once."""
+    sizes: dict[int, int] = {}  # id(node) -> nodes in its expanded subtree
+    open_nodes: set[int] = set()  # the current path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = _children(node)
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            continue
+        if id(node) in sizes:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                line = child.start_mark.line + 1
+                raise ConfigError("invalid YAML: an alias refers to a node that contains it", file=file, line=line)
+            if id(child) not in sizes:
+                stack.append((child, False))
+    added = sizes[id(root)] - len(sizes)
+    if added > MAX_ALIAS_EXPANSION:
+        raise ConfigError(
+            f"invalid YAML: aliases expand the document by {added} nodes (at most {MAX_ALIAS_EXPANSION})", file=file
+        )
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [item for pair in node.value for item in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +156,10 @@ class Located:
 
     def _mapping_items(self) -> dict[str, Located]:
         assert isinstance(self.node, yaml.MappingNode)
-        yaml.constructor.SafeConstructor().flatten_mapping(self.node)
+        try:
+            yaml.constructor.SafeConstructor().flatten_mapping(self.node)
+        except yaml.constructor.ConstructorError as exc:
+            raise self.error(f"bad merge key (<<): {exc.problem}") from None
         items: dict[str, Located] = {}
         for key_node, value_node in self.node.value:
             if not isinstance(key_node, yaml.ScalarNode):
@@ -143,6 +197,8 @@ class Located:
             return yaml.constructor.SafeConstructor().construct_object(self.node)
         except yaml.constructor.ConstructorError as exc:
             raise self.error(f"cannot read value: {exc.problem}") from None
+        except (ValueError, KeyError, OverflowError) as exc:  # a tag's constructor on a value it cannot build
+            raise self.error(f"cannot read value {self.node.value[:80]!r} as {self.node.tag}: {exc}") from None
 
     def string(self) -> str:
         value = self.scalar()
@@ -176,13 +232,16 @@ class Located:
         return value
 
     def duration(self, *, minimum: float = 0.0) -> float:
-        """A duration such as ``250ms``, ``2s``, ``1.5m`` or ``1h``, in seconds. A unit is required."""
+        """A duration such as ``250ms``, ``2s``, ``1.5m`` or ``1h``, in seconds. A unit is required; at most
+        ``MAX_DURATION``."""
         value = self.scalar()
         seconds = parse_duration(value)
         if seconds is None:
             raise self.error(f"bad duration {value!r}: give a number and a unit (us, ms, s, m, h), e.g. 2s or 150ms")
         if seconds < minimum:
             raise self.error(f"duration must be at least {minimum}s, got {value!r}")
+        if not seconds <= MAX_DURATION:
+            raise self.error(f"duration must be at most a year ({MAX_DURATION:g}s), got {value!r}")
         return seconds
 
     def size(self, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int:

@@ -325,6 +325,16 @@ def test_absurd_shapes_are_bad_shapes_even_when_empty(shape: list[int]):
     assert caught.value.reason == "bad_shape"
 
 
+@pytest.mark.parametrize("shape", [[2**31 - 1, 2**31 - 1, 0], [2**31 - 1, 2**31 - 1, 2**31 - 1, 0, 7]], ids=str)
+def test_empty_shapes_too_large_for_numpy_are_bad_shapes(shape: list[int]):
+    """Found by the atheris harness (tests/fuzz/fuzz_kserve.py): each dimension within bounds and no element, but
+    numpy refuses the shape, which escaped as a ValueError."""
+    for raw in ([b""], None):
+        with pytest.raises(TensorError) as caught:
+            response_outputs(spec_response({"name": "a", "datatype": "FP32", "shape": shape}, raw=raw))
+        assert caught.value.reason == "bad_shape"
+
+
 def test_a_shape_of_32_unit_dimensions_still_decodes():
     (tensor,) = response_outputs(spec_response({"name": "a", "datatype": "FP32", "shape": [1] * 32}, raw=[fp32(1)]))[1]
     assert tensor.shape == (1,) * 32
