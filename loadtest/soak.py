@@ -4,7 +4,8 @@
 
 Processes (each its own): the demo ``production`` model, the demo ``candidate`` model as a shadow at 100%, and
 ``mlmirror serve`` with a route ``iris`` that mirrors every call to the candidate and runs the drift engine (windows
-of 1000 calls, reference captured from the first 1000, ground truth on the ``probabilities`` output).
+of 1000 calls, reference captured from the first 1000, ground truth on the ``probabilities`` output, keeping at
+most ``--max-pending`` predictions).
 
 Load: h2load (Debian's nghttp2-client) at a fixed rate below saturation, in runs of at most 5000 calls, each run
 sending one of ``--bodies`` ModelInferRequests of ``--batch`` rows of iris-like features (raw FP32 contents, no
@@ -56,7 +57,7 @@ RUN_CALLS = 5000  # calls per h2load run at most (each run sends one request bod
 SHADOW = "timeout: 2s, max_inflight: 32, queue_size: 256"
 
 
-def _config(path: Path, port: int, admin: int, production: int, candidate: int) -> None:
+def _config(path: Path, port: int, admin: int, production: int, candidate: int, max_pending: int) -> None:
     path.write_text(
         f"""listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
@@ -72,7 +73,7 @@ routes:
     drift:
       window: 1000
       capture: 1000
-      ground_truth: {{output: probabilities, max_pending: 20000, window: 400}}
+      ground_truth: {{output: probabilities, max_pending: {max_pending}, window: 400}}
 """
     )
     load_config(path)  # a mistake here would otherwise only show as a proxy that never listens
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace, command: str) -> tuple[str, bool]:
             bodies[-1].write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch))))
         ports = {name: free_port() for name in ("production", "candidate", "proxy", "admin")}
         config = Path(tmp) / "mlmirror.yaml"
-        _config(config, ports["proxy"], ports["admin"], ports["production"], ports["candidate"])
+        _config(config, ports["proxy"], ports["admin"], ports["production"], ports["candidate"], args.max_pending)
         log = args.proxy_log or Path(tmp) / "proxy.log"
         model = ("-m", "proxy", "model-server", "--listen")
         with contextlib.ExitStack() as stack:
@@ -212,9 +213,9 @@ def run(args: argparse.Namespace, command: str) -> tuple[str, bool]:
         "",
         f"ModelInfer, {args.batch} rows of 4 FP32 features per call ({body_size} bytes framed, {args.bodies} "
         f"different bodies), route iris -> production, 1 shadow (candidate) at 100% ({SHADOW}), drift engine "
-        "(windows of 1000 calls, reference from the first 1000, ground truth with max_pending 20000). h2load at "
-        f"{args.rate:g} calls/s offered over {args.connections} connections; every {args.every:,} calls a sample "
-        f"and {args.outcomes} calls whose outcomes are reported. Warm-up: the first {args.warmup:,} calls.",
+        f"(windows of 1000 calls, reference from the first 1000, ground truth with max_pending {args.max_pending:,}). "
+        f"h2load at {args.rate:g} calls/s offered over {args.connections} connections; every {args.every:,} calls "
+        f"a sample and {args.outcomes} calls whose outcomes are reported. Warm-up: the first {args.warmup:,} calls.",
         "",
         f"Load: {args.calls:,} calls in {soak.load_seconds:.0f} s ({args.calls / soak.load_seconds:.0f} calls/s "
         "achieved, sampling pauses included).",
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between polls of /metrics under load")
     parser.add_argument("--max-rss-growth", type=float, default=50.0, help="MB allowed after warm-up (default 50)")
     parser.add_argument("--slack", type=int, default=2, help="tasks, fds, threads allowed above the idle figures")
+    parser.add_argument("--max-pending", type=int, default=20_000, help="predictions the ground-truth store keeps "
+                        "(default 20,000: full within the warm-up; each costs about 0.5 KB)")  # fmt: skip
     parser.add_argument("--proxy-log", type=Path, help="keep the proxy's log in this file")
     args = parser.parse_args(argv)
     args.warmup = args.every if args.warmup is None else args.warmup
