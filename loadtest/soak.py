@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rss-growth", type=float, default=50.0, help="MB allowed after warm-up (default 50)")
     parser.add_argument("--slack", type=int, default=2, help="tasks, fds, threads allowed above the idle figures")
     parser.add_argument("--max-pending", type=int, default=20_000, help="predictions the ground-truth store keeps "
-                        "(default 20,000: full within the warm-up; each costs about 0.5 KB)")  # fmt: skip
+                        "(default 20,000: full within the warm-up; about 0.8 KB each)")  # fmt: skip
     parser.add_argument("--proxy-log", type=Path, help="keep the proxy's log in this file")
     args = parser.parse_args(argv)
     args.warmup = args.every if args.warmup is None else args.warmup
