@@ -31,22 +31,23 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 
-from .bench_proxy import MODEL_INFER, _process
+from .bench_proxy import MODEL_INFER
 from .envoy import DATAPLANE, forward_only, load, mirror_only, on_ports, running_envoy
 from .ghz import compare, report
 from .h2load import ProcessCPU, grpc_frame, run_h2load
 from .ports import free_port, wait_for_port
+from .processes import python_process
+from .scrape import by_label, metric_samples, total
 
 DIRECT = "direct (the model server)"
 MLMIRROR = "mlmirror proxy"
@@ -105,26 +106,15 @@ def ghz_report(system: System) -> dict:
     return result
 
 
-def _metric_totals(admin: int) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def _settled_totals(admin: int, within: float = 15.0) -> dict[tuple[str, tuple], float]:
+def _settled_samples(admin: int, within: float = 15.0) -> list[Sample]:
     """The observer's metrics once no ext_proc stream is open and the observed count has stopped moving."""
     deadline = time.monotonic() + within
     previous = None
     while True:
-        samples = _metric_totals(admin)
-        observed = samples.get(("mlmirror_extproc_streams_total", (("outcome", "observed"),)))
-        if (samples.get(("mlmirror_extproc_active_streams", ())) == 0 and observed == previous) or (
-            time.monotonic() > deadline
-        ):
+        samples = metric_samples(admin)
+        observed = by_label(samples, "mlmirror_extproc_streams_total", "outcome").get("observed")
+        settled = total(samples, "mlmirror_extproc_active_streams") == 0 and observed == previous
+        if settled or time.monotonic() > deadline:
             return samples
         previous = observed
         time.sleep(0.5)
@@ -132,11 +122,10 @@ def _settled_totals(admin: int, within: float = 15.0) -> dict[tuple[str, tuple],
 
 def observer_table(system: System, admin: int) -> list[str]:
     """What the observer saw of the calls Envoy carried to the data plane's production model."""
-    samples = _settled_totals(admin)
-    streams = {dict(labels)["outcome"]: v for (name, labels), v in samples.items()
-               if name == "mlmirror_extproc_streams_total"}  # fmt: skip
-    drift_calls = sum(v for (name, _), v in samples.items() if name == "mlmirror_drift_calls_total")
-    dropped = sum(v for (name, _), v in samples.items() if name == "mlmirror_drift_dropped_total")
+    samples = _settled_samples(admin)
+    streams = by_label(samples, "mlmirror_extproc_streams_total", "outcome")
+    drift_calls = total(samples, "mlmirror_drift_calls_total")
+    dropped = total(samples, "mlmirror_drift_dropped_total")
     observed = streams.get("observed", 0.0)
     share = observed / system.sent if system.sent else 0.0
     others = ", ".join(f"{k} {v:.0f}" for k, v in sorted(streams.items()) if k != "observed" and v) or "none"
@@ -205,9 +194,9 @@ def run(args: argparse.Namespace, command: str) -> str:
         }  # fmt: skip
         model = ("-m", "proxy", "model-server", "--listen")
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_process(*model, f"127.0.0.1:{ports['production']}", "--model", "production"))
-            stack.enter_context(_process(*model, f"127.0.0.1:{ports['candidate']}", "--model", "candidate"))
-            pids = {name: stack.enter_context(_process("-m", "proxy", "serve", "--config", str(path))).pid
+            stack.enter_context(python_process(*model, f"127.0.0.1:{ports['production']}", "--model", "production"))
+            stack.enter_context(python_process(*model, f"127.0.0.1:{ports['candidate']}", "--model", "candidate"))
+            pids = {name: stack.enter_context(python_process("-m", "proxy", "serve", "--config", str(path))).pid
                     for name, path in configs.items()}  # fmt: skip
             for name in ("production", "candidate", "mlmirror", "mlmirror_shadow", "observer", "observer_admin"):
                 wait_for_port(ports[name])

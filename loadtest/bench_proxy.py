@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
 import sys
 import tempfile
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,19 +36,11 @@ from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 
 from .h2load import ProcessCPU, grpc_frame, run_h2load
-from .ports import free_port, stop_process, wait_for_port
+from .ports import free_port, wait_for_port
+from .processes import python_process
+from .scrape import by_label, metric_samples
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-REPO = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def _process(*args: str) -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        stop_process(process)
 
 
 @dataclass
@@ -94,14 +83,8 @@ routes:
 
 
 def _calls_by_code(admin: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("mlmirror_calls_total{"):
-            code = line.split('grpc_code="', 1)[1].split('"', 1)[0]
-            counts[code] = counts.get(code, 0.0) + float(line.rsplit(" ", 1)[1])
-    return counts
+    """Client calls the proxy answered, by the status the client got."""
+    return by_label(metric_samples(admin), "mlmirror_calls_total", "grpc_code")
 
 
 FLOOR_ASYNCIO = "floor: grpc.aio pass-through (asyncio)"
@@ -140,9 +123,9 @@ def run(args: argparse.Namespace) -> str:
         model = ("-m", "proxy", "model-server", "--listen")
         proxies = _proxies(ports, config)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_process(*model, f"127.0.0.1:{ports['backend']}", "--model", "production"))
-            stack.enter_context(_process(*model, f"127.0.0.1:{ports['fallback']}", "--model", "baseline"))
-            running = {name: stack.enter_context(_process(*command)) for name, (command, _) in proxies.items()}
+            stack.enter_context(python_process(*model, f"127.0.0.1:{ports['backend']}", "--model", "production"))
+            stack.enter_context(python_process(*model, f"127.0.0.1:{ports['fallback']}", "--model", "baseline"))
+            running = {name: stack.enter_context(python_process(*command)) for name, (command, _) in proxies.items()}
             for port in ports.values():
                 wait_for_port(port)
             systems = [

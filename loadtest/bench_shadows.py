@@ -37,21 +37,21 @@ import shlex
 import statistics
 import sys
 import tempfile
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import load_config
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 
-from .bench_proxy import MODEL_INFER, _calls_by_code, _process
+from .bench_proxy import MODEL_INFER, _calls_by_code
 from .h2load import ProcessCPU, grpc_frame, run_h2load
 from .ports import free_port, wait_for_port
+from .processes import python_process
+from .scrape import MirrorCounts, drift_counts, metric_samples, mirror_counts
 
 __all__ = ["main", "serve_hung"]
 
@@ -156,33 +156,6 @@ def _saturation(setup: Setup, body: Path, args: argparse.Namespace) -> float:
     return run_h2load(setup.port, MODEL_INFER, body, calls=args.saturation_calls, connections=4, streams=8).rate
 
 
-@dataclass
-class MirrorCounts:
-    """One shadow's counters from a proxy's /metrics."""
-
-    results: dict[str, float] = field(default_factory=dict)  # mlmirror_mirror_requests_total by result
-    drops: dict[str, float] = field(default_factory=dict)  # mlmirror_mirror_dropped_total by reason
-    pending: float = 0.0  # mlmirror_mirror_inflight + mlmirror_mirror_queued
-
-
-def _mirror_counts(admin: int) -> dict[str, MirrorCounts]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    counts: dict[str, MirrorCounts] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if "shadow" not in sample.labels:
-                continue
-            shadow = counts.setdefault(sample.labels["shadow"], MirrorCounts())
-            if sample.name == "mlmirror_mirror_requests_total":
-                shadow.results[sample.labels["result"]] = sample.value
-            elif sample.name == "mlmirror_mirror_dropped_total":
-                shadow.drops[sample.labels["reason"]] = sample.value
-            elif sample.name in ("mlmirror_mirror_inflight", "mlmirror_mirror_queued"):
-                shadow.pending += sample.value
-    return counts
-
-
 def run(args: argparse.Namespace, command: str) -> str:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,12 +172,12 @@ def run(args: argparse.Namespace, command: str) -> str:
         model = ("-m", "proxy", "model-server", "--listen")
         with contextlib.ExitStack() as stack:
             for name, demo_model in MODEL_SERVERS.items():
-                stack.enter_context(_process(*model, f"127.0.0.1:{backends[name]}", "--model", demo_model))
+                stack.enter_context(python_process(*model, f"127.0.0.1:{backends[name]}", "--model", demo_model))
             hung = f"from loadtest.bench_shadows import serve_hung; serve_hung('127.0.0.1:{backends['hung']}')"
-            stack.enter_context(_process("-c", hung))
+            stack.enter_context(python_process("-c", hung))
             for setup in setups:
                 setup.pid = stack.enter_context(
-                    _process("-m", "proxy", "serve", "--config", str(configs[setup.name]))
+                    python_process("-m", "proxy", "serve", "--config", str(configs[setup.name]))
                 ).pid
             for port in [*backends.values(), *(p for s in setups for p in (s.port, s.admin))]:
                 wait_for_port(port)
@@ -220,8 +193,8 @@ def run(args: argparse.Namespace, command: str) -> str:
                     _measure(setup, body, args, rate)
                     print(f"round {round_ + 1}/{args.rounds}: {setup.name} done", file=sys.stderr, flush=True)
             calls = {setup.name: _calls_by_code(setup.admin) for setup in setups}
-            mirrors = {setup.name: _mirror_counts(setup.admin) for setup in setups}
-            drift = {setup.name: _drift_counts(setup.admin) for setup in setups if setup.name in DRIFT_ON}
+            mirrors = {setup.name: mirror_counts(metric_samples(setup.admin)) for setup in setups}
+            drift = {s.name: drift_counts(metric_samples(s.admin)) for s in setups if s.name in DRIFT_ON}
     for name, codes in calls.items():
         if set(codes) != {"OK"}:
             raise RuntimeError(f"{name}: mlmirror answered calls with other statuses: {codes}")
@@ -237,19 +210,6 @@ def run(args: argparse.Namespace, command: str) -> str:
             *_drift_table(calls, drift, setups),
         ]
     )
-
-
-def _drift_counts(admin: int) -> dict[str, float]:
-    """Totals of the drift engine's counters on a proxy's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in ("mlmirror_drift_calls_total", "mlmirror_drift_dropped_total",
-                               "mlmirror_drift_decode_errors_total", "mlmirror_drift_windows_total"):  # fmt: skip
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
 
 
 def _drift_table(

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .ports import stop_process, wait_for_port
+from .ports import wait_for_port
+from .processes import stop_process
 
 __all__ = [
     "DATAPLANE",

@@ -1,13 +1,11 @@
-"""Loopback ports and server processes for benchmarks and tests: a free port, waiting for a server to listen,
-stopping one."""
+"""Loopback ports for benchmarks and tests: a free one, and waiting for a server to listen."""
 
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 
-__all__ = ["free_port", "stop_process", "wait_for_port"]
+__all__ = ["free_port", "wait_for_port"]
 
 
 def free_port() -> int:
@@ -26,13 +24,3 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:g}s")
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds; always reaped."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

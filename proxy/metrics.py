@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -89,7 +89,13 @@ class Metrics:
         self.extproc_active_streams = Gauge(
             "mlmirror_extproc_active_streams", "Observer mode: Envoy ext_proc streams open now.", registry=r
         )
+        self.process_tasks = Gauge(
+            "mlmirror_process_tasks",
+            "asyncio tasks alive on the proxy's event loop (calls being relayed, shadow copies, health checks).",
+            registry=r,
+        )
         Info("mlmirror_build", "mlmirror version.", registry=r).info({"version": __version__})
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total
 
     def for_route(self, route: str) -> RouteMetrics:
         """The statistics of ``route``, created on first use and kept across reloads."""

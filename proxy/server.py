@@ -102,6 +102,8 @@ class Proxy:
         self.metrics.inflight_calls.set_function(self.inflight_calls)
         self.metrics.event_loop_lag.set_function(lambda: self.lag.lag)
         self.metrics.mirror_shedding.set_function(lambda: 1 if self.lag.overloaded else 0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics.process_tasks.set_function(self.tasks)
         self.metrics.registry.register(ShadowCollector(self._route_mirrors))
         self.metrics.registry.register(DriftCollector(lambda: list(self._drift.values())))
         self.metrics.registry.register(CaptureCollector(lambda: list(self._captures.values())))
@@ -112,6 +114,7 @@ class Proxy:
         """Bind and start serving. Raises ``StartError`` (after releasing what it had started) when the listener or
         the admin endpoint cannot bind, or a TLS file cannot be read."""
         config = self._first_config
+        self._loop = asyncio.get_running_loop()
         self._install_table(self._build_table(config, {}))
         self.lag.start()
         try:
@@ -221,6 +224,10 @@ class Proxy:
     def inflight_calls(self) -> int:
         """Client calls being served, on the current route table and on retired ones still draining."""
         return sum(table.inflight for table in self._live_tables)
+
+    def tasks(self) -> int:
+        """asyncio tasks not yet done on the event loop the proxy started on (0 before ``start``)."""
+        return len(asyncio.all_tasks(self._loop)) if self._loop is not None else 0
 
     @property
     def admin_port(self) -> int | None:
@@ -560,6 +567,7 @@ class Proxy:
             "ready": ready,
             "draining": self.draining,
             "inflight_calls": self.inflight_calls(),
+            "tasks": self.tasks(),
             "listen": {"grpc": self.listen_address, "port": self.grpc_port, "admin": self.admin_address},
             "routes": [
                 {

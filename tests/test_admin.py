@@ -62,6 +62,10 @@ async def test_metrics_expose_the_documented_families_and_pass_promtool():
         sample = families[name].samples[0]
         assert set(labels) <= set(sample.labels), (name, sample.labels)
     assert families["mlmirror_request_duration_seconds"].type == "histogram"
+    # the process itself: live asyncio tasks (at least the admin handler and the loop-lag probe), fds, memory
+    assert families["mlmirror_process_tasks"].samples[0].value >= 2
+    assert families["process_open_fds"].samples[0].value >= 3
+    assert families["process_resident_memory_bytes"].samples[0].value > 10e6
     fallbacks = [s for s in families["mlmirror_fallbacks"].samples if s.name == "mlmirror_fallbacks_total"]
     assert [(s.labels["from_upstream"], s.labels["to"], s.labels["reason"], s.value) for s in fallbacks] == [
         ("primary", "fallback", "unavailable", 1.0)

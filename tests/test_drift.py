@@ -426,7 +426,9 @@ def test_a_full_queue_drops_and_counts_instead_of_growing():
     for item in numeric_calls(rng.standard_normal((25, 4))):
         engine.offer(item)
     assert engine.dropped == {"queue_full": 15}
+    assert engine.queued == 10
     engine.drain()
+    assert engine.queued == 0
     assert engine.accepted == 10
     assert engine.reference is not None
     assert engine.reference.counts.calls == 10
@@ -639,6 +641,7 @@ async def test_drift_through_the_proxy_shows_in_status_metrics_and_the_cli():
     assert value("mlmirror_drift_windows_total") == 2
     assert samples[("mlmirror_drift_calls_total", (("route", "iris"),))] == 1200
     assert samples[("mlmirror_drift_reference_rows", (("route", "iris"),))] == 600
+    assert samples[("mlmirror_drift_queued", (("route", "iris"),))] == 0  # every call was counted: none waits
     assert "mlmirror_drift_detected{" in body
     assert "mlmirror_drift_score{" in body
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import kernels
-from loadtest.ports import free_port, stop_process
+from loadtest.ports import free_port
+from loadtest.processes import stop_process
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 from proxy.drift.profile_build import build_profile

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.ports import free_port, stop_process
+from loadtest.ports import free_port
+from loadtest.processes import stop_process
 from protos import feedback_pb2
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request

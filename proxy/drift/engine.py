@@ -164,6 +164,11 @@ class DriftEngine:
             return
         self._queue.append(record)
 
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the worker."""
+        return len(self._queue)
+
     def start(self) -> None:
         kernels.warm_up()  # compile (or load) the kernels now, not on the first window
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)

@@ -42,6 +42,9 @@ class DriftCollector(Collector):
         dropped = CounterMetricFamily(
             "mlmirror_drift_dropped", "Calls the drift engine had no room for, by reason.", labels=["route", "reason"]
         )
+        queued = GaugeMetricFamily(
+            "mlmirror_drift_queued", "Calls waiting for the drift engine's worker.", labels=["route"]
+        )
         errors = CounterMetricFamily(
             "mlmirror_drift_decode_errors",
             "Calls the drift engine could not read, by reason.",
@@ -123,6 +126,7 @@ class DriftCollector(Collector):
                         quality.add_metric([*key, metric], value)
             route = engine.route
             records.add_metric([route], engine.accepted)
+            queued.add_metric([route], engine.queued)
             for reason, n in engine.dropped.items():
                 dropped.add_metric([route, reason], n)
             for reason, n in snapshot["decode_errors"].items():
@@ -152,7 +156,7 @@ class DriftCollector(Collector):
                     detected.add_metric([*key, series.name, series.kind], 1 if series.drifted else 0)
                     for method, value in series.scores.items():
                         score.add_metric([*key, series.name, series.kind, method], value)
-        yield from (score, detected, share, calls, rows, windows, records, dropped, errors, reference_rows)
+        yield from (score, detected, share, calls, rows, windows, records, queued, dropped, errors, reference_rows)
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
         yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
 
@@ -194,6 +198,7 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "window": engine.spec.window,
         "detect": engine.spec.detect,
         "calls": engine.accepted,
+        "queued": engine.queued,
         "dropped": dict(engine.dropped),
         "decode_errors": snapshot["decode_errors"],
         "latest": [_window(result) for result in snapshot["latest"].values()],
