@@ -248,7 +248,7 @@ class GroundTruth:
     output: str
     task: str = "classification"
     ttl: float = 3600.0
-    max_pending: int = 100_000
+    max_pending: int = 20_000
     window: int = 1000
 
 

@@ -85,7 +85,7 @@ def test_the_example_config_loads_with_every_key_read():
     assert iris_route.redact == ("patient_id",)
     truth = drift.ground_truth
     assert (truth.output, truth.task, truth.ttl, truth.max_pending, truth.window) == (
-        "probabilities", "classification", 3600.0, 100000, 1000
+        "probabilities", "classification", 3600.0, 20000, 1000
     )  # fmt: skip
     assert (drift.bins, drift.window, drift.capture, drift.profile) == (10, 1000, 1000, None)
     assert (drift.window_time, drift.sliding, drift.calibrate) == (300.0, 6, 3.0)
