@@ -36,10 +36,13 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def pack(record: CallRecord) -> tuple:
-    """A record as plain values ``marshal`` can write."""
+    """A record as plain values ``marshal`` can write. (gRPC gives metadata entries as named tuples, which marshal
+    refuses: they become plain pairs.)"""
+    metadata = tuple((str(key), value if isinstance(value, bytes) else str(value)) for key, value in record.metadata)
     return (
-        record.route, record.method, record.request, record.response, record.code.value[0], record.served_by,
-        record.role, record.request_id, record.metadata, record.started, record.latency, record.upstream_latency,
+        record.route, record.method, bytes(record.request), None if record.response is None else bytes(record.response),
+        record.code.value[0], record.served_by, record.role, record.request_id, metadata, record.started,
+        record.latency, record.upstream_latency,
     )  # fmt: skip
 
 
@@ -73,7 +76,7 @@ class HandoffSender:
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self.sent = 0
-        for reason in ("queue_full", "backpressure", "disconnected"):
+        for reason in ("queue_full", "backpressure", "disconnected", "unserializable"):
             dropped.labels(reason)
 
     async def connect(self) -> None:
@@ -112,7 +115,13 @@ class HandoffSender:
         elif writer.transport.get_write_buffer_size() > self._high_water:
             self._dropped.labels("backpressure").inc(len(batch))
         else:
-            writer.write(_frame(batch))
+            try:
+                frame = _frame(batch)
+            except (ValueError, TypeError) as exc:  # a value marshal cannot write: a bug, never the call's problem
+                self._dropped.labels("unserializable").inc(len(batch))
+                log.error("hand-off: cannot serialize a batch of %d calls (%s); dropped", len(batch), exc)
+                return
+            writer.write(frame)
             self.sent += len(batch)
 
     async def close(self) -> None:

@@ -44,6 +44,18 @@ def test_records_survive_packing(request, response, code, metadata):
     assert unpack(marshal.loads(marshal.dumps(pack(original)))) == original
 
 
+def test_metadata_as_grpc_gives_it_is_packed_as_plain_pairs():
+    from collections import namedtuple
+
+    Metadatum = namedtuple("Metadatum", ["key", "value"])  # what grpc.aio's invocation_metadata() holds
+    import marshal
+
+    fields = {f: getattr(record(1), f) for f in CallRecord.__slots__}
+    original = CallRecord(**{**fields, "metadata": (Metadatum("x-tenant", "acme"), Metadatum("t-bin", b"\x01"))})
+    packed = marshal.loads(marshal.dumps(pack(original)))
+    assert unpack(packed).metadata == (("x-tenant", "acme"), ("t-bin", b"\x01"))
+
+
 def dropped_counter() -> Counter:
     return Counter("dropped", "test", ["reason"], registry=CollectorRegistry())
 

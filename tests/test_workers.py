@@ -90,8 +90,9 @@ async def send(listen: int, n: int, rng: np.random.Generator, prefix: str, chann
     opened = [grpc.aio.insecure_channel(f"127.0.0.1:{listen}", options=[("grpc.use_local_subchannel_pool", 1)])
               for _ in range(channels)]  # fmt: skip
     try:
+        # Client metadata rides along to the hub (gRPC hands it over as named tuples).
         calls = [opened[i % channels].unary_unary(MODEL_INFER)(infer_request(x, request_id=f"{prefix}-{i}"),
-                                                               timeout=10)
+                                                               timeout=10, metadata=(("x-tenant", "acme"),))
                  for i, x in enumerate(features)]  # fmt: skip
         await asyncio.gather(*calls)
     finally:
