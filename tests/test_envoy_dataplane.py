@@ -43,12 +43,13 @@ def observer_config(production: FunctionModel) -> str:
 
 
 @contextlib.asynccontextmanager
-async def dataplane(tmp: Path, production: int, shadow: int, observer: int):
-    """Envoy on envoy/dataplane.yaml, its clusters on the given ports; yields a client channel to it."""
+async def dataplane(tmp: Path, production: int, shadow: int, observer: int, admin: int | None = None):
+    """Envoy on envoy/dataplane.yaml, its clusters on the given ports (its admin on ``admin``); yields a client
+    channel to it."""
     listen = free_port()
     clusters = {"production": [production], "shadow": [shadow], "mlmirror_observer": [observer]}
     async with (
-        envoy_running(on_ports(load(DATAPLANE), listen, free_port(), clusters), tmp),
+        envoy_running(on_ports(load(DATAPLANE), listen, admin or free_port(), clusters), tmp),
         grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel,
     ):
         yield channel
@@ -119,6 +120,37 @@ async def test_envoy_carries_the_calls_mirrors_them_and_the_observer_sees_drift(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await direct.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_observed_share_is_set_at_run_time_and_mirroring_goes_on(tmp_path):
+    rng = np.random.default_rng(4)
+    envoy_admin = free_port()
+    async with (
+        FunctionModel(iris_outputs) as production,
+        FunctionModel(iris_outputs) as shadow,
+        running_proxy(observer_config(production)) as observer,
+        dataplane(tmp_path, production.port, shadow.port, observer.grpc_port, envoy_admin) as channel,
+    ):
+
+        def observed() -> float:
+            registry = observer.metrics.registry
+            return registry.get_sample_value("mlmirror_extproc_streams_total", {"outcome": "observed"}) or 0.0
+
+        def runtime(key: str, value: int) -> None:
+            code, body = http_get(f"http://127.0.0.1:{envoy_admin}/runtime_modify?{key}={value}", "POST")
+            assert code == 200, body
+
+        await asyncio.to_thread(runtime, "mlmirror.observed_percent", 0)
+        await send(channel, rng, 100)
+        await wait_until(lambda: shadow.calls == 100, what="Envoy's mirrored copies")
+        await asyncio.sleep(0.5)
+        assert observed() == 0  # nothing streamed to the observer
+        assert production.calls == 100
+
+        await asyncio.to_thread(runtime, "mlmirror.observed_percent", 100)
+        await send(channel, rng, 100)
+        await wait_until(lambda: observed() == 100, what="every call observed again")
+        await wait_until(lambda: shadow.calls == 200, what="Envoy's mirrored copies")
 
 
 async def test_the_observer_sees_error_answers_with_their_status(tmp_path):
