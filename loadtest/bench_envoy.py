@@ -27,12 +27,9 @@ import argparse
 import contextlib
 import json
 import re
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +38,13 @@ from prometheus_client.samples import Sample
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
 
-from .bench_proxy import MODEL_INFER
 from .envoy import DATAPLANE, forward_only, load, mirror_only, on_ports, running_envoy
-from .ghz import compare, report
-from .h2load import ProcessCPU, grpc_frame, run_h2load
+from .ghz import compare
+from .h2load import grpc_frame
 from .ports import free_port, wait_for_port
 from .processes import python_process
 from .scrape import by_label, metric_samples, total
+from .systems import Load, System, ghz_report, measure
 
 DIRECT = "direct (the model server)"
 MLMIRROR = "mlmirror proxy"
@@ -56,54 +53,6 @@ ENVOY = "Envoy, forward only"
 ENVOY_MIRROR = "Envoy + 1 mirror"
 DATA_PLANE = "Envoy + 1 mirror + ext_proc to mlmirror observer (drift)"
 SYSTEMS = (DIRECT, MLMIRROR, MLMIRROR_SHADOW, ENVOY, ENVOY_MIRROR, DATA_PLANE)
-
-
-@dataclass
-class System:
-    """One system under test: the port clients call and the processes whose CPU counts (label -> pid)."""
-
-    name: str
-    port: int
-    pids: dict[str, int] = field(default_factory=dict)
-    latencies_s: list[np.ndarray] = field(default_factory=list)
-    seconds: float = 0.0
-    failed: int = 0
-    cpu_us: dict[str, list[float]] = field(default_factory=dict)
-    saturated: list[float] = field(default_factory=list)
-    sent: int = 0
-
-
-def _measure(system: System, body: Path, args: argparse.Namespace) -> None:
-    run_h2load(system.port, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
-    clocks = {label: ProcessCPU(pid) for label, pid in system.pids.items()}
-    before = {label: clock.seconds() for label, clock in clocks.items()}
-    fixed = run_h2load(system.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=args.rate)
-    for label, clock in clocks.items():
-        system.cpu_us.setdefault(label, []).append((clock.seconds() - before[label]) / max(fixed.calls, 1) * 1e6)
-    system.latencies_s.append(fixed.latencies_us / 1e6)
-    system.seconds += fixed.seconds
-    system.failed += fixed.failed
-    saturated = run_h2load(system.port, MODEL_INFER, body, calls=args.saturation_calls, connections=4, streams=8)
-    system.failed += saturated.failed
-    system.saturated.append(saturated.rate)
-    system.sent += args.warmup + args.calls + args.saturation_calls
-
-
-def ghz_report(system: System) -> dict:
-    """The system's fixed-rate calls (all rounds) as a ghz-format report, with CPU and saturation added."""
-    latencies = np.concatenate(system.latencies_s) if system.latencies_s else np.zeros(0)
-    codes = Counter({"OK": int(latencies.size)})
-    if system.failed:
-        codes["failed"] = system.failed
-    result = report(system.name, latencies.tolist(), codes, Counter(), system.seconds)
-    result["generator"] = "h2load"
-    result["saturationRps"] = statistics.median(system.saturated) if system.saturated else 0.0
-    if system.cpu_us:
-        breakdown = {label: statistics.median(values) for label, values in system.cpu_us.items()}
-        result["cpuPerCallMicros"] = sum(breakdown.values())
-        if len(breakdown) > 1:
-            result["cpuBreakdown"] = breakdown
-    return result
 
 
 def _settled_samples(admin: int, within: float = 15.0) -> list[Sample]:
@@ -213,7 +162,7 @@ def run(args: argparse.Namespace, command: str) -> str:
             for round_ in range(args.rounds):
                 shift = round_ % len(systems)
                 for system in systems[shift:] + systems[:shift]:
-                    _measure(system, body, args)
+                    measure(system, body, Load(args.warmup, args.calls, args.rate, args.saturation_calls))
                     print(f"round {round_ + 1}/{args.rounds}: {system.name} done", file=sys.stderr, flush=True)
             observed = observer_table(systems[-1], ports["observer_admin"])
     reports = [ghz_report(system) for system in systems]

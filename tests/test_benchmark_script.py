@@ -67,6 +67,25 @@ def test_bench_envoy_compares_both_modes_with_the_envoy_anchors(tmp_path):
     assert sum(line.startswith("| ") for line in compared.stdout.splitlines()) == 7  # header + six systems
 
 
+def test_bench_workers_compares_one_process_with_two_workers():
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench_workers", "--rounds", "1", "--calls", "200", "--rate", "200",
+         "--saturation-calls", "300", "--warmup", "50"],
+        capture_output=True, text=True, cwd=REPO, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {row[0].lstrip("| "): row for row in rows[1:5]}
+    assert list(table) == ["1 process", "--workers 2", "1 process, shadow + drift", "--workers 2, shadow + drift"]
+    for name, row in table.items():
+        assert row[3] == "200", (name, row)  # every fixed-rate call answered OK
+    assert "hub" in table["--workers 2, shadow + drift"][8]  # CPU per process of the group
+    assert "worker 1" in table["--workers 2"][8]
+    scaling = [row for row in rows if "→" in row[0]]
+    assert len(scaling) == 2
+    assert all(float(row[1].rstrip("x")) > 0 for row in scaling)
+
+
 def test_the_floor_proxy_relays_calls_transparently_when_asked():
     # The transparent floor must really pass statuses through, or the comparison would flatter it.
     script = """

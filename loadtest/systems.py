@@ -1,0 +1,82 @@
+"""Systems under test for the side-by-side benchmarks (bench_envoy, bench_workers): a port to call, the processes
+whose CPU counts, and what one round of load measured; reported in ghz's JSON format."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .ghz import report
+from .h2load import ProcessCPU, run_h2load
+
+__all__ = ["Load", "System", "ghz_report", "measure"]
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass(frozen=True)
+class Load:
+    """One round: ``warmup`` calls, ``calls`` at ``rate`` calls/s over ``connections``, then ``saturation_calls`` as
+    fast as answers come over ``saturation_connections`` x ``streams``."""
+
+    warmup: int
+    calls: int
+    rate: float
+    saturation_calls: int
+    connections: int = 4
+    saturation_connections: int = 4
+    streams: int = 8
+
+
+@dataclass
+class System:
+    """One system under test: the port clients call and the processes whose CPU counts (label -> pid)."""
+
+    name: str
+    port: int
+    pids: dict[str, int] = field(default_factory=dict)
+    latencies_s: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    failed: int = 0
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    saturated: list[float] = field(default_factory=list)
+    sent: int = 0
+
+
+def measure(system: System, body: Path, load: Load) -> None:
+    """One round of ``load`` on ``system``, sending ``body`` (a framed ModelInfer request)."""
+    run_h2load(system.port, MODEL_INFER, body, calls=load.warmup, connections=load.connections, streams=4)
+    clocks = {label: ProcessCPU(pid) for label, pid in system.pids.items()}
+    before = {label: clock.seconds() for label, clock in clocks.items()}
+    fixed = run_h2load(system.port, MODEL_INFER, body, calls=load.calls, connections=load.connections, rate=load.rate)
+    for label, clock in clocks.items():
+        system.cpu_us.setdefault(label, []).append((clock.seconds() - before[label]) / max(fixed.calls, 1) * 1e6)
+    system.latencies_s.append(fixed.latencies_us / 1e6)
+    system.seconds += fixed.seconds
+    system.failed += fixed.failed
+    saturated = run_h2load(system.port, MODEL_INFER, body, calls=load.saturation_calls,
+                           connections=load.saturation_connections, streams=load.streams)  # fmt: skip
+    system.failed += saturated.failed
+    system.saturated.append(saturated.rate)
+    system.sent += load.warmup + load.calls + load.saturation_calls
+
+
+def ghz_report(system: System) -> dict:
+    """The system's fixed-rate calls (all rounds) as a ghz-format report, with CPU and saturation added."""
+    latencies = np.concatenate(system.latencies_s) if system.latencies_s else np.zeros(0)
+    codes = Counter({"OK": int(latencies.size)})
+    if system.failed:
+        codes["failed"] = system.failed
+    result = report(system.name, latencies.tolist(), codes, Counter(), system.seconds)
+    result["generator"] = "h2load"
+    result["saturationRps"] = statistics.median(system.saturated) if system.saturated else 0.0
+    if system.cpu_us:
+        breakdown = {label: statistics.median(values) for label, values in system.cpu_us.items()}
+        result["cpuPerCallMicros"] = sum(breakdown.values())
+        if len(breakdown) > 1:
+            result["cpuBreakdown"] = breakdown
+    return result
