@@ -33,12 +33,15 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-async def _tls_echo(certs: Path) -> EchoServer:
+async def _tls_echo(certs: Path, *, client_certs: bool = False) -> EchoServer:
+    """An echo server on TLS; with ``client_certs``, it also requires a client certificate signed by the CA."""
     echo = EchoServer("tls")
     echo.server = grpc.aio.server()
     echo.server.add_generic_rpc_handlers((_EchoHandler(echo),))
     credentials = grpc.ssl_server_credentials(
-        [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())]
+        [((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())],
+        root_certificates=(certs / "ca.pem").read_bytes() if client_certs else None,
+        require_client_auth=client_certs,
     )
     echo.port = echo.server.add_secure_port("127.0.0.1:0", credentials)
     await echo.server.start()
@@ -64,6 +67,22 @@ async def test_tls_to_an_upstream(certs: Path):
         # Without TLS the same upstream cannot be spoken to: TLS really was in use.
         async with (
             running_proxy(_config(echo.address)) as proxy,
+            grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+    assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_to_an_upstream(certs: Path):
+    async with await _tls_echo(certs, client_certs=True) as echo:
+        ca = f"ca: {certs / 'ca.pem'}"
+        mutual = _config(echo.address, f", tls: {{{ca}, cert: {certs / 'client.pem'}, key: {certs / 'client.key'}}}")
+        async with running_proxy(mutual) as proxy, grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+            assert await channel.unary_unary(ECHO + "Unary")(b"hi") == b"tls:hi"
+        # Without the client certificate the upstream refuses the connection.
+        async with (
+            running_proxy(_config(echo.address, f", tls: {{{ca}}}")) as proxy,
             grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel,
         ):
             with pytest.raises(grpc.aio.AioRpcError) as failure:
