@@ -14,7 +14,7 @@ and the Feedback gRPC method (relayed by the workers) reach the hub's ground tru
 
 A worker that exits is started again (after 1 s, doubling to 30 s while it keeps failing within a minute). A
 worker whose hub goes away (the supervisor died) stops by itself. SIGTERM or SIGINT stops the workers first
-(each drains its calls), then the hub; SIGHUP reloads.
+(each drains its calls), then the hub; a second one kills the workers and exits 1. SIGHUP reloads.
 """
 
 from __future__ import annotations
@@ -199,9 +199,27 @@ class Supervisor:
         self._stopped.set()
 
     async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT (the ordered stop; a second one kills the workers and exits at once);
+        SIGHUP reloads."""
         loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_stop_signal(signum: int) -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen == 1:
+                log.info("%s: stopping the workers, then the hub", signal.Signals(signum).name)
+                self._background(self.stop())
+                return
+            log.warning("%s again: killing the workers and exiting without waiting", signal.Signals(signum).name)
+            for worker in self.workers:
+                if worker.process is not None and worker.process.poll() is None:
+                    worker.process.kill()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os._exit(1)
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, lambda: self._background(self.stop()))
+            loop.add_signal_handler(signum, on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload()))
         await self._stopped.wait()
 

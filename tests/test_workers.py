@@ -25,7 +25,7 @@ from loadtest.processes import stop_process
 from protos import feedback_pb2
 from proxy.demo.models import sample_features
 from proxy.demo.traffic import infer_request
-from tests.support import REPO, http_get, model_server, wait_until
+from tests.support import ECHO, REPO, EchoServer, http_get, model_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -218,3 +218,30 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
             group.kill()  # no chance to stop them
             await asyncio.to_thread(group.wait)
             await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
+
+
+async def test_a_second_stop_signal_kills_the_workers_and_exits_at_once(tmp_path):
+    async with EchoServer("slow") as echo:
+        echo.sleep = 20.0  # a call that keeps its worker draining
+        listen, admin = free_port(), free_port()
+        config = tmp_path / "mlmirror.yaml"
+        config.write_text(f"""
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+shutdown_grace: 30s
+method_types: {{{ECHO}Unary: unary_unary}}
+upstreams: {{echo: {echo.address}}}
+routes: [{{match: {{}}, primary: echo}}]
+""")
+        async with process_group(config, admin, tmp_path / "group.log") as group:
+            body = await admin_get(admin, "/status")
+            pids = [w["pid"] for w in json.loads(body)["workers"]]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
+                call = channel.unary_unary(ECHO + "Unary")(b"x", timeout=60)
+                await wait_until(lambda: len(echo.received) == 1, what="the call to be in flight")
+                group.send_signal(signal.SIGTERM)  # the workers drain: the call keeps one busy for 20 s
+                await asyncio.sleep(0.5)
+                group.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(group.wait, 10) == 1  # long before the call could finish
+                await wait_until(lambda: not pids_alive(pids), within=10, what="the killed workers to be gone")
+                call.cancel()
