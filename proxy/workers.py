@@ -78,8 +78,8 @@ class Supervisor:
         self.config_path = str(Path(config_path).resolve())
         self.count = count
         self._worker_args = ["--log-level", log_level, *([] if use_uvloop else ["--no-uvloop"])]
+        self.config: Config = load_config(self.config_path)  # first: a bad file leaves nothing behind
         self.folder = Path(tempfile.mkdtemp(prefix="mlmirror-"))  # mode 0700: only this user reaches the sockets
-        self.config: Config = load_config(self.config_path)
         self.metrics = Metrics()
         self.hub = Proxy(
             self.config, metrics=self.metrics, role=Role("hub", listen=f"unix:{self.folder / FEEDBACK_SOCKET}")
@@ -383,6 +383,7 @@ async def run_worker(config_path: str, index: int, folder: Path) -> None:
         await sender.hub_gone()
         log.error("worker %d: the hub went away; stopping", index)
         await proxy.stop()
+        shutil.rmtree(folder, ignore_errors=True)  # the supervisor died: nobody else will remove its sockets
 
     watcher = asyncio.get_running_loop().create_task(stop_when_the_hub_goes())
     try:

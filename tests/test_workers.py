@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -112,6 +113,11 @@ async def polled(fetch: Callable[[], dict], done: Callable[[dict], bool], what: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}: {value}")
         await asyncio.sleep(0.2)
+
+
+def socket_folders() -> set[Path]:
+    """The hand-off folders of running groups (the supervisor makes one in the temporary directory)."""
+    return {p for p in Path(tempfile.gettempdir()).glob("mlmirror-*") if (p / "handoff.sock").exists()}
 
 
 def pids_alive(pids: list[int]) -> list[int]:
@@ -215,9 +221,12 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
             body = await admin_get(admin, "/status")
             pids = [w["pid"] for w in json.loads(body)["workers"]]
             assert len(pids_alive(pids)) == 2
+            folders = await asyncio.to_thread(socket_folders)
             group.kill()  # no chance to stop them
             await asyncio.to_thread(group.wait)
             await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
+            assert folders  # the group's socket folder existed ...
+            assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the workers removed it
 
 
 async def test_a_second_stop_signal_kills_the_workers_and_exits_at_once(tmp_path):
