@@ -32,19 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from prometheus_client.samples import Sample
-
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
 
 from .envoy import DATAPLANE, forward_only, load, mirror_only, on_ports, running_envoy
 from .ghz import compare
-from .h2load import grpc_frame
 from .ports import free_port, wait_for_port
 from .processes import python_process
 from .scrape import by_label, metric_samples, total
-from .systems import Load, System, ghz_report, measure
+from .systems import Load, System, add_load_arguments, failed_lines, ghz_report, request_file, rounds
 
 DIRECT = "direct (the model server)"
 MLMIRROR = "mlmirror proxy"
@@ -124,11 +119,9 @@ routes:
 
 
 def run(args: argparse.Namespace, command: str) -> str:
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        body = folder / "infer.bin"
-        body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
+        body = request_file(folder, args.batch)
         names = ("production", "candidate", "mlmirror", "mlmirror_shadow", "observer", "observer_admin",
                  "envoy", "envoy_mirror", "dataplane")  # fmt: skip
         ports = {name: free_port() for name in names}
@@ -159,11 +152,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                 System(ENVOY_MIRROR, ports["envoy_mirror"], {"envoy": envoy_pids[ENVOY_MIRROR]}),
                 System(DATA_PLANE, ports["dataplane"], {"envoy": envoy_pids[DATA_PLANE], "observer": pids[DATA_PLANE]}),
             ]
-            for round_ in range(args.rounds):
-                shift = round_ % len(systems)
-                for system in systems[shift:] + systems[:shift]:
-                    measure(system, body, Load(args.warmup, args.calls, args.rate, args.saturation_calls))
-                    print(f"round {round_ + 1}/{args.rounds}: {system.name} done", file=sys.stderr, flush=True)
+            rounds(systems, body, Load(args.warmup, args.calls, args.rate, args.saturation_calls), args.rounds)
             observed = observer_table(systems[-1], ports["observer_admin"])
     reports = [ghz_report(system) for system in systems]
     if args.out:
@@ -171,7 +160,6 @@ def run(args: argparse.Namespace, command: str) -> str:
         for result in reports:
             slug = re.sub(r"[^a-z0-9]+", "-", result["name"].lower()).strip("-")
             (args.out / f"{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
-    failed = {s.name: s.failed for s in systems if s.failed}
     lines = [
         f"`{command}`",
         "",
@@ -183,20 +171,14 @@ def run(args: argparse.Namespace, command: str) -> str:
         compare(reports),
         "",
         *observed,
+        *failed_lines(systems),
     ]
-    if failed:
-        lines += ["", f"failed calls: {failed}"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=400.0, help="fixed offered load, calls/s (default 400)")
-    parser.add_argument("--calls", type=int, default=8000, help="calls per fixed-load run (default 8000)")
-    parser.add_argument("--saturation-calls", type=int, default=10000, help="calls per saturation run")
-    parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
+    add_load_arguments(parser, saturation_calls=10000)
     parser.add_argument("--out", type=Path, help="write each system's ghz-format report into this folder")
     args = parser.parse_args(argv)
     command = "python -m loadtest.bench_envoy " + " ".join(argv if argv is not None else sys.argv[1:])

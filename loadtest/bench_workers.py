@@ -27,16 +27,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
-
 from .ghz import compare
-from .h2load import grpc_frame
 from .ports import free_port, wait_for_port
 from .processes import python_process
-from .systems import Load, System, ghz_report, measure
+from .systems import Load, System, add_load_arguments, failed_lines, ghz_report, request_file, rounds
 
 ALONE = "1 process"
 WORKERS = "--workers 2"
@@ -77,11 +71,9 @@ def _group_pids(admin: int, supervisor: int, within: float = 60.0) -> dict[str, 
 
 
 def run(args: argparse.Namespace, command: str) -> str:
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        body = folder / "infer.bin"
-        body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
+        body = request_file(folder, args.batch)
         backends = {"production": free_port(), "candidate": free_port()}
         ports = {name: (free_port(), free_port()) for name in GROUPS}
         model = ("-m", "proxy", "model-server", "--listen")
@@ -103,11 +95,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                 systems.append(System(name, listen, pids))
             load = Load(args.warmup, args.calls, args.rate, args.saturation_calls, connections=8,
                         saturation_connections=16, streams=4)  # fmt: skip
-            for round_ in range(args.rounds):
-                shift = round_ % len(systems)
-                for system in systems[shift:] + systems[:shift]:
-                    measure(system, body, load)
-                    print(f"round {round_ + 1}/{args.rounds}: {system.name} done", file=sys.stderr, flush=True)
+            rounds(systems, body, load, args.rounds)
     reports = [ghz_report(system) for system in systems]
     by_name = {r["name"]: r for r in reports}
     lines = [
@@ -130,20 +118,12 @@ def run(args: argparse.Namespace, command: str) -> str:
             f"{b['cpuPerCallMicros'] / a['cpuPerCallMicros']:.2f}x | "
             f"{workers_cpu / a['cpuPerCallMicros']:.2f}x |"
         )
-    failed = {s.name: s.failed for s in systems if s.failed}
-    if failed:
-        lines += ["", f"failed calls: {failed}"]
-    return "\n".join(lines)
+    return "\n".join([*lines, *failed_lines(systems)])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=400.0, help="fixed offered load, calls/s (default 400)")
-    parser.add_argument("--calls", type=int, default=8000, help="calls per fixed-load run (default 8000)")
-    parser.add_argument("--saturation-calls", type=int, default=12000, help="calls per saturation run")
-    parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
+    add_load_arguments(parser, saturation_calls=12000)
     args = parser.parse_args(argv)
     command = "python -m loadtest.bench_workers " + " ".join(argv if argv is not None else sys.argv[1:])
     print(run(args, command.strip()))

@@ -3,17 +3,22 @@ whose CPU counts, and what one round of load measured; reported in ghz's JSON fo
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .ghz import report
-from .h2load import ProcessCPU, run_h2load
+from proxy.demo.models import sample_features
+from proxy.demo.traffic import infer_request
 
-__all__ = ["Load", "System", "ghz_report", "measure"]
+from .ghz import report
+from .h2load import ProcessCPU, grpc_frame, run_h2load
+
+__all__ = ["Load", "System", "add_load_arguments", "failed_lines", "ghz_report", "measure", "request_file", "rounds"]
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -30,6 +35,25 @@ class Load:
     connections: int = 4
     saturation_connections: int = 4
     streams: int = 8
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, saturation_calls: int) -> None:
+    """The options every side-by-side benchmark takes: the load of a round, how many rounds, rows per request."""
+    parser.add_argument("--rate", type=float, default=400.0, help="fixed offered load, calls/s (default 400)")
+    parser.add_argument("--calls", type=int, default=8000, help="calls per fixed-load run (default 8000)")
+    parser.add_argument("--saturation-calls", type=int, default=saturation_calls,
+                        help=f"calls per saturation run (default {saturation_calls})")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
+
+
+def request_file(folder: Path, rows: int) -> Path:
+    """The framed ModelInfer request every call sends (``rows`` iris-like rows), written into ``folder``."""
+    body = folder / "infer.bin"
+    x = sample_features(np.random.default_rng(0), rows)
+    body.write_bytes(grpc_frame(infer_request(x, request_id="bench-0001")))
+    return body
 
 
 @dataclass
@@ -80,3 +104,18 @@ def ghz_report(system: System) -> dict:
         if len(breakdown) > 1:
             result["cpuBreakdown"] = breakdown
     return result
+
+
+def rounds(systems: list[System], body: Path, load: Load, count: int) -> None:
+    """``count`` rounds of ``load`` on every system, in an order rotated each round; progress on stderr."""
+    for round_ in range(count):
+        shift = round_ % len(systems)
+        for system in systems[shift:] + systems[:shift]:
+            measure(system, body, load)
+            print(f"round {round_ + 1}/{count}: {system.name} done", file=sys.stderr, flush=True)
+
+
+def failed_lines(systems: list[System]) -> list[str]:
+    """A closing line naming the systems where calls failed, if any did."""
+    failed = {s.name: s.failed for s in systems if s.failed}
+    return ["", f"failed calls: {failed}"] if failed else []

@@ -30,7 +30,7 @@ from proxy.server import Proxy
 from ..ports import free_port, wait_for_port
 from .load import Outcome, drive, p99_ms
 from .metrics import Copies, Scrape, scrape
-from .servers import REPO, ModelProcess, serve_faulty
+from .servers import REPO, FaultyModel, ModelProcess, serve_faulty
 
 __all__ = ["SCENARIOS", "Result", "config_yaml"]
 
@@ -203,7 +203,10 @@ async def primary_killed(calls: int, rate: float) -> Result:
 # --- b. the primary slow, the primary failing -----------------------------------------------------------------
 
 
-async def primary_slow(calls: int, rate: float, delay: float = 0.05) -> Result:
+async def _primary_fault(
+    calls: int, rate: float, fault: Callable[[FaultyModel], None]
+) -> tuple[list[Outcome], list[Outcome], Scrape]:
+    """The in-process primary (with a fallback and a shadow) under load; ``fault(primary)`` between the phases."""
     async with (
         serve_faulty("production") as (primary, primary_port),
         serve_faulty("baseline") as (_, fallback),
@@ -212,11 +215,15 @@ async def primary_slow(calls: int, rate: float, delay: float = 0.05) -> Result:
         text = config_yaml(primary_port, fallback=fallback, shadows={"candidate": candidate})
         async with _proxy(text) as (proxy, channel):
 
-            async def slow() -> None:
-                primary.delay = delay
+            async def inject() -> None:
+                fault(primary)
 
-            baseline, fault = await _phases(channel, calls, rate, slow)
-            figures = await _settled(proxy.admin_port or 0)
+            baseline, faulted = await _phases(channel, calls, rate, inject)
+            return baseline, faulted, await _settled(proxy.admin_port or 0)
+
+
+async def primary_slow(calls: int, rate: float, delay: float = 0.05) -> Result:
+    baseline, fault, figures = await _primary_fault(calls, rate, lambda primary: setattr(primary, "delay", delay))
     return Result(
         f"primary slow (+{delay * 1e3:.0f} ms per call)",
         baseline,
@@ -228,19 +235,9 @@ async def primary_slow(calls: int, rate: float, delay: float = 0.05) -> Result:
 
 
 async def primary_failing(calls: int, rate: float) -> Result:
-    async with (
-        serve_faulty("production") as (primary, primary_port),
-        serve_faulty("baseline") as (_, fallback),
-        serve_faulty("candidate") as (_, candidate),
-    ):
-        text = config_yaml(primary_port, fallback=fallback, shadows={"candidate": candidate})
-        async with _proxy(text) as (proxy, channel):
-
-            async def fail() -> None:
-                primary.fail_with = grpc.StatusCode.UNAVAILABLE
-
-            baseline, fault = await _phases(channel, calls, rate, fail)
-            figures = await _settled(proxy.admin_port or 0)
+    baseline, fault, figures = await _primary_fault(
+        calls, rate, lambda primary: setattr(primary, "fail_with", grpc.StatusCode.UNAVAILABLE)
+    )
     fallbacks = {f"{to}/{reason}": n for (_, to, reason), n in figures.fallbacks.items() if n}
     return Result(
         "primary answers UNAVAILABLE",
