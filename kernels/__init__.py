@@ -8,10 +8,9 @@ at start-up rather than on its first window. Formulas, log bases and epsilons ar
 from __future__ import annotations
 
 import numpy as np
-
-from .divergence import chi_square, hellinger, js, kl, ks, linf, psi, slot_positions, wasserstein
-from .edges import quantile_edges, uniform_edges
-from .histogram import edge_guide, new_counts, update_categorical, update_sorted_edges, update_uniform
+from mlmirror.kernels.divergence import chi_square, hellinger, js, kl, ks, linf, psi, slot_positions, wasserstein
+from mlmirror.kernels.edges import quantile_edges, uniform_edges
+from mlmirror.kernels.histogram import edge_guide, new_counts, update_categorical, update_sorted_edges, update_uniform
 
 __all__ = [
     "chi_square",

@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(compare([json.loads(path.read_text()) for path in args.reports]))
         return 0
     import numpy as np
-
-    from proxy.demo.models import sample_features
-    from proxy.demo.traffic import infer_request
+    from mlmirror.demo.models import sample_features
+    from mlmirror.demo.traffic import infer_request
 
     args.out.write_bytes(infer_request(sample_features(np.random.default_rng(0), args.rows), request_id="ghz-load"))
     return 0

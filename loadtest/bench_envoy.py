@@ -134,11 +134,11 @@ def run(args: argparse.Namespace, command: str) -> str:
             DATA_PLANE: on_ports(dataplane, ports["dataplane"], free_port(),
                                  {**clusters, "mlmirror_observer": [ports["observer"]]}),
         }  # fmt: skip
-        model = ("-m", "proxy", "model-server", "--listen")
+        model = ("-m", "mlmirror", "model-server", "--listen")
         with contextlib.ExitStack() as stack:
             stack.enter_context(python_process(*model, f"127.0.0.1:{ports['production']}", "--model", "production"))
             stack.enter_context(python_process(*model, f"127.0.0.1:{ports['candidate']}", "--model", "candidate"))
-            pids = {name: stack.enter_context(python_process("-m", "proxy", "serve", "--config", str(path))).pid
+            pids = {name: stack.enter_context(python_process("-m", "mlmirror", "serve", "--config", str(path))).pid
                     for name, path in configs.items()}  # fmt: skip
             for name in ("production", "candidate", "mlmirror", "mlmirror_shadow", "observer", "observer_admin"):
                 wait_for_port(ports[name])

@@ -27,10 +27,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from mlmirror import kernels
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
-
-import kernels
 
 __all__ = ["main"]
 

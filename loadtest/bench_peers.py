@@ -52,8 +52,8 @@ from collections.abc import Callable
 from importlib import metadata
 
 import numpy as np
+from mlmirror import kernels
 
-import kernels
 from loadtest.bench_kernels import _cpu_name, _Mlmirror, _scipy_loop
 
 __all__ = ["main"]

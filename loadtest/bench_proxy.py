@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 
 from .h2load import ProcessCPU, grpc_frame, run_h2load
 from .ports import free_port, wait_for_port
@@ -104,7 +103,7 @@ def _proxies(ports: dict[str, int], config: Path) -> dict[str, tuple[list[str], 
             [*floor, f"127.0.0.1:{ports['transparent']}", backend, "--uvloop", "--transparent"],
             ports["transparent"],
         ),
-        MLMIRROR: (["-m", "proxy", "serve", "--config", str(config)], ports["mlmirror"]),
+        MLMIRROR: (["-m", "mlmirror", "serve", "--config", str(config)], ports["mlmirror"]),
     }
 
 
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> str:
         }
         config = Path(tmp) / "mlmirror.yaml"
         _mlmirror_config(config, ports["mlmirror"], ports["admin"], ports["backend"], ports["fallback"])
-        model = ("-m", "proxy", "model-server", "--listen")
+        model = ("-m", "mlmirror", "model-server", "--listen")
         proxies = _proxies(ports, config)
         with contextlib.ExitStack() as stack:
             stack.enter_context(python_process(*model, f"127.0.0.1:{ports['backend']}", "--model", "production"))

@@ -42,10 +42,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from proxy.config import load_config
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
+from mlmirror.config import load_config
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 
 from .bench_proxy import MODEL_INFER, _calls_by_code
 from .h2load import ProcessCPU, grpc_frame, run_h2load
@@ -169,7 +168,7 @@ def run(args: argparse.Namespace, command: str) -> str:
         for setup in setups:
             configs[setup.name] = Path(tmp) / f"mlmirror-{len(configs)}.yaml"
             _config(configs[setup.name], setup, backends, args.hung_breaker)
-        model = ("-m", "proxy", "model-server", "--listen")
+        model = ("-m", "mlmirror", "model-server", "--listen")
         with contextlib.ExitStack() as stack:
             for name, demo_model in MODEL_SERVERS.items():
                 stack.enter_context(python_process(*model, f"127.0.0.1:{backends[name]}", "--model", demo_model))
@@ -177,7 +176,7 @@ def run(args: argparse.Namespace, command: str) -> str:
             stack.enter_context(python_process("-c", hung))
             for setup in setups:
                 setup.pid = stack.enter_context(
-                    python_process("-m", "proxy", "serve", "--config", str(configs[setup.name]))
+                    python_process("-m", "mlmirror", "serve", "--config", str(configs[setup.name]))
                 ).pid
             for port in [*backends.values(), *(p for s in setups for p in (s.port, s.admin))]:
                 wait_for_port(port)

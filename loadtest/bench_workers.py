@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, command: str) -> str:
         body = request_file(folder, args.batch)
         backends = {"production": free_port(), "candidate": free_port()}
         ports = {name: (free_port(), free_port()) for name in GROUPS}
-        model = ("-m", "proxy", "model-server", "--listen")
+        model = ("-m", "mlmirror", "model-server", "--listen")
         systems = []
         with contextlib.ExitStack() as stack:
             for name, port in backends.items():
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                 config = folder / f"{len(systems)}.yaml"
                 _config(config, listen, admin, backends["production"], backends["candidate"], "shadow" in name)
                 workers = ["--workers", "2"] if name.startswith("--workers") else []
-                process = stack.enter_context(python_process("-m", "proxy", "serve", "--config", str(config),
+                process = stack.enter_context(python_process("-m", "mlmirror", "serve", "--config", str(config),
                                                              *workers))  # fmt: skip
                 wait_for_port(listen, 60)
                 pids = _group_pids(admin, process.pid) if workers else {"mlmirror": process.pid}

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from proxy.yamlsource import parse_duration
+from mlmirror.config.yamlsource import parse_duration
 
 __all__ = ["GhzConfig", "load_config", "report", "run"]
 

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from protos import FEEDBACK_SERVICE, feedback_pb2
-from proxy.config import load_config
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
-from proxy.kserve import response_outputs
+from mlmirror.config import load_config
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.protocol.kserve import response_outputs
+from mlmirror.protos import FEEDBACK_SERVICE, feedback_pb2
 
 from .bench_proxy import MODEL_INFER
 from .h2load import LoadResult, grpc_frame, run_h2load
@@ -197,11 +196,11 @@ def run(args: argparse.Namespace, command: str) -> tuple[str, bool]:
         config = Path(tmp) / "mlmirror.yaml"
         _config(config, ports["proxy"], ports["admin"], ports["production"], ports["candidate"], args.max_pending)
         log = args.proxy_log or Path(tmp) / "proxy.log"
-        model = ("-m", "proxy", "model-server", "--listen")
+        model = ("-m", "mlmirror", "model-server", "--listen")
         with contextlib.ExitStack() as stack:
             for name in ("production", "candidate"):
                 stack.enter_context(python_process(*model, f"127.0.0.1:{ports[name]}", "--model", name))
-            proxy = stack.enter_context(python_process("-m", "proxy", "serve", "--config", str(config), log=log))
+            proxy = stack.enter_context(python_process("-m", "mlmirror", "serve", "--config", str(config), log=log))
             for port in ports.values():
                 wait_for_port(port)
             time.sleep(1.0)  # the first health checks connect the upstream channels

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 
 from .ghz import report
 from .h2load import ProcessCPU, grpc_frame, run_h2load

@@ -1,6 +1,6 @@
 """mlmirror: a gRPC proxy that forwards inference calls to production, falls back gracefully, and watches models.
 
-The command line is ``mlmirror`` (``proxy.cli``); the running proxy is ``proxy.server.Proxy``.
+The command line is ``mlmirror`` (``mlmirror.cli.main``); the running proxy is ``mlmirror.runtime.proxy.Proxy``.
 """
 
 __version__ = "0.1.0"

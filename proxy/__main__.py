@@ -1,5 +1,5 @@
-"""``python -m proxy`` runs the ``mlmirror`` command line."""
+"""``python -m mlmirror`` runs the ``mlmirror`` command line."""
 
-from .cli import main
+from mlmirror.cli.main import main
 
 raise SystemExit(main())

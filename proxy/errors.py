@@ -6,7 +6,7 @@
     └── AdminError         a request to the admin endpoint failed (CLI side)
 
 gRPC errors from upstreams are not exceptions here: the handler relays them to the client as statuses
-(see ``proxy.handler``), and translates ``grpc.aio.AioRpcError`` in one place only.
+(see ``mlmirror.serving.handler``), and translates ``grpc.aio.AioRpcError`` in one place only.
 """
 
 from __future__ import annotations

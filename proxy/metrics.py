@@ -11,12 +11,11 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
 
+from mlmirror import __version__
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-
-from . import __version__
 
 __all__ = ["LATENCY_BUCKETS", "Metrics", "RouteMetrics"]
 

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from proxy.eventloop import loop_factory
+from mlmirror.eventloop import loop_factory
 
 
 @pytest.hookimpl(tryfirst=True)

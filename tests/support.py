@@ -29,14 +29,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from mlmirror.config import parse_config
+from mlmirror.demo.models import MODELS, serve_model
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.protos import inference_pb2, inference_pb2_grpc
+from mlmirror.runtime.proxy import Proxy
 
 from loadtest.envoy import running_envoy
-from protos import inference_pb2, inference_pb2_grpc
-from proxy.config import parse_config
-from proxy.demo.models import MODELS, serve_model
-from proxy.drift.engine import DriftEngine
-from proxy.server import Proxy
-from proxy.tap import CallRecord
 
 ECHO = "/test.Echo/"
 REPO = Path(__file__).resolve().parent.parent
@@ -266,7 +266,7 @@ def admin_json(proxy: Proxy, path: str = "/status") -> dict:
 def mlmirror(*args: str, **kwargs) -> subprocess.Popen:
     """Start the ``mlmirror`` command line as a subprocess (stdout and stderr captured)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy", *args],
+        [sys.executable, "-m", "mlmirror", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,11 +14,11 @@ import urllib.request
 
 import grpc
 import pytest
+from mlmirror.config import parse_config
+from mlmirror.errors import ConfigError
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
-from proxy.config import parse_config
-from proxy.errors import ConfigError
 from tests.support import ECHO, REPO, EchoServer, http_get, through_proxy, wait_until
 
 REQUIRED_METRICS = {
@@ -204,7 +204,7 @@ async def test_an_admin_token_guards_every_endpoint_but_the_probes(tmp_path):
             assert (await asyncio.to_thread(get_with, "/reload", None, "POST"))[0] == 401
             for path in ("/healthz", "/readyz"):  # probes stay open
                 assert (await asyncio.to_thread(get_with, path, None))[0] in (200, 503)
-            cli = [sys.executable, "-m", "proxy", "status", "--admin", f"127.0.0.1:{proxy.admin_port}"]
+            cli = [sys.executable, "-m", "mlmirror", "status", "--admin", f"127.0.0.1:{proxy.admin_port}"]
             denied = await asyncio.to_thread(subprocess.run, cli, capture_output=True, text=True, cwd=REPO, timeout=30)
             assert denied.returncode == 1
             env = {**os.environ, "MLMIRROR_ADMIN_TOKEN": "s3cret-token"}

@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from mlmirror.config import Attribution, Drift, parse_config
+from mlmirror.errors import ConfigError
+from mlmirror.observing.drift.attribution import AttributionTracker, ndcg
+from mlmirror.observing.drift.engine import DriftEngine
 
-from proxy.config import Attribution, Drift, parse_config
-from proxy.drift.attribution import AttributionTracker, ndcg
-from proxy.drift.engine import DriftEngine
-from proxy.errors import ConfigError
 from tests.support import feed_calls, fp64_call
 
 

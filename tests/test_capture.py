@@ -15,17 +15,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror.config import Capture, parse_config
+from mlmirror.errors import ConfigError
+from mlmirror.observing.capture.record import captured_inputs, encode_record
+from mlmirror.observing.capture.rotating import RotatingFiles, TooLargeError
+from mlmirror.observing.capture.writer import CaptureWriter
+from mlmirror.observing.drift.profile_build import build_profile
+from mlmirror.observing.drift.reference import Reference
+from mlmirror.protos import inference_pb2
+from mlmirror.serving.sampling import sampled
 from prometheus_client import generate_latest
 
-from protos import inference_pb2
-from proxy.capture import CaptureWriter
-from proxy.capture_record import captured_inputs, encode_record
-from proxy.config import Capture, parse_config
-from proxy.drift.profile_build import build_profile
-from proxy.drift.reference import Reference
-from proxy.errors import ConfigError
-from proxy.rotating import RotatingFiles, TooLargeError
-from proxy.sampling import sampled
 from tests.support import ECHO, REPO, EchoServer, FunctionModel, fp64_call, through_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -368,7 +368,7 @@ async def test_a_profile_built_from_a_capture_equals_one_built_from_the_same_row
 
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "proxy", "profile", "build", "--data", str(tmp_path / "caps"), "--out",
+        [sys.executable, "-m", "mlmirror", "profile", "build", "--data", str(tmp_path / "caps"), "--out",
          str(tmp_path / "c.npz"), "--bins", "8"],
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip

@@ -10,11 +10,11 @@ import math
 
 import grpc
 import pytest
+from mlmirror.config import parse_config
 
 from loadtest.chaos.load import MODEL_INFER, requests
 from loadtest.chaos.scenarios import SCENARIOS, Result, accounted, config_yaml
 from loadtest.chaos.servers import serve_faulty
-from proxy.config import parse_config
 from tests.support import through_proxy, wait_until
 
 pytestmark = pytest.mark.slow

@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from protos import inference_pb2
-from proxy.codec import DATATYPES, encode_bytes_elements
-from proxy.compare import Comparator, Comparison, ProductionAnswer
-from proxy.config import Compare, Promotion
-from proxy.kserve import MAX_ELEMENTS, TensorError, decode_bytes_elements, request_inputs, response_outputs
-from proxy.sampling import REQUEST_ID, RequestIds, sampled, sampling_point
-from proxy.verdict import Outcome, Window, WindowSummary, judge, wilson_lower_bound
+from mlmirror.config import Compare, Promotion
+from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
+from mlmirror.observing.shadows.verdict import Outcome, Window, WindowSummary, judge, wilson_lower_bound
+from mlmirror.protocol.codec import DATATYPES, encode_bytes_elements
+from mlmirror.protocol.kserve import MAX_ELEMENTS, TensorError, decode_bytes_elements, request_inputs, response_outputs
+from mlmirror.protos import inference_pb2
+from mlmirror.serving.sampling import REQUEST_ID, RequestIds, sampled, sampling_point
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

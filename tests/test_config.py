@@ -8,9 +8,9 @@ import textwrap
 
 import grpc
 import pytest
+from mlmirror.config import DEFAULT_FALLBACK_CODES, load_config, parse_config
+from mlmirror.errors import ConfigError
 
-from proxy.config import DEFAULT_FALLBACK_CODES, load_config, parse_config
-from proxy.errors import ConfigError
 from tests.support import REPO
 
 MINIMAL = """\
@@ -443,13 +443,13 @@ def test_check_config_command_exits_nonzero_with_the_location(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstreams:\n  a: {address: 127.0.0.1:1, timeout: fast}\nroutes: [{match: {}, primary: a}]\n")
     result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", str(bad)], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "mlmirror", "check-config", str(bad)], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 1
     assert f"{bad}:2: upstreams.a.timeout: bad duration 'fast'" in result.stderr
 
     good = subprocess.run(
-        [sys.executable, "-m", "proxy", "check-config", str(REPO / "examples" / "mlmirror.yaml")],
+        [sys.executable, "-m", "mlmirror", "check-config", str(REPO / "examples" / "mlmirror.yaml")],
         capture_output=True,
         text=True,
         cwd=REPO,

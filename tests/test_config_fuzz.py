@@ -14,14 +14,14 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from mlmirror.config import Drift, load_config, parse_config
+from mlmirror.config.yamlsource import MAX_ALIAS_EXPANSION
+from mlmirror.errors import ConfigError
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.protos import inference_pb2
+from mlmirror.serving.static_response import StaticResponder
 
-from protos import inference_pb2
-from proxy.config import Drift, load_config, parse_config
-from proxy.drift.engine import DriftEngine
-from proxy.errors import ConfigError
-from proxy.static_response import StaticResponder
-from proxy.tap import CallRecord
-from proxy.yamlsource import MAX_ALIAS_EXPANSION
 from tests.support import REPO
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from mlmirror.demo.models import CLASS_MEANS, MODELS, sample_features
 
-from proxy.demo.models import CLASS_MEANS, MODELS, sample_features
 from tests.support import REPO
 
 
@@ -18,7 +18,7 @@ def test_the_demo_runs_its_story_with_no_client_errors():
         [
             sys.executable,
             "-m",
-            "proxy",
+            "mlmirror",
             "demo",
             "--duration",
             "9s",

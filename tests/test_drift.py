@@ -20,19 +20,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror.config import Drift, DriftFeature, parse_config
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.errors import ConfigError, StartError
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowResult
+from mlmirror.observing.drift.reference import Reference
+from mlmirror.observing.drift.report import render_drift
+from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
+from mlmirror.protos import inference_pb2
+from mlmirror.runtime.proxy import Proxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos import inference_pb2
-from proxy.config import Drift, DriftFeature, parse_config
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
-from proxy.drift.engine import DriftEngine, SeriesResult, WindowResult
-from proxy.drift.reference import Reference
-from proxy.drift.report import render_drift
-from proxy.drift.schema import MAX_ROWS_PER_CALL
-from proxy.errors import ConfigError, StartError
-from proxy.server import Proxy
-from proxy.tap import CallRecord
 from tests.support import REPO, http_get, model_server, running_proxy, through_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -614,7 +614,7 @@ async def test_drift_through_the_proxy_shows_in_status_metrics_and_the_cli():
             admin = f"127.0.0.1:{proxy.admin_port}"
             cli = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "proxy", "drift", "--admin", admin],
+                [sys.executable, "-m", "mlmirror", "drift", "--admin", admin],
                 capture_output=True,
                 text=True,
                 cwd=REPO,
@@ -848,7 +848,7 @@ def test_calls_whose_tensor_width_changes_are_shape_mismatches_and_empty_calls_a
 
 
 def test_a_percent_watches_the_calls_the_request_id_hash_samples():
-    from proxy.sampling import sampled
+    from mlmirror.serving.sampling import sampled
 
     rng = np.random.default_rng(11)
     engine = DriftEngine("iris", Drift(window=10, capture=10, percent=25.0))

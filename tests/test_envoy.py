@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 
 from loadtest.envoy import DATAPLANE, FRONT_PROXY, envoy_binary, load, on_ports
 from loadtest.ports import free_port
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
 from tests.support import envoy_running, model_server, running_proxy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.envoy import DATAPLANE, load, on_ports
 from loadtest.ports import free_port
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
 from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -1,5 +1,5 @@
-"""Observer mode's reassembly of calls from Envoy's ext_proc messages (proxy/extproc.py), message by message: body
-chunks split anywhere, statuses in trailers or in a trailers-only answer, and every reason a stream gives no
+"""Observer mode's reassembly of calls from Envoy's ext_proc messages (proxy/observing/extproc.py), message by message:
+body chunks split anywhere, statuses in trailers or in a trailers-only answer, and every reason a stream gives no
 record. (tests/test_envoy_dataplane.py runs it behind the real Envoy.)"""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
 from hypothesis import given
 from hypothesis import strategies as st
+from mlmirror.config import parse_config
+from mlmirror.errors import ConfigError
+from mlmirror.observing.extproc import CallAssembler, GrpcFrames
+from mlmirror.serving.sampling import REQUEST_ID
 
 from loadtest.h2load import grpc_frame
-from proxy.config import parse_config
-from proxy.errors import ConfigError
-from proxy.extproc import CallAssembler, GrpcFrames
-from proxy.sampling import REQUEST_ID
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 LIMIT = 1024

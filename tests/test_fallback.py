@@ -8,11 +8,11 @@ import time
 import grpc
 import numpy as np
 import pytest
+from mlmirror.demo.traffic import infer_request
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.protos import inference_pb2
 
 from loadtest.ports import free_port
-from protos import inference_pb2
-from proxy.demo.traffic import infer_request
-from proxy.tap import CallRecord
 from tests.support import ECHO, EchoServer, through_proxy
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

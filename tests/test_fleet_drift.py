@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror import kernels
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.observing.drift.profile_build import build_profile
 
-import kernels
 from loadtest.ports import free_port
 from loadtest.processes import stop_process
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
-from proxy.drift.profile_build import build_profile
 from tests.support import REPO, model_server, running_proxy, wait_until
 
 FLEET_RULES = REPO / "deploy" / "prometheus" / "mlmirror-fleet-rules.yml"

@@ -10,13 +10,13 @@ import time
 import grpc
 import numpy as np
 import pytest
+from mlmirror.config import GroundTruth
+from mlmirror.demo.models import CLASS_MEANS, sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.observing.groundtruth.outcomes import GroundTruthStore, classification_metrics
+from mlmirror.protocol.kserve import Tensor
+from mlmirror.protos import feedback_pb2
 
-from protos import feedback_pb2
-from proxy.config import GroundTruth
-from proxy.demo.models import CLASS_MEANS, sample_features
-from proxy.demo.traffic import infer_request
-from proxy.drift.outcomes import GroundTruthStore, classification_metrics
-from proxy.kserve import Tensor
 from tests.support import http_get, model_server, through_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -166,7 +166,7 @@ async def test_outcomes_reported_late_over_grpc_and_http_give_quality_per_versio
 
 
 def _model_probabilities(x: np.ndarray) -> np.ndarray:
-    from proxy.demo.models import MODELS
+    from mlmirror.demo.models import MODELS
 
     return MODELS["production"].predict(x)[0][0]
 

@@ -1,5 +1,5 @@
-"""The workers' hand-off to the hub (proxy/handoff.py) over a real Unix socket, and the merged /metrics
-(proxy/metrics_merge.py) checked against sums by hand and by promtool."""
+"""The workers' hand-off to the hub (proxy/handoff/transport.py) over a real Unix socket, and the merged /metrics
+(proxy/admin/metrics_merge.py) checked against sums by hand and by promtool."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mlmirror.admin.metrics_merge import merge_expositions
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.handoff.transport import HandoffReceiver, HandoffSender, pack, unpack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.handoff import HandoffReceiver, HandoffSender, pack, unpack
-from proxy.metrics_merge import merge_expositions
-from proxy.tap import CallRecord
 from tests.support import wait_until
 
 

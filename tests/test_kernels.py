@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from scipy import special, stats
-from scipy.spatial.distance import jensenshannon
-
-import kernels
-from kernels import (
+from mlmirror import kernels
+from mlmirror.kernels import (
     chi_square,
     edge_guide,
     hellinger,
@@ -37,7 +34,9 @@ from kernels import (
     update_uniform,
     wasserstein,
 )
-from kernels import histogram as histogram_module
+from mlmirror.kernels import histogram as histogram_module
+from scipy import special, stats
+from scipy.spatial.distance import jensenshannon
 
 kernels.warm_up()  # compile (or load from the cache) once, before any test runs
 

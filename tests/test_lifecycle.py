@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 
 from loadtest.ports import free_port, wait_for_port
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
 from tests.support import ECHO, REPO, EchoServer, http_get, mlmirror, model_server, through_proxy
 
 pytestmark = pytest.mark.slow
@@ -159,7 +159,7 @@ async def test_killing_the_primary_mid_traffic_costs_clients_nothing():
     primary = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy",
+        "mlmirror",
         "model-server",
         "--model",
         "production",
@@ -224,7 +224,7 @@ async def test_serve_exits_with_a_clear_message_when_its_port_is_taken(tmp_path:
         write_config(config, free_port(), listen_port, "a", {"a": echo.address})
         done = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+            [sys.executable, "-m", "mlmirror", "serve", "--config", str(config)],
             capture_output=True, text=True, cwd=REPO, timeout=30,
         )  # fmt: skip
     assert done.returncode == 1

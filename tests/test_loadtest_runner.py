@@ -33,7 +33,7 @@ def loadtest(*args: str) -> subprocess.CompletedProcess:
 def test_a_run_writes_a_ghz_format_report_and_compare_tabulates_it(tmp_path: Path):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "model-server", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{port}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

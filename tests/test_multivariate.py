@@ -4,10 +4,10 @@ the features' joint structure is flagged while no feature's own distribution mov
 from __future__ import annotations
 
 import numpy as np
+from mlmirror.config import Drift, Multivariate, parse_config
+from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.observing.drift.multivariate import PcaDrift
 
-from proxy.config import Drift, Multivariate, parse_config
-from proxy.drift.engine import DriftEngine
-from proxy.drift.multivariate import PcaDrift
 from tests.support import feed_rows
 
 

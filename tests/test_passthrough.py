@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from mlmirror.demo.traffic import infer_request
+from mlmirror.protos import inference_pb2
 
-from protos import inference_pb2
-from proxy.demo.traffic import infer_request
 from tests.support import ECHO, EchoServer, _EchoHandler, model_server, running_proxy, through_proxy, wait_ready
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -6,15 +6,19 @@ import subprocess
 import sys
 
 import numpy as np
+from mlmirror import kernels
+from mlmirror.observing.drift.reference import Reference
 
-import kernels
-from proxy.drift.reference import Reference
 from tests.support import REPO
 
 
 def build(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "proxy", "profile", "build", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-m", "mlmirror", "profile", "build", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
 
 

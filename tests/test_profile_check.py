@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlmirror.config import parse_config
+from mlmirror.errors import StartError
+from mlmirror.observing.drift.profile_build import build_profile
+from mlmirror.runtime.proxy import Proxy
 
-from proxy.config import parse_config
-from proxy.drift.profile_build import build_profile
-from proxy.errors import StartError
-from proxy.server import Proxy
 from tests.support import model_server
 
 
@@ -64,7 +64,7 @@ async def test_a_profile_that_fits_starts_and_an_unreachable_model_is_only_logge
         await proxy.start()
         assert proxy.status()["routes"][0]["drift"]["reference"]["rows"] == 200
         await proxy.stop(grace=0)
-    with caplog.at_level(logging.WARNING, logger="proxy.server"):
+    with caplog.at_level(logging.WARNING, logger="mlmirror.runtime.proxy"):
         proxy = Proxy(parse_config(config(1, good)))  # nothing listens on port 1
         await proxy.start()
         await proxy.stop(grace=0)

@@ -13,11 +13,11 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.protos import feedback_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos import feedback_pb2
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
 from tests.support import REPO, http_get, model_server, through_proxy, wait_until
 
 RULES = REPO / "deploy" / "prometheus" / "mlmirror-rules.yml"

@@ -8,12 +8,12 @@ import textwrap
 
 import numpy as np
 import pytest
+from mlmirror.config import parse_config
+from mlmirror.errors import ConfigError
+from mlmirror.observing.redact import redact_request
+from mlmirror.protocol.kserve import TensorError, request_inputs
+from mlmirror.protos import inference_pb2
 
-from protos import inference_pb2
-from proxy.config import parse_config
-from proxy.errors import ConfigError
-from proxy.kserve import TensorError, request_inputs
-from proxy.redact import redact_request
 from tests.support import ECHO, EchoServer, through_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
-from proxy.config import CircuitPolicy
-from proxy.resilience import CircuitBreaker, CircuitState
+from mlmirror.config import CircuitPolicy
+from mlmirror.serving.resilience import CircuitBreaker, CircuitState
 
 FAIL = grpc.StatusCode.UNAVAILABLE
 OK = grpc.StatusCode.OK

@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlmirror.config import RouteMatch, parse_config
+from mlmirror.protocol.wire import encode_string_field, read_string_field
+from mlmirror.protos import inference_pb2
+from mlmirror.serving.router import Router
 
-from protos import inference_pb2
-from proxy.config import RouteMatch, parse_config
-from proxy.router import Router
-from proxy.wire import encode_string_field, read_string_field
 from tests.support import EchoServer, through_proxy
 
 names = st.text(max_size=40)

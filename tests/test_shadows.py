@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from mlmirror.demo.models import MODELS, serve_model
+from mlmirror.demo.traffic import infer_request
+from mlmirror.runtime.proxy import Proxy
+from mlmirror.serving.sampling import REQUEST_ID, SHADOW, sampled
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.demo.models import MODELS, serve_model
-from proxy.demo.traffic import infer_request
-from proxy.sampling import REQUEST_ID, SHADOW, sampled
-from proxy.server import Proxy
 from tests.support import (
     ECHO,
     REPO,
@@ -487,7 +487,7 @@ async def test_promote_under_traffic_fails_no_call():
             # The command line asks the admin endpoint, as an operator would.
             shown = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "proxy", "shadows", "--admin", admin],
+                [sys.executable, "-m", "mlmirror", "shadows", "--admin", admin],
                 capture_output=True, text=True, cwd=REPO, timeout=30,
             )  # fmt: skip
             assert shown.returncode == 0, shown.stderr
@@ -499,7 +499,7 @@ async def test_promote_under_traffic_fails_no_call():
             assert rows[1].split()[-1] == "control"
             promoted = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "proxy", "promote", "iris", "candidate", "--admin", admin],
+                [sys.executable, "-m", "mlmirror", "promote", "iris", "candidate", "--admin", admin],
                 capture_output=True, text=True, cwd=REPO, timeout=30,
             )  # fmt: skip
             assert promoted.returncode == 0, promoted.stderr
@@ -524,7 +524,7 @@ async def test_promote_under_traffic_fails_no_call():
             assert proxy.status()["promotions"][0]["route"] == "iris"
             unknown = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "proxy", "promote", "iris", "ghost", "--admin", admin],
+                [sys.executable, "-m", "mlmirror", "promote", "iris", "ghost", "--admin", admin],
                 capture_output=True, text=True, cwd=REPO, timeout=30,
             )  # fmt: skip
             assert unknown.returncode == 1
@@ -532,8 +532,8 @@ async def test_promote_under_traffic_fails_no_call():
 
 
 def test_promoted_config_demotes_the_old_primary_as_configured():
-    from proxy.config import parse_config
-    from proxy.promotion import promoted_config
+    from mlmirror.config import parse_config
+    from mlmirror.observing.shadows.promotion import promoted_config
 
     text = """
     upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2, c: 127.0.0.1:3}
@@ -632,7 +632,7 @@ async def test_reload_keeps_unchanged_shadows_and_their_statistics():
             await calls(channel, ECHO + "Unary", [b"a", b"b"])
             await wait_until(lambda: len(s.received) == 2 and len(t.received) == 2)
             kept, changed = shadow(proxy, "default", "s"), shadow(proxy, "default", "t")
-            from proxy.config import parse_config
+            from mlmirror.config import parse_config
 
             await proxy.reload(parse_config(steady(base.replace("PCT", "50")), "<reload>"))
             assert shadow(proxy, "default", "s") is kept

@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 import pytest
+from mlmirror.config import Drift, parse_config
+from mlmirror.errors import ConfigError
+from mlmirror.observing.drift.engine import DriftEngine
 
-from proxy.config import Drift, parse_config
-from proxy.drift.engine import DriftEngine
-from proxy.errors import ConfigError
 from tests.support import feed_rows
 
 

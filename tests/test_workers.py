@@ -19,13 +19,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.protos import feedback_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
 from loadtest.processes import stop_process
-from protos import feedback_pb2
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
 from tests.support import ECHO, REPO, EchoServer, http_get, model_server, wait_until
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ routes:
 async def process_group(config: Path, admin: int, log: Path, workers: int = 2) -> AsyncIterator[subprocess.Popen]:
     with log.open("w") as output:
         process = subprocess.Popen(  # noqa: ASYNC220 - a process beside the test, waited for in a thread
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--workers", str(workers)],
+            [sys.executable, "-m", "mlmirror", "serve", "--config", str(config), "--workers", str(workers)],
             cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 
-from proxy.eventloop import loop_factory
+from mlmirror.eventloop import loop_factory
 
 from .scenarios import SCENARIOS, Result, accounted, p99s
 

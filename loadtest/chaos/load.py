@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-
-from proxy.demo.models import sample_features
-from proxy.demo.traffic import infer_request
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
 
 __all__ = ["MODEL_INFER", "Outcome", "codes", "drive", "p99_ms", "requests"]
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-
-from proxy.config import parse_config
-from proxy.server import Proxy
+from mlmirror.config import parse_config
+from mlmirror.runtime.proxy import Proxy
 
 from ..ports import free_port, wait_for_port
 from .load import Outcome, drive, p99_ms
@@ -402,7 +401,7 @@ async def sigterm(calls: int, rate: float, delay: float = 0.1) -> Result:
             text = config_yaml(primary_port, listen=f"127.0.0.1:{listen}", admin=f"127.0.0.1:{admin}")
             await asyncio.to_thread(path.write_text, text)
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "serve", "--config", str(path),
+                sys.executable, "-m", "mlmirror", "serve", "--config", str(path),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
             )  # fmt: skip
             try:

@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-
-from protos import inference_pb2_grpc
-from proxy.demo.models import MODELS, ModelServicer
+from mlmirror.demo.models import MODELS, ModelServicer
+from mlmirror.protos import inference_pb2_grpc
 
 from ..ports import free_port, wait_for_port
 
@@ -64,7 +63,8 @@ class ModelProcess:
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "model-server", "--model", self.name, "--listen", f"127.0.0.1:{self.port}",
+            sys.executable, "-m", "mlmirror", "model-server", "--model", self.name,
+            "--listen", f"127.0.0.1:{self.port}",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
         )  # fmt: skip
         await asyncio.to_thread(wait_for_port, self.port)

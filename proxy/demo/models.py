@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-
-from protos import inference_pb2, inference_pb2_grpc
+from mlmirror.protos import inference_pb2, inference_pb2_grpc
 
 __all__ = ["CLASS_MEANS", "DemoModel", "MODELS", "ModelServicer", "sample_features", "serve_model"]
 

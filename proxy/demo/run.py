@@ -21,13 +21,12 @@ from collections.abc import Callable
 from typing import TextIO
 
 import grpc
-
-from ..config import parse_config
-from ..drift.report import render_drift
-from ..server import Proxy
-from ..shadow_table import render_shadows
-from .models import MODELS, serve_model
-from .traffic import TrafficStats, Window, run_traffic
+from mlmirror.cli.shadows import render_shadows
+from mlmirror.config import parse_config
+from mlmirror.demo.models import MODELS, serve_model
+from mlmirror.demo.traffic import TrafficStats, Window, run_traffic
+from mlmirror.observing.drift.report import render_drift
+from mlmirror.runtime.proxy import Proxy
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
@@ -202,7 +201,7 @@ def _shadow_summary(route: dict | None) -> str:
 
 
 def main(duration: float, rate: float, listen: str, admin: str) -> int:
-    from ..eventloop import run
+    from mlmirror.eventloop import run
 
     try:
         return run(run_demo(duration=duration, rate=rate, listen=listen, admin=admin))

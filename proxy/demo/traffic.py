@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-
-from protos import inference_pb2
-
-from .models import sample_features
+from mlmirror.demo.models import sample_features
+from mlmirror.protos import inference_pb2
 
 __all__ = ["TrafficStats", "Window", "infer_request", "run_traffic"]
 

@@ -11,18 +11,15 @@ gives the fuzzer valid structure to mutate.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import atheris
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import grpc  # noqa: F401 - imported before instrumenting: only mlmirror's own code is instrumented
 import numpy  # noqa: F401
 import yaml  # noqa: F401
 
 with atheris.instrument_imports():
-    from proxy.config import parse_config
-    from proxy.errors import ConfigError
+    from mlmirror.config import parse_config
+    from mlmirror.errors import ConfigError
 
 
 def one_input(data: bytes) -> None:

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 
 import atheris
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import grpc  # noqa: F401 - imported before instrumenting: only mlmirror's own code is instrumented
 import numpy  # noqa: F401
-
-from protos import inference_pb2
+from mlmirror.protos import inference_pb2
 
 with atheris.instrument_imports():
-    from proxy.compare import MODEL_INFER, Comparator, ProductionAnswer
-    from proxy.config import Compare
-    from proxy.kserve import TensorError, request_inputs, response_outputs
+    from mlmirror.config import Compare
+    from mlmirror.observing.shadows.compare import MODEL_INFER, Comparator, ProductionAnswer
+    from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
 
 COMPARATORS = [Comparator(Compare(classification=mode)) for mode in ("none", "argmax", "label")]
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64",

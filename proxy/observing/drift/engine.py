@@ -1,0 +1,527 @@
+"""The drift engine of one route: fed answered calls by the tap, it counts them in windows and compares each window
+with the reference, off the event loop.
+
+``offer`` (on the event loop, before the client's answer) appends the record to a bounded deque — or counts it
+dropped (``queue_full``). A worker thread wakes every ``POLL`` seconds, takes what is queued, decodes it (KServe V2
+request inputs and response outputs, per ``schema``), and adds the rows to the current window of the call's model
+version with the Numba kernels (which release the GIL). The first ``capture`` calls build the reference when no
+profile is configured. A window closes after ``window`` calls of one version or ``window_time`` seconds; its scores
+are computed from counts and published (``latest``, ``history``, and the ``sliding`` view). The worker hands the GIL
+back to the event loop every ``YIELD_EVERY`` calls. Calls that cannot be decoded are counted by reason, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from mlmirror import kernels
+from mlmirror.config import Drift
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, ndcg
+from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
+from mlmirror.observing.drift.reference import Reference, WindowCounts
+from mlmirror.observing.drift.schema import Rows, Schema, discover
+from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
+from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
+from mlmirror.serving.sampling import sampled
+
+__all__ = ["DriftEngine", "SeriesResult", "WindowResult"]
+
+log = logging.getLogger(__name__)
+
+POLL = 0.02  # seconds between the worker's looks at the queue
+#: Calls decoded between two offers of the GIL to the event loop (~30 µs each): the loop never waits long for it.
+YIELD_EVERY = 4
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_P_VALUE_METHODS = ("ks", "chi2")
+_NUMERIC_ONLY = ("ks", "w1")
+_CATEGORICAL_ONLY = ("chi2",)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesResult:
+    """One series in one window: ``scores`` by method (p-values for ks and chi2), and whether it drifted by the
+    route's ``detect`` method (``chi2`` standing in for ``ks`` on categorical series)."""
+
+    name: str
+    kind: str
+    categorical: bool
+    scores: dict[str, float]
+    method: str
+    drifted: bool
+    nan: int
+    threshold: float = math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionResult:
+    """Feature importances of a window and of the reference, and the NDCG of the window's ranking."""
+
+    importance: dict[str, float]
+    reference: dict[str, float]
+    ndcg: float
+    drifted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MultivariateResult:
+    """PCA reconstruction error of a window, the reference's, and the calibrated upper bound."""
+
+    error: float
+    reference: float
+    upper: float
+    drifted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """A closed window of one model version."""
+
+    route: str
+    model: str
+    version: str
+    index: int
+    calls: int
+    rows: int
+    started: float
+    ended: float
+    series: tuple[SeriesResult, ...]
+    attribution: AttributionResult | None = None
+    multivariate: MultivariateResult | None = None
+
+    @property
+    def feature_drift_share(self) -> float:
+        """Share of input features that drifted (data drift); NaN without features."""
+        features = [s for s in self.series if s.kind == "feature"]
+        return sum(s.drifted for s in features) / len(features) if features else math.nan
+
+    @property
+    def drifted_outputs(self) -> list[str]:
+        return [s.name for s in self.series if s.kind == "output" and s.drifted]
+
+
+@dataclass
+class _Open:
+    """A window being filled."""
+
+    counts: WindowCounts
+    started: float
+    index: int
+    attribution: AttributionState | None = None
+    pca: PcaState | None = None
+
+
+class DriftEngine:
+    """The tap observer of one route's drift monitoring."""
+
+    def __init__(self, route: str, spec: Drift, reference: Reference | None = None) -> None:
+        self.name = f"drift:{route}"
+        self.route = route
+        self.spec = spec
+        self.reference = reference
+        self.schema: Schema | None = reference.schema if reference is not None else None
+        self._queue: deque[CallRecord] = deque()
+        self._captured: list[Rows] = []
+        self._captured_calls = 0
+        self._open: dict[tuple[str, str], _Open] = {}
+        self._lock = threading.Lock()
+        self.latest: dict[tuple[str, str], WindowResult] = {}
+        self.history: deque[WindowResult] = deque(maxlen=spec.history)
+        self.windows: dict[tuple[str, str], int] = {}
+        self.dropped: dict[str, int] = {"queue_full": 0}
+        self.decode_errors: dict[str, int] = {}
+        self.accepted = 0
+        self.ground_truth = GroundTruthStore(spec.ground_truth, spec.history) if spec.ground_truth else None
+        self._tracker: AttributionTracker | None = None
+        self.reference_importance: np.ndarray | None = None
+        self.pca: PcaDrift | None = None
+        self.calibrated: dict[tuple[str, str], float] = {}
+        self._recent: dict[tuple[str, str], deque[tuple[WindowCounts, float]]] = {}
+        self.sliding: dict[tuple[str, str], WindowResult] = {}
+        #: the latest closed window's counts per model version (exported for the series in ``export_bins``)
+        self.latest_counts: dict[tuple[str, str], WindowCounts] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- event loop side ------------------------------------------------------------------------------------------
+
+    def offer(self, record: CallRecord) -> None:
+        """Constant time: keep the record for the worker, or count it dropped."""
+        if record.response is None or record.method != _MODEL_INFER:
+            return
+        if self.spec.percent < 100.0 and not sampled(record.request_id, self.spec.percent):
+            return
+        if len(self._queue) >= self.spec.queue_size:
+            self.dropped["queue_full"] += 1
+            return
+        self._queue.append(record)
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the worker."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        kernels.warm_up()  # compile (or load) the kernels now, not on the first window
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    # --- worker thread --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL):
+            self.drain()
+
+    def drain(self) -> None:
+        """Process everything queued now (the worker calls it; tests may too)."""
+        batch = []
+        while self._queue:
+            batch.append(self._queue.popleft())
+        try:
+            if batch:
+                self._process(batch)
+            self._close_expired(time.time())
+        except Exception:  # a bug here must cost a batch of statistics, never the thread
+            self._count_error("internal", len(batch))
+            log.exception("drift engine of route %s: a batch of %d calls was lost", self.route, len(batch))
+
+    def _close_expired(self, now: float) -> None:
+        """Close the windows older than ``window_time`` (those with calls; an empty window just goes on)."""
+        if self.spec.window_time is None:
+            return
+        for key, window in list(self._open.items()):
+            if now - window.started >= self.spec.window_time and window.counts.calls:
+                self._close(key)
+
+    def _process(self, batch: list[CallRecord]) -> None:
+        pending: dict[tuple[str, str], list[Rows]] = {}
+        for i, record in enumerate(batch):
+            if i % YIELD_EVERY == YIELD_EVERY - 1 and self._thread is threading.current_thread():
+                time.sleep(0)  # hand the GIL back to the event loop between short stretches of decoding
+            decoded = self._decode(record)
+            if decoded is None:
+                continue
+            key, rows = decoded
+            self.accepted += 1
+            if self.reference is None:
+                self._capture(rows, key)
+                continue
+            group = pending.setdefault(key, [])
+            group.append(rows)
+            window = self._window(key)
+            if self.spec.window is not None and window.counts.calls + len(group) >= self.spec.window:
+                self._add(window, group)
+                pending[key] = []
+                self._close(key)
+        for key, group in pending.items():
+            if group:
+                self._add(self._window(key), group)
+
+    def _decode(self, record: CallRecord) -> tuple[tuple[str, str], Rows] | None:
+        try:
+            model, inputs = request_inputs(record.request)
+            version, outputs = response_outputs(record.response or b"")
+            if self.schema is None:
+                self.schema = discover(self.spec, inputs, outputs)
+            rows = self.schema.rows(inputs, outputs)
+            key = (model or self.route, version or self.spec.model_version)
+            if self.ground_truth is not None:
+                self.ground_truth.remember(record.request_id, key, self.ground_truth.predictions(outputs))
+        except TensorError as exc:
+            self._count_error(exc.reason)
+            return None
+        return key, rows
+
+    def _count_error(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.decode_errors[reason] = self.decode_errors.get(reason, 0) + n
+
+    def _capture(self, rows: Rows, key: tuple[str, str]) -> None:
+        self._captured.append(rows)
+        self._captured_calls += 1
+        if self._captured_calls >= self.spec.capture:
+            assert self.schema is not None
+            rows = _concat(self._captured)
+            self.reference = Reference.build(
+                self.schema, rows, self.spec.bins, calls=self._captured_calls, model=key[0], version=key[1]
+            )
+            tracker = self._attribution_tracker()
+            if tracker is not None:
+                state = tracker.new_state()
+                tracker.add(state, rows.numeric)
+                self.reference_importance = tracker.importance(state)
+            self._fit_pca(rows)
+            self._calibrate(rows)
+            self._captured = []
+            log.info(
+                "drift %s: reference captured from %d calls (%d rows) of %s version %s",
+                self.route, self._captured_calls, rows.numeric.shape[0], key[0], key[1],
+            )  # fmt: skip
+
+    def _window(self, key: tuple[str, str]) -> _Open:
+        window = self._open.get(key)
+        if window is None:
+            assert self.reference is not None
+            index = self.windows.get(key, 0)
+            tracker = self._attribution_tracker()
+            window = self._open[key] = _Open(
+                self.reference.new_window(),
+                time.time(),
+                index,
+                tracker.new_state() if tracker else None,
+                self.pca.new_state() if self.pca else None,
+            )
+        return window
+
+    def _window_rows(self, rows_per_call: float) -> float:
+        """Rows a window is expected to hold (a time-only window is assumed as large as the capture)."""
+        return (self.spec.window or self.spec.capture) * rows_per_call
+
+    def _calibrate(self, rows: Rows) -> None:
+        """Per-series distance thresholds: mean + k sd of the scores of window-sized chunks of the reference, each
+        scored against the rest of the reference."""
+        k = self.spec.calibrate
+        reference = self.reference
+        if k is None or reference is None or self.schema is None:
+            return
+        size = max(1, round(self._window_rows(rows.numeric.shape[0] / max(self._captured_calls, 1))))
+        chunks = rows.numeric.shape[0] // size
+        if chunks < 3:
+            log.warning("drift %s: calibration needs 3 window-sized chunks of reference, has %d", self.route, chunks)
+            return
+        scores: dict[tuple[str, str], list[float]] = {}
+        full = reference.counts
+        for c in range(chunks):
+            part = Rows(rows.numeric[c * size : (c + 1) * size], rows.categorical[c * size : (c + 1) * size])
+            counts = reference.new_window()
+            reference.add(counts, part)
+            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged.
+            reference.counts = WindowCounts(
+                full.numeric - counts.numeric,
+                [a - b for a, b in zip(full.categorical, counts.categorical, strict=True)],
+            )
+            try:
+                for result in self.score(counts, ("", ""), -1, 0.0).series:
+                    for method, value in result.scores.items():
+                        scores.setdefault((result.name, method), []).append(value)
+            finally:
+                reference.counts = full
+        self.calibrated = {
+            key: float(np.nanmean(values) + k * np.nanstd(values))
+            for key, values in scores.items()
+            if key[1] not in _P_VALUE_METHODS
+        }
+
+    def _features(self) -> list[int]:
+        assert self.schema is not None
+        return [i for i, s in enumerate(self.schema.numeric) if s.kind == "feature"]
+
+    def _fit_pca(self, rows: Rows) -> None:
+        """The multivariate measure, fitted on the captured reference (a profile file holds no rows: then off)."""
+        spec = self.spec.multivariate
+        features = self._features()
+        if spec is None or len(features) < 2:
+            return
+        rows_per_call = rows.numeric.shape[0] / max(self._captured_calls, 1)
+        try:
+            self.pca = PcaDrift(
+                rows.numeric[:, features], self._window_rows(rows_per_call), variance=spec.variance, k=spec.k
+            )
+        except ValueError as exc:
+            log.warning("drift %s: no multivariate measure: %s", self.route, exc)
+
+    def _attribution_tracker(self) -> AttributionTracker | None:
+        """The tracker for ``spec.attribution``, once the schema is known; None when off or not possible."""
+        spec = self.spec.attribution
+        if spec is None or self.schema is None:
+            return None
+        if self._tracker is None:
+            numeric = self.schema.numeric
+            features = [i for i, s in enumerate(numeric) if s.kind == "feature"]
+            outputs = [i for i, s in enumerate(numeric) if s.kind == "output"]
+            if spec.output is not None:
+                sources = [i for i in outputs if numeric[i].tensor == spec.output]
+                surrogate = False
+            elif spec.target is not None:
+                sources = [i for i in outputs if numeric[i].name == spec.target]
+                surrogate = True
+            else:
+                sources, surrogate = outputs[:1], True
+            if not features or not sources or (not surrogate and len(sources) != len(features)):
+                need = "a numeric target" if surrogate else f"one column per feature in {spec.output!r}"
+                log.warning("drift %s: attribution needs numeric features and %s; it is off", self.route, need)
+                return None
+            self._tracker = AttributionTracker(features, sources, surrogate, spec.threshold)
+        return self._tracker
+
+    def _add(self, window: _Open, group: list[Rows]) -> None:
+        assert self.reference is not None
+        rows = _concat(group)
+        self.reference.add(window.counts, rows)
+        window.counts.calls += len(group)
+        if window.attribution is not None and self._tracker is not None:
+            self._tracker.add(window.attribution, rows.numeric)
+        if window.pca is not None and self.pca is not None:
+            self.pca.add(window.pca, rows.numeric[:, self._features()])
+
+    def _close(self, key: tuple[str, str]) -> None:
+        window = self._open.pop(key)
+        result = self.score(window.counts, key, window.index, window.started, window.attribution, window.pca)
+        sliding = None
+        if self.spec.sliding:
+            recent = self._recent.setdefault(key, deque(maxlen=self.spec.sliding))
+            recent.append((window.counts, window.started))
+            sliding = self.score(_sum_counts([c for c, _ in recent]), key, window.index, recent[0][1])
+        with self._lock:
+            self.windows[key] = window.index + 1
+            self.latest[key] = result
+            self.latest_counts[key] = window.counts
+            self.history.append(result)
+            if sliding is not None:
+                self.sliding[key] = sliding
+
+    # --- scoring --------------------------------------------------------------------------------------------------
+
+    def score(
+        self,
+        counts: WindowCounts,
+        key: tuple[str, str],
+        index: int,
+        started: float,
+        attribution: AttributionState | None = None,
+        pca: PcaState | None = None,
+    ) -> WindowResult:
+        """Scores of ``counts`` against the reference, by every configured method."""
+        reference = self.reference
+        assert reference is not None
+        assert self.schema is not None
+        results: list[SeriesResult] = []
+        numeric = _scores(reference.counts.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
+                          reference.positions, categorical=False)  # fmt: skip
+        for j, series in enumerate(self.schema.numeric):
+            results.append(self._judge(series.name, series.kind, False, {m: v[j] for m, v in numeric.items()},
+                                       int(counts.numeric[j, -1])))  # fmt: skip
+        for j, series in enumerate(self.schema.categorical):
+            ref = reference.counts.categorical[j].astype(np.float64)
+            cur = counts.categorical[j].astype(np.float64)
+            scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
+            results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
+        return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
+                            tuple(results), self._attribution(attribution), self._multivariate(pca))  # fmt: skip
+
+    def _multivariate(self, state: PcaState | None) -> MultivariateResult | None:
+        if state is None or self.pca is None:
+            return None
+        error = self.pca.error(state)
+        return MultivariateResult(error, self.pca.reference_error, self.pca.upper, bool(error > self.pca.upper))
+
+    def _attribution(self, state: AttributionState | None) -> AttributionResult | None:
+        tracker = self._tracker
+        if state is None or tracker is None or self.schema is None:
+            return None
+        importance = tracker.importance(state)
+        if self.reference_importance is None:  # a profile holds no attributions: the first window is the baseline
+            self.reference_importance = importance
+        names = [self.schema.numeric[i].name for i in tracker.features]
+        score = ndcg(self.reference_importance, importance)
+        return AttributionResult(
+            importance=dict(zip(names, importance.tolist(), strict=True)),
+            reference=dict(zip(names, self.reference_importance.tolist(), strict=True)),
+            ndcg=score,
+            drifted=bool(score < tracker.threshold),
+        )
+
+    def _judge(self, name: str, kind: str, categorical: bool, scores: dict[str, float], nan: int) -> SeriesResult:
+        method = self.spec.detect
+        if categorical and method in _NUMERIC_ONLY:
+            method = "chi2"
+        if not categorical and method in _CATEGORICAL_ONLY:
+            method = "ks"
+        value = scores.get(method, math.nan)
+        threshold = self.calibrated.get((name, method), self.spec.threshold(method))
+        drifted = bool(value < threshold) if method in _P_VALUE_METHODS else bool(value > threshold)
+        return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan, threshold)
+
+    # --- what the outside sees ------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            latest = dict(self.latest)
+            history = list(self.history)
+            windows = dict(self.windows)
+            errors = dict(self.decode_errors)
+            sliding = dict(self.sliding)
+            counts = dict(self.latest_counts)
+        return {
+            "latest": latest,
+            "history": history,
+            "windows": windows,
+            "decode_errors": errors,
+            "sliding": sliding,
+            "counts": counts,
+        }
+
+
+def _sum_counts(windows: list[WindowCounts]) -> WindowCounts:
+    """The counts of several windows together (counts merge by addition)."""
+    first = windows[0]
+    return WindowCounts(
+        numeric=sum((w.numeric for w in windows), np.zeros_like(first.numeric)),
+        categorical=[
+            sum((w.categorical[j] for w in windows), np.zeros_like(c)) for j, c in enumerate(first.categorical)
+        ],
+        calls=sum(w.calls for w in windows),
+        rows=sum(w.rows for w in windows),
+    )
+
+
+def _concat(groups: list[Rows]) -> Rows:
+    if len(groups) == 1:
+        return groups[0]
+    return Rows(np.concatenate([g.numeric for g in groups]), np.concatenate([g.categorical for g in groups]))
+
+
+def _scores(
+    reference: np.ndarray,
+    current: np.ndarray,
+    methods: tuple[str, ...],
+    positions: np.ndarray | None,
+    *,
+    categorical: bool,
+) -> dict[str, np.ndarray]:
+    """Each method's score per row of the [series, K] count arrays (p-values for ks and chi2)."""
+    if reference.ndim == 1:
+        reference, current = reference[None, :], current[None, :]
+    wanted = set(methods) | ({"chi2"} if categorical else {"ks"})
+    if reference.shape[0] == 0:
+        return {m: np.empty(0) for m in wanted}
+    out: dict[str, np.ndarray] = {}
+    for method in wanted:
+        if method == "psi":
+            out[method] = kernels.psi(reference, current)
+        elif method == "kl":
+            out[method] = kernels.kl(reference, current)
+        elif method == "js":
+            out[method] = kernels.js(reference, current)
+        elif method == "hellinger":
+            out[method] = kernels.hellinger(reference, current)
+        elif method == "linf":
+            out[method] = kernels.linf(reference, current)
+        elif method == "chi2":
+            out[method] = kernels.chi_square(reference, current)[2]
+        elif method == "ks" and not categorical:
+            out[method] = kernels.ks(reference, current)[1]
+        elif method == "w1" and not categorical and positions is not None:
+            out[method] = kernels.wasserstein(reference, current, positions)
+    return out

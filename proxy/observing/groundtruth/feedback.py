@@ -1,0 +1,104 @@
+"""Where outcomes arrive: the ``mlmirror.v1.Feedback/ReportOutcome`` gRPC method (on the proxy's listener) and
+``POST /outcomes`` (admin HTTP, JSON). Each outcome goes to the route whose ground-truth store knows its request id.
+
+JSON body: ``{"outcomes": [{"request_id": "...", "labels": ["setosa"]}, {"request_id": "...", "values": [3.2]}]}``;
+the answer counts them by result, as ``ReportOutcomeResponse`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+
+import grpc
+from google.protobuf.message import DecodeError
+from mlmirror.observing.groundtruth.outcomes import OUTCOME_RESULTS, GroundTruthStore
+from mlmirror.protos import FEEDBACK_SERVICE, feedback_pb2
+
+__all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json"]
+
+Outcome = tuple[str, Sequence[float], Sequence[str]]
+
+
+class FeedbackService:
+    """Joins outcomes with predictions. ``stores()`` gives the current routes' ground-truth stores.
+
+    The gRPC method takes raw bytes and parses them itself, so that a malformed request gets INVALID_ARGUMENT with
+    the reason rather than gRPC's generic UNKNOWN."""
+
+    def __init__(self, stores: Callable[[], Iterable[GroundTruthStore]]) -> None:
+        self._stores = stores
+        #: outcomes no route knew (counted apart: they belong to no route)
+        self.unknown = 0
+
+    def report(self, outcomes: Iterable[Outcome]) -> dict[str, int]:
+        counts = dict.fromkeys(OUTCOME_RESULTS, 0)
+        stores = list(self._stores())
+        for request_id, values, labels in outcomes:
+            store = next((s for s in stores if s.knows(request_id)), None)
+            if store is None:
+                self.unknown += 1
+                counts["unknown"] += 1
+            else:
+                counts[store.report(request_id, values, labels)] += 1
+        return counts
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The ``mlmirror.v1.Feedback`` service, to add to a server."""
+        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
+        return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
+
+    async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            message = feedback_pb2.ReportOutcomeRequest.FromString(request)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a ReportOutcomeRequest: {exc}")
+        counts = self.report((o.request_id, list(o.values), list(o.labels)) for o in message.outcomes)
+        return feedback_pb2.ReportOutcomeResponse(**counts).SerializeToString()
+
+
+class FeedbackRelay:
+    """A worker's ``mlmirror.v1.Feedback``: each call is relayed, bytes untouched, to the hub that holds the
+    predictions (``serve --workers N``); the hub's answer or error is the client's."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._call = self._channel.unary_unary(f"/{FEEDBACK_SERVICE}/ReportOutcome")
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
+        return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
+
+    async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        remaining = context.time_remaining()
+        try:
+            return await self._call(request, timeout=10.0 if remaining is None else remaining)
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def parse_outcomes_json(body: bytes) -> list[Outcome]:
+    """The outcomes of a ``POST /outcomes`` body; raises ValueError saying what is wrong."""
+    try:
+        document = json.loads(body or b"{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    items = document.get("outcomes") if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        raise ValueError('expected {"outcomes": [{"request_id": ..., "labels": [...] or "values": [...]}, ...]}')
+    outcomes = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
+            raise ValueError(f"outcomes[{i}]: needs a string request_id")
+        values, labels = item.get("values", []), item.get("labels", [])
+        if not isinstance(values, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values
+        ):
+            raise ValueError(f"outcomes[{i}].values: expected a list of numbers")
+        if not isinstance(labels, list):
+            raise ValueError(f"outcomes[{i}].labels: expected a list")
+        outcomes.append((item["request_id"], [float(v) for v in values], [str(v) for v in labels]))
+    return outcomes
