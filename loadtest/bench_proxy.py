@@ -33,13 +33,12 @@ from pathlib import Path
 import numpy as np
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.protocol.names import MODEL_INFER
 
 from .h2load import ProcessCPU, grpc_frame, run_h2load
 from .ports import free_port, wait_for_port
 from .processes import python_process
 from .scrape import by_label, metric_samples
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass

@@ -41,7 +41,8 @@ from mlmirror.config import load_config
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
 from mlmirror.protocol.kserve import response_outputs
-from mlmirror.protos import FEEDBACK_SERVICE, feedback_pb2
+from mlmirror.protocol.names import FEEDBACK_SERVICE
+from mlmirror.protos import feedback_pb2
 
 from .bench_proxy import MODEL_INFER
 from .h2load import LoadResult, grpc_frame, run_h2load

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.protocol.names import MODEL_INFER
 
 from .ghz import report
 from .h2load import ProcessCPU, grpc_frame, run_h2load
 
 __all__ = ["Load", "System", "add_load_arguments", "failed_lines", "ghz_report", "measure", "request_file", "rounds"]
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,6 @@ from types import ModuleType
 import grpc
 
 __all__ = [
-    "FEEDBACK_SERVICE",
-    "INFERENCE_SERVICE",
     "feedback_pb2",
     "feedback_pb2_grpc",
     "inference_pb2",
@@ -46,6 +44,3 @@ def _compile(proto_file: str) -> tuple[ModuleType, ModuleType]:
 
 inference_pb2, inference_pb2_grpc = _compile("grpc_predict_v2.proto")
 feedback_pb2, feedback_pb2_grpc = _compile("feedback.proto")
-
-INFERENCE_SERVICE = "inference.GRPCInferenceService"
-FEEDBACK_SERVICE = "mlmirror.v1.Feedback"

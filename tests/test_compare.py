@@ -23,10 +23,10 @@ from mlmirror.observing.shadows.compare import Comparator, Comparison, Productio
 from mlmirror.observing.shadows.verdict import Outcome, Window, WindowSummary, judge, wilson_lower_bound
 from mlmirror.protocol.codec import DATATYPES, encode_bytes_elements
 from mlmirror.protocol.kserve import MAX_ELEMENTS, TensorError, decode_bytes_elements, request_inputs, response_outputs
+from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 from mlmirror.protos import inference_pb2
-from mlmirror.serving.sampling import REQUEST_ID, RequestIds, sampled, sampling_point
+from mlmirror.serving.sampling import RequestIds, sampled, sampling_point
 
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -29,13 +29,13 @@ from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowRes
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import render_drift
 from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
+from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
 from mlmirror.runtime.proxy import Proxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import REPO, http_get, model_server, running_proxy, through_proxy, wait_until
 
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 Output = tuple[str, str, np.ndarray]  # (name, KServe datatype, values)
 
 

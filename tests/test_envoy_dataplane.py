@@ -14,13 +14,12 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.protocol.names import MODEL_INFER
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.envoy import DATAPLANE, load, on_ports
 from loadtest.ports import free_port
 from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def iris_outputs(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from mlmirror.config import parse_config
 from mlmirror.errors import ConfigError
 from mlmirror.observing.extproc import CallAssembler, GrpcFrames
-from mlmirror.serving.sampling import REQUEST_ID
+from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 
 from loadtest.h2load import grpc_frame
 
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
+METHOD = MODEL_INFER
 LIMIT = 1024
 
 

@@ -15,8 +15,9 @@ import grpc
 import numpy as np
 from mlmirror.demo.models import MODELS, serve_model
 from mlmirror.demo.traffic import infer_request
+from mlmirror.protocol.names import REQUEST_ID, SHADOW
 from mlmirror.runtime.proxy import Proxy
-from mlmirror.serving.sampling import REQUEST_ID, SHADOW, sampled
+from mlmirror.serving.sampling import sampled
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (

@@ -12,10 +12,9 @@ import grpc
 import numpy as np
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.protocol.names import MODEL_INFER, SERVED_BY
 
 __all__ = ["MODEL_INFER", "Outcome", "codes", "drive", "p99_ms", "requests"]
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +47,7 @@ async def _one(stub, request: bytes, deadline: float) -> Outcome:
         trailers = dict(await call.trailing_metadata() or ())
     except grpc.aio.AioRpcError:
         trailers = {}
-    return Outcome(code, started, latency, str(trailers.get("x-mlmirror-served-by", "")))
+    return Outcome(code, started, latency, str(trailers.get(SERVED_BY, "")))
 
 
 async def drive(channel: grpc.aio.Channel, calls: int, rate: float, deadline: float = 5.0) -> list[Outcome]:

@@ -17,7 +17,9 @@ import grpc
 import yaml
 from mlmirror.config.yamlsource import Located, parse_yaml
 from mlmirror.errors import ConfigError
+from mlmirror.kernels.methods import DRIFT_METHODS as METHOD_REGISTRY
 from mlmirror.protocol.codec import DATATYPES, to_numpy
+from mlmirror.protocol.names import MODEL_INFER
 
 __all__ = [
     "CALL_TYPES",
@@ -59,12 +61,11 @@ _STATUS_BY_NAME = {code.name: code for code in grpc.StatusCode if code is not gr
 _HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
 CAPTURE_INCLUDE = ("request", "response", "both")
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 DEMOTE_TO = ("shadow", "fallback", "none")
 MODES = ("proxy", "observer")
-#: Drift methods and their default thresholds: a feature drifts when the score is above it (below it for ``ks``
-#: and ``chi2``, whose scores are p-values).
-DRIFT_METHODS = {"ks": 0.01, "chi2": 0.01, "psi": 0.2, "js": 0.1, "hellinger": 0.1, "linf": 0.1, "kl": 0.1, "w1": 0.1}
+#: Drift methods and their default thresholds (from the method registry, mlmirror/kernels/methods.py): a feature
+#: drifts when the score is above it (below it for the methods whose scores are p-values).
+DRIFT_METHODS = {name: method.default_threshold for name, method in METHOD_REGISTRY.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -731,7 +732,7 @@ def _drift(node: Located, base: Path) -> Drift:
         for name, item in n.dictionary().items():
             if name not in DRIFT_METHODS:
                 raise item.error(f"unknown drift method {name!r} (one of {', '.join(DRIFT_METHODS)})")
-            given[name] = item.number(minimum=0.0, maximum=1.0 if name in ("ks", "chi2") else None)
+            given[name] = item.number(minimum=0.0, maximum=1.0 if METHOD_REGISTRY[name].p_value else None)
         return MappingProxyType({**DRIFT_METHODS, **given})
 
     readers: dict[str, Reader] = {

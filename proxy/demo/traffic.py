@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 from mlmirror.demo.models import sample_features
+from mlmirror.protocol.names import MODEL_INFER, SERVED_BY
 from mlmirror.protos import inference_pb2
 
 __all__ = ["TrafficStats", "Window", "infer_request", "run_traffic"]
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-SERVED_BY = "x-mlmirror-served-by"
 
 
 def infer_request(x: np.ndarray, *, model: str = "iris", request_id: str = "") -> bytes:

@@ -27,19 +27,15 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.serving.handler import HOP_BY_HOP_METADATA
-from mlmirror.serving.sampling import REQUEST_ID
+from mlmirror.protocol.names import ENVOY_REQUEST_ID, HOP_BY_HOP_METADATA, REQUEST_ID
 
 if TYPE_CHECKING:
     from mlmirror.serving.table import RouteTable
 
-__all__ = ["EXT_PROC_SERVICE", "CallAssembler", "ExtProcObserver", "GrpcFrames", "StreamOutcomes"]
-
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+__all__ = ["CallAssembler", "ExtProcObserver", "GrpcFrames", "StreamOutcomes"]
 
 #: Headers that describe the HTTP/2 hop or are Envoy's own, not the client's gRPC metadata.
 _NOT_METADATA = HOP_BY_HOP_METADATA | {"content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
-_ENVOY_REQUEST_ID = "x-request-id"
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 log = logging.getLogger(__name__)
@@ -142,7 +138,7 @@ class CallAssembler:
             else:
                 metadata.append((key, value))
                 has_id = has_id or key == REQUEST_ID
-                if key == _ENVOY_REQUEST_ID:
+                if key == ENVOY_REQUEST_ID:
                     envoy_id = value
         if not has_id and envoy_id:  # Envoy's id names the call, in its access logs and on its mirrored copies
             metadata.append((REQUEST_ID, envoy_id))

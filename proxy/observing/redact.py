@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 from google.protobuf.message import DecodeError
-from mlmirror.config import MODEL_INFER
 from mlmirror.protocol.codec import DATATYPES
 from mlmirror.protocol.kserve import TensorError
+from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
 
 __all__ = ["RedactedRequest", "redact_request"]

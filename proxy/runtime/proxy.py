@@ -35,12 +35,12 @@ from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.drift.metadata_check import model_inputs, profile_mismatches
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, drift_status
-from mlmirror.observing.extproc import EXT_PROC_SERVICE, ExtProcObserver
+from mlmirror.observing.extproc import ExtProcObserver
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService, parse_outcomes_json
 from mlmirror.observing.shadows.mirror import RouteMirror, ShadowMirror
 from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
 from mlmirror.observing.shadows.report import ShadowCollector, shadow_status
-from mlmirror.protos import FEEDBACK_SERVICE, INFERENCE_SERVICE
+from mlmirror.protocol.names import EXT_PROC_SERVICE, FEEDBACK_SERVICE, INFERENCE_SERVICE
 from mlmirror.runtime.role import ALONE, Role
 from mlmirror.serving.handler import ProxyHandler
 from mlmirror.serving.sampling import RequestIds

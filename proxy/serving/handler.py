@@ -21,33 +21,12 @@ from typing import Any, Protocol
 
 import grpc
 from mlmirror.handoff.tap import CallRecord
+from mlmirror.protocol.names import HOP_BY_HOP_METADATA, MODEL_INFER, REQUEST_ID, SERVED_BY, STATIC_DEFAULT
 from mlmirror.serving.replay import RequestReplay
-from mlmirror.serving.sampling import REQUEST_ID
 from mlmirror.serving.table import RouteRuntime, RouteTable
 from mlmirror.serving.upstream import UpstreamTarget
 
-__all__ = ["HOP_BY_HOP_METADATA", "SERVED_BY", "STATIC_DEFAULT", "ProxyHandler", "forwarded_metadata"]
-
-SERVED_BY = "x-mlmirror-served-by"
-STATIC_DEFAULT = "static-default"
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-
-#: Request metadata that describes one HTTP hop, not the call, and is never forwarded. (gRPC itself strips the
-#: pseudo-headers, content-type, te and grpc-timeout; user-agent is the proxy's own on the upstream hop.)
-HOP_BY_HOP_METADATA = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "user-agent",
-    }
-)
+__all__ = ["ProxyHandler", "forwarded_metadata"]
 
 _OK = grpc.StatusCode.OK
 _CANCELLED = grpc.StatusCode.CANCELLED

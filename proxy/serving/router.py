@@ -10,24 +10,30 @@ from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 from mlmirror.config import RouteMatch
+from mlmirror.protocol.names import (
+    MODEL_INFER,
+    MODEL_METADATA,
+    MODEL_READY,
+    MODEL_STREAM_INFER,
+    SERVER_LIVE,
+    SERVER_METADATA,
+    SERVER_READY,
+)
 from mlmirror.protocol.wire import read_string_field
 
 __all__ = ["KNOWN_CALL_TYPES", "MODEL_SCOPED_METHODS", "Router", "matches"]
 
-_KSERVE = "/inference.GRPCInferenceService/"
-
 #: Methods whose request carries the model name in field 1 (ModelInferRequest.model_name, ModelReadyRequest.name,
 #: ModelMetadataRequest.name).
-MODEL_SCOPED_METHODS = frozenset({_KSERVE + "ModelInfer", _KSERVE + "ModelReady", _KSERVE + "ModelMetadata"})
+MODEL_SCOPED_METHODS = frozenset({MODEL_INFER, MODEL_READY, MODEL_METADATA})
 
 #: Call types known without configuration. Any other method is relayed as stream-stream, which carries every call
 #: type correctly on the wire; ``method_types`` in the config lets a known-unary method take the faster unary path.
 KNOWN_CALL_TYPES = {
-    **{
-        _KSERVE + name: "unary_unary"
-        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
-    },
-    _KSERVE + "ModelStreamInfer": "stream_stream",  # Triton's streaming extension
+    **dict.fromkeys(
+        (SERVER_LIVE, SERVER_READY, MODEL_READY, SERVER_METADATA, MODEL_METADATA, MODEL_INFER), "unary_unary"
+    ),
+    MODEL_STREAM_INFER: "stream_stream",  # Triton's streaming extension
 }
 
 R = TypeVar("R")

@@ -16,13 +16,11 @@ import hashlib
 import itertools
 import os
 
+from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 from mlmirror.protocol.wire import read_string_field
 
-__all__ = ["REQUEST_ID", "SHADOW", "RequestIds", "sampled", "sampling_point"]
+__all__ = ["RequestIds", "sampled", "sampling_point"]
 
-REQUEST_ID = "x-mlmirror-request-id"
-SHADOW = "x-mlmirror-shadow"
-_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 _SCALE = 100.0 / 2**64
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -56,7 +54,7 @@ class RequestIds:
         for key, value in metadata:
             if key == REQUEST_ID and isinstance(value, str):
                 from_client = value
-        request_id = read_string_field(request, 3) if method == _MODEL_INFER else None
+        request_id = read_string_field(request, 3) if method == MODEL_INFER else None
         if not request_id:
             request_id = from_client or f"{self._prefix}{next(self._counter):x}"
         if not from_client:  # absent or empty: send the id we use (dropping an empty header)

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from mlmirror.config import HealthCheck, TlsClient, Upstream
 from mlmirror.metrics import Metrics
+from mlmirror.protocol.names import MODEL_READY, SERVER_READY
 from mlmirror.protos import inference_pb2
 from mlmirror.serving.resilience import CircuitBreaker, CircuitState
 
@@ -23,8 +24,6 @@ __all__ = ["UpstreamTarget", "channel_options"]
 log = logging.getLogger(__name__)
 
 _HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
-_SERVER_READY_METHOD = "/inference.GRPCInferenceService/ServerReady"
-_MODEL_READY_METHOD = "/inference.GRPCInferenceService/ModelReady"
 
 
 def channel_options(spec: Upstream, max_message_size: int) -> list[tuple[str, int | str]]:
@@ -142,13 +141,13 @@ class UpstreamTarget:
             return reply.status == health_pb2.HealthCheckResponse.SERVING, f"grpc health: {status}"
         if check.service:
             reply = await self.channel.unary_unary(
-                _MODEL_READY_METHOD,
+                MODEL_READY,
                 request_serializer=inference_pb2.ModelReadyRequest.SerializeToString,
                 response_deserializer=inference_pb2.ModelReadyResponse.FromString,
             )(inference_pb2.ModelReadyRequest(name=check.service), wait_for_ready=True)
             return reply.ready, f"model {check.service} ready" if reply.ready else f"model {check.service} not ready"
         reply = await self.channel.unary_unary(
-            _SERVER_READY_METHOD,
+            SERVER_READY,
             request_serializer=inference_pb2.ServerReadyRequest.SerializeToString,
             response_deserializer=inference_pb2.ServerReadyResponse.FromString,
         )(inference_pb2.ServerReadyRequest(), wait_for_ready=True)

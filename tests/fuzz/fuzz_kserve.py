@@ -18,8 +18,9 @@ from mlmirror.protos import inference_pb2
 
 with atheris.instrument_imports():
     from mlmirror.config import Compare
-    from mlmirror.observing.shadows.compare import MODEL_INFER, Comparator, ProductionAnswer
+    from mlmirror.observing.shadows.compare import Comparator, ProductionAnswer
     from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
+    from mlmirror.protocol.names import MODEL_INFER
 
 COMPARATORS = [Comparator(Compare(classification=mode)) for mode in ("none", "argmax", "label")]
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64",

@@ -29,12 +29,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from mlmirror.config import MODEL_INFER, Capture
+from mlmirror.config import Capture
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.capture.rotating import SUFFIX
 from mlmirror.observing.redact import redact_request
 from mlmirror.protocol.codec import DATATYPES
 from mlmirror.protocol.kserve import Tensor, TensorError, request_inputs, response_outputs
+from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protocol.wire import read_string_field
 
 __all__ = ["CHUNK", "captured_inputs", "encode_record"]

@@ -23,12 +23,14 @@ import numpy as np
 from mlmirror import kernels
 from mlmirror.config import Drift
 from mlmirror.handoff.tap import CallRecord
+from mlmirror.kernels.methods import DEFAULT_CATEGORICAL, DEFAULT_NUMERIC, DRIFT_METHODS
 from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, ndcg
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
 from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
 from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
+from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.serving.sampling import sampled
 
 __all__ = ["DriftEngine", "SeriesResult", "WindowResult"]
@@ -38,10 +40,6 @@ log = logging.getLogger(__name__)
 POLL = 0.02  # seconds between the worker's looks at the queue
 #: Calls decoded between two offers of the GIL to the event loop (~30 µs each): the loop never waits long for it.
 YIELD_EVERY = 4
-_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-_P_VALUE_METHODS = ("ks", "chi2")
-_NUMERIC_ONLY = ("ks", "w1")
-_CATEGORICAL_ONLY = ("chi2",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +151,7 @@ class DriftEngine:
 
     def offer(self, record: CallRecord) -> None:
         """Constant time: keep the record for the worker, or count it dropped."""
-        if record.response is None or record.method != _MODEL_INFER:
+        if record.response is None or record.method != MODEL_INFER:
             return
         if self.spec.percent < 100.0 and not sampled(record.request_id, self.spec.percent):
             return
@@ -320,7 +318,7 @@ class DriftEngine:
         self.calibrated = {
             key: float(np.nanmean(values) + k * np.nanstd(values))
             for key, values in scores.items()
-            if key[1] not in _P_VALUE_METHODS
+            if not DRIFT_METHODS[key[1]].p_value
         }
 
     def _features(self) -> list[int]:
@@ -444,13 +442,12 @@ class DriftEngine:
 
     def _judge(self, name: str, kind: str, categorical: bool, scores: dict[str, float], nan: int) -> SeriesResult:
         method = self.spec.detect
-        if categorical and method in _NUMERIC_ONLY:
-            method = "chi2"
-        if not categorical and method in _CATEGORICAL_ONLY:
-            method = "ks"
+        series = "categorical" if categorical else "numeric"
+        if series not in DRIFT_METHODS[method].detects:
+            method = DEFAULT_CATEGORICAL if categorical else DEFAULT_NUMERIC
         value = scores.get(method, math.nan)
         threshold = self.calibrated.get((name, method), self.spec.threshold(method))
-        drifted = bool(value < threshold) if method in _P_VALUE_METHODS else bool(value > threshold)
+        drifted = DRIFT_METHODS[method].drifted(value, threshold)
         return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan, threshold)
 
     # --- what the outside sees ------------------------------------------------------------------------------------
@@ -503,25 +500,12 @@ def _scores(
     """Each method's score per row of the [series, K] count arrays (p-values for ks and chi2)."""
     if reference.ndim == 1:
         reference, current = reference[None, :], current[None, :]
-    wanted = set(methods) | ({"chi2"} if categorical else {"ks"})
+    wanted = set(methods) | {DEFAULT_CATEGORICAL if categorical else DEFAULT_NUMERIC}
     if reference.shape[0] == 0:
         return {m: np.empty(0) for m in wanted}
     out: dict[str, np.ndarray] = {}
-    for method in wanted:
-        if method == "psi":
-            out[method] = kernels.psi(reference, current)
-        elif method == "kl":
-            out[method] = kernels.kl(reference, current)
-        elif method == "js":
-            out[method] = kernels.js(reference, current)
-        elif method == "hellinger":
-            out[method] = kernels.hellinger(reference, current)
-        elif method == "linf":
-            out[method] = kernels.linf(reference, current)
-        elif method == "chi2":
-            out[method] = kernels.chi_square(reference, current)[2]
-        elif method == "ks" and not categorical:
-            out[method] = kernels.ks(reference, current)[1]
-        elif method == "w1" and not categorical and positions is not None:
-            out[method] = kernels.wasserstein(reference, current, positions)
+    for name in wanted:
+        method = DRIFT_METHODS[name]
+        if method.applies_to(categorical=categorical) and (positions is not None or not method.needs_positions):
+            out[name] = method.score(reference, current, positions)
     return out

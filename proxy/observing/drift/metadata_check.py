@@ -14,18 +14,17 @@ import math
 import grpc
 from google.protobuf.message import DecodeError
 from mlmirror.observing.drift.reference import Reference
+from mlmirror.protocol.names import MODEL_METADATA
 from mlmirror.protos import inference_pb2
 
 __all__ = ["profile_mismatches", "model_inputs"]
 
 log = logging.getLogger(__name__)
 
-_MODEL_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
-
 
 async def model_inputs(channel: grpc.aio.Channel, model: str, deadline: float = 2.0) -> dict[str, tuple[str, list]]:
     """{input name: (datatype, shape)} from ``ModelMetadata``; raises grpc.aio.AioRpcError or ValueError."""
-    call = channel.unary_unary(_MODEL_METADATA)
+    call = channel.unary_unary(MODEL_METADATA)
     answer = await call(inference_pb2.ModelMetadataRequest(name=model).SerializeToString(), timeout=deadline)
     try:
         metadata = inference_pb2.ModelMetadataResponse.FromString(answer)

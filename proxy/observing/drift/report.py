@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from mlmirror.admin.http import json_number
+from mlmirror.kernels.methods import DRIFT_METHODS
 from mlmirror.observing.drift.engine import DriftEngine, WindowResult
 from mlmirror.observing.drift.reference import WindowCounts
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,7 +24,8 @@ class DriftCollector(Collector):
         version = ["route", "model", "version"]
         score = GaugeMetricFamily(
             "mlmirror_drift_score",
-            "Drift score of a feature or output in the latest window, by method (ks, chi2: p-values).",
+            "Drift score of a feature or output in the latest window, by method "
+            f"({', '.join(name for name, m in DRIFT_METHODS.items() if m.p_value)}: p-values).",
             labels=[*version, "series", "kind", "method"],
         )
         detected = GaugeMetricFamily(

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 import grpc
 from google.protobuf.message import DecodeError
 from mlmirror.observing.groundtruth.outcomes import OUTCOME_RESULTS, GroundTruthStore
-from mlmirror.protos import FEEDBACK_SERVICE, feedback_pb2
+from mlmirror.protocol.names import FEEDBACK_SERVICE
+from mlmirror.protos import feedback_pb2
 
 __all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json"]
 

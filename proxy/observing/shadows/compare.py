@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from mlmirror.config import Compare
 from mlmirror.protocol.kserve import Tensor, TensorError, response_outputs
+from mlmirror.protocol.names import MODEL_INFER
 
 __all__ = ["Comparator", "Comparison", "ProductionAnswer"]
-
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass(frozen=True, slots=True)

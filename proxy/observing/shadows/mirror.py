@@ -45,8 +45,9 @@ from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
 from mlmirror.observing.shadows.verdict import Outcome, Verdict, Window, WindowSummary, judge
 from mlmirror.protocol.kserve import TensorError
+from mlmirror.protocol.names import SHADOW
 from mlmirror.serving.resilience import CircuitState
-from mlmirror.serving.sampling import SHADOW, sampled
+from mlmirror.serving.sampling import sampled
 from mlmirror.serving.upstream import UpstreamTarget
 
 __all__ = ["DROP_REASONS", "RouteMirror", "ShadowMirror", "ShadowStats"]
