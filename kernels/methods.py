@@ -74,7 +74,9 @@ DRIFT_METHODS: Mapping[str, DriftMethod] = MappingProxyType(
                 "hellinger", lambda r, c, _: hellinger(r, c), False, 0.1, True, True, _BOTH, "Hellinger distance"
             ),
             DriftMethod("linf", lambda r, c, _: linf(r, c), False, 0.1, True, True, _BOTH, "largest bin difference"),
-            DriftMethod("kl", lambda r, c, _: kl(r, c), False, 0.1, True, True, _BOTH, "KL divergence of current from reference"),
+            DriftMethod(
+                "kl", lambda r, c, _: kl(r, c), False, 0.1, True, True, _BOTH, "KL divergence of current from reference"
+            ),
             DriftMethod(
                 "w1", lambda r, c, p: wasserstein(r, c, p), False, 0.1, True, False, frozenset({"numeric"}),
                 "Wasserstein-1, in the feature's units (set its threshold)", needs_positions=True,

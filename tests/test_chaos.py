@@ -124,7 +124,7 @@ async def test_copies_in_flight_when_a_reload_removes_their_shadow_are_counted()
             stub = channel.unary_unary(MODEL_INFER)
             for body in requests(5):
                 await stub(body, timeout=5)
-            mirror = proxy._shadows[("iris", "candidate")]
+            mirror = proxy.parts.get("iris", "shadows").shadow("candidate")
             await wait_until(lambda: (mirror.inflight, mirror.queued) == (2, 3), what="2 copies in flight, 3 queued")
             await proxy.reload(parse_config(config_yaml(primary), "<chaos>"))
             await wait_until(lambda: mirror.inflight == 0, what="the copies in flight to be cancelled")

@@ -91,8 +91,9 @@ async def test_fleet_psi_and_js_from_prometheus_equal_mlmirror_on_the_merged_cou
                     await asyncio.gather(
                         *(infer(infer_request(sample_features(rng, 1, shift=shift))) for _ in range(100))
                     )
-                await wait_until(lambda p=proxy: p._drift["iris"].windows.get(("iris", "1")) == 1, what="a window")
-            engines = [a._drift["iris"], b._drift["iris"]]
+                engine = proxy.parts.get("iris", "drift").engine
+                await wait_until(lambda e=engine: e.windows.get(("iris", "1")) == 1, what="a window")
+            engines = [a.parts.get("iris", "drift").engine, b.parts.get("iris", "drift").engine]
             reference = engines[0].reference
             assert reference is not None
             merged = engines[0].latest_counts["iris", "1"].numeric + engines[1].latest_counts["iris", "1"].numeric

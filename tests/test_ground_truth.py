@@ -127,7 +127,7 @@ async def test_outcomes_reported_late_over_grpc_and_http_give_quality_per_versio
             features = [sample_features(rng, 1) for _ in range(240)]
             ids = [f"call-{i}" for i in range(240)]
             await asyncio.gather(*(infer(infer_request(x, request_id=i)) for x, i in zip(features, ids, strict=True)))
-            engine = proxy._drift["iris"]
+            engine = proxy.parts.get("iris", "drift").engine
             await wait_until(lambda: engine.ground_truth.snapshot()["pending"] == 240, what="predictions stored")
             truth = [str(int(true_classes(x)[0])) for x in features]
             # The first 150 outcomes over gRPC, the next 60 over HTTP, 30 never; plus an unknown id and a repeat.

@@ -71,7 +71,7 @@ def steady(config: str) -> str:
 
 
 def shadow(proxy: Proxy, route: str, name: str):
-    return proxy._shadows[(route, name)]
+    return proxy.parts.get(route, "shadows").shadow(name)
 
 
 def shadow_status(proxy: Proxy, route: str, name: str) -> dict:

@@ -299,7 +299,7 @@ async def drift_raising(calls: int, rate: float) -> Result:
     async with serve_faulty("production") as (_, primary_port), serve_faulty("candidate") as (_, candidate):
         text = config_yaml(primary_port, shadows={"candidate": candidate}, drift=True)
         async with _proxy(text) as (proxy, channel):
-            engine = proxy._drift["iris"]
+            engine = proxy.parts.get("iris", "drift").engine
             real_offer = engine.offer
             offers = [0]
 
@@ -360,7 +360,8 @@ async def reloads(calls: int, rate: float, count: int = 10) -> Result:
                 for i in range(count):
                     await asyncio.sleep(seconds / (count + 1))
                     await proxy.reload(parse_config(b if i % 2 == 0 else a, "<chaos>"))
-                    mirror = proxy._shadows.get(("iris", "control"))
+                    part = proxy.parts.get("iris", "shadows")
+                    mirror = next((s for s in part.mirror.shadows if s.name == "control"), None) if part else None
                     if mirror is not None:
                         controls.append(mirror)
 

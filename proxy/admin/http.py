@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 server for the admin endpoints (``/metrics``, ``/healthz``, ``/readyz``, ``/status`` ...).
+"""A small HTTP/1.1 server for the admin endpoints (declared in proxy/admin/endpoints.py).
 
 It runs on the proxy's event loop, answers one request per connection (``Connection: close``), and bounds what a
 client can make it hold: 16 KiB of request head, 1 MiB of body, 10 s to send them.
@@ -10,18 +10,16 @@ import asyncio
 import hmac
 import json
 import logging
-import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["AdminServer", "Request", "Response", "answer_promotion", "endpoints", "json_number"]
+__all__ = ["AdminServer", "Request", "Response", "Route"]
 
 log = logging.getLogger(__name__)
 
-#: Endpoints answered without the admin token: liveness and readiness probes (they reveal no more than up or down).
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_HEAD = 16 * 1024
 _MAX_BODY = 2**20
 _READ_TIMEOUT = 10.0
@@ -56,50 +54,28 @@ class Response:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-#: Every admin endpoint: (method, path) -> the name of the method that answers it on the serving object.
-ENDPOINTS = {
-    ("GET", "/metrics"): "_get_metrics",
-    ("GET", "/healthz"): "_get_healthz",
-    ("GET", "/readyz"): "_get_readyz",
-    ("GET", "/status"): "_get_status",
-    ("POST", "/reload"): "_post_reload",
-    ("POST", "/promote"): "_post_promote",
-    ("POST", "/outcomes"): "handle_outcomes",
-}
-PROMOTE_USAGE = "give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]"
 
+class Route(Protocol):
+    """One endpoint as the server needs it (proxy/admin/endpoints.py declares them)."""
 
-def endpoints(server: object) -> dict[tuple[str, str], Handler]:
-    """The admin routes of ``server`` (a proxy, or the supervisor of a group): its methods named in ENDPOINTS."""
-    return {key: getattr(server, name) for key, name in ENDPOINTS.items()}
-
-
-async def answer_promotion(
-    request: Request, promote: Callable[[str, str, bool], Awaitable[str]], refused: type[Exception]
-) -> Response:
-    """``POST /promote?route=R&shadow=S[&force=1]``: ``promote(route, shadow, force)`` says what it did, or raises
-    ``refused`` (404 when the exception says ``unknown_name``, else 409)."""
-    route, shadow = request.query.get("route", ""), request.query.get("shadow", "")
-    if not route or not shadow:
-        return Response.text(PROMOTE_USAGE, 400)
-    force = request.query.get("force", "") in ("1", "true", "yes")
-    try:
-        return Response.text(await promote(route, shadow, force))
-    except refused as exc:
-        return Response.text(f"not promoted: {exc}", 404 if getattr(exc, "unknown_name", False) else 409)
-
-
-def json_number(value: float) -> float | None:
-    """A figure for a JSON answer: rounded to 6 decimals; NaN (unknown) as null, since JSON has no NaN."""
-    return None if math.isnan(value) else round(float(value), 6)
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def handler(self) -> Handler: ...
+    @property
+    def open(self) -> bool: ...
 
 
 class AdminServer:
-    """Serves ``routes``: (HTTP method, path) → async handler."""
+    """Serves ``routes`` (method, path, handler, open); every route not ``open`` needs the bearer ``token`` when
+    one is set."""
 
-    def __init__(self, address: str, routes: Mapping[tuple[str, str], Handler], *, token: str | None = None) -> None:
+    def __init__(self, address: str, routes: Sequence[Route], *, token: str | None = None) -> None:
         self.address = address
-        self._routes = dict(routes)
+        self._routes = {(route.method, route.path): route for route in routes}
+        self._open_paths = frozenset(route.path for route in routes if route.open)
         self._token = token
         self._server: asyncio.Server | None = None
 
@@ -135,20 +111,20 @@ class AdminServer:
             writer.close()
 
     async def _dispatch(self, request: Request) -> Response:
-        if self._token is not None and request.path not in OPEN_PATHS and not self._authorized(request):
+        if self._token is not None and request.path not in self._open_paths and not self._authorized(request):
             return Response(
                 401, b"unauthorized: send Authorization: Bearer <admin token>\n", "text/plain; charset=utf-8",
                 (("WWW-Authenticate", 'Bearer realm="mlmirror"'),),
             )  # fmt: skip
-        handler = self._routes.get((request.method, request.path))
-        if handler is None:
+        route = self._routes.get((request.method, request.path))
+        if route is None:
             if any(path == request.path for _, path in self._routes):
                 allowed = sorted(m for m, path in self._routes if path == request.path)
                 return Response.text(f"method {request.method} not allowed here (use {', '.join(allowed)})", 405)
             known = ", ".join(sorted({path for _, path in self._routes}))
             return Response.text(f"no such endpoint: {request.path} (known: {known})", 404)
         try:
-            return await handler(request)
+            return await route.handler(request)
         except Exception:
             log.exception("admin endpoint %s %s failed", request.method, request.path)
             return Response.text("internal error; see the proxy's log", 500)

@@ -34,8 +34,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mlmirror.admin.http import AdminServer, Request, Response, answer_promotion, endpoints
+from mlmirror.admin.endpoints import admin_endpoints
+from mlmirror.admin.http import AdminServer
 from mlmirror.admin.metrics_merge import merge_expositions
 from mlmirror.config import Config, load_config
 from mlmirror.errors import StartError
@@ -45,6 +47,7 @@ from mlmirror.metrics import Metrics
 from mlmirror.observing.shadows.promotion import PromotionError
 from mlmirror.runtime.proxy import Proxy, admin_token
 from mlmirror.runtime.role import Role
+from mlmirror.runtime.signals import serve_until_stopped
 from mlmirror.serving.table import RouteRuntime, RouteTable
 from prometheus_client import Counter, Gauge, generate_latest
 
@@ -121,7 +124,7 @@ class Supervisor:
             if missing:
                 raise StartError(f"workers {missing} did not start within {_START_TIMEOUT:g}s (see their log)")
             if self.config.admin is not None:
-                self._admin = AdminServer(self.config.admin, endpoints(self), token=self._token)
+                self._admin = AdminServer(self.config.admin, admin_endpoints(self, PromotionError), token=self._token)
                 try:
                     await self._admin.start()
                 except OSError as exc:
@@ -201,27 +204,17 @@ class Supervisor:
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT (the ordered stop; a second one kills the workers and exits at once);
         SIGHUP reloads."""
-        loop = asyncio.get_running_loop()
-        signals_seen = 0
 
-        def on_stop_signal(signum: int) -> None:
-            nonlocal signals_seen
-            signals_seen += 1
-            if signals_seen == 1:
-                log.info("%s: stopping the workers, then the hub", signal.Signals(signum).name)
-                self._background(self.stop())
-                return
-            log.warning("%s again: killing the workers and exiting without waiting", signal.Signals(signum).name)
+        def kill_workers() -> None:
             for worker in self.workers:
                 if worker.process is not None and worker.process.poll() is None:
                     worker.process.kill()
             shutil.rmtree(self.folder, ignore_errors=True)
-            os._exit(1)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_stop_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload()))
-        await self._stopped.wait()
+        await serve_until_stopped(
+            self._stopped, stop=lambda: self._background(self.stop()), reload=lambda: self._background(self.reload()),
+            before_exit=kill_workers, stopping="stopping the workers, then the hub",
+        )  # fmt: skip
 
     # --- the hand-off -------------------------------------------------------------------------------------------
 
@@ -273,22 +266,23 @@ class Supervisor:
 
     # --- admin endpoints ----------------------------------------------------------------------------------------
 
-    async def _get_metrics(self, request: Request) -> Response:
+    # --- what the admin endpoints ask (proxy/admin/endpoints.py) -------------------------------------------------
+
+    async def exposition(self) -> tuple[bytes, str]:
+        """The workers' expositions merged with the hub's (proxy/admin/metrics_merge.py)."""
         answers = await self._ask_all("GET", "/metrics")
         texts = {str(w.index): body.decode() for w, (code, body) in zip(self.workers, answers, strict=True)
                  if code == 200}  # fmt: skip
         hub = generate_latest(self.metrics.registry).decode()
-        return Response(200, merge_expositions(hub, texts), "text/plain; version=0.0.4; charset=utf-8")
+        return merge_expositions(hub, texts), "text/plain; version=0.0.4; charset=utf-8"
 
-    async def _get_healthz(self, request: Request) -> Response:
-        return Response.text("ok")
-
-    async def _get_readyz(self, request: Request) -> Response:
+    async def ready_report(self) -> tuple[bool, list[str]]:
+        """Ready when every worker is (and the group is not stopping); each worker's answer on one line."""
         answers = await self._ask_all("GET", "/readyz")
         ready = not self._stopping and all(code == 200 for code, _ in answers)
         lines = [f"worker {w.index}: " + (body.decode().strip().replace("\n", "; ") or f"status {code}")
                  for w, (code, body) in zip(self.workers, answers, strict=True)]  # fmt: skip
-        return Response.text("\n".join(["ready" if ready else "not ready", *lines]), 200 if ready else 503)
+        return ready, lines
 
     async def status(self) -> dict:
         """The hub's status (shadows, drift) with the workers' call counts summed in, and the workers listed."""
@@ -323,8 +317,8 @@ class Supervisor:
         status["listen"] = {"grpc": self.config.listen, "admin": self.config.admin, "workers": self.count}
         return status
 
-    async def _get_status(self, request: Request) -> Response:
-        return Response.json(await self.status())
+    async def status_report(self) -> dict[str, object]:
+        return await self.status()
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Reload the hub from the config file, then every worker; (all took it, what each said)."""
@@ -335,14 +329,11 @@ class Supervisor:
                                      for w, (code, body) in zip(self.workers, answers, strict=True)]  # fmt: skip
         return all(code == 200 for code, _ in answers), lines
 
-    async def _post_reload(self, request: Request) -> Response:
+    async def reload_report(self) -> tuple[bool, str]:
         ok, lines = await self.reload()
-        return Response.text("\n".join(["reloaded" if ok else "reload incomplete", *lines]), 200 if ok else 400)
+        return ok, "\n".join(["reloaded" if ok else "reload incomplete", *lines])
 
-    async def _post_promote(self, request: Request) -> Response:
-        return await answer_promotion(request, self.promote, PromotionError)
-
-    async def promote(self, route: str, shadow: str, force: bool) -> str:
+    async def promote(self, route: str, shadow: str, *, force: bool = False) -> str:
         """Promote in the hub (which holds the verdict), then force the same promotion in every worker."""
         message = await self.hub.promote(route, shadow, force=force)
         answers = await self._ask_all("POST", f"/promote?route={route}&shadow={shadow}&force=1")
@@ -352,8 +343,9 @@ class Supervisor:
             raise PromotionError("; ".join([f"{message}, but not in every worker", *failed]))
         return message
 
-    async def handle_outcomes(self, request: Request) -> Response:
-        return await self.hub.handle_outcomes(request)
+    def report_outcomes(self, outcomes: list[Any]) -> dict[str, int]:
+        """Ground truth lives in the hub."""
+        return self.hub.report_outcomes(outcomes)
 
 
 def _add(into: dict[str, int], counts: dict[str, int]) -> None:

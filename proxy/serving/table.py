@@ -9,12 +9,11 @@ that only it used can be closed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from mlmirror.config import Config, Route
 from mlmirror.handoff.tap import Observer, Tap
 from mlmirror.metrics import Metrics, RouteMetrics
-from mlmirror.observing.shadows.mirror import RouteMirror
 from mlmirror.serving.router import KNOWN_CALL_TYPES, Router
 from mlmirror.serving.sampling import RequestIds
 from mlmirror.serving.static_response import StaticResponder
@@ -24,10 +23,10 @@ __all__ = ["RouteRuntime", "RouteTable"]
 
 
 class RouteRuntime:
-    """A route ready to serve: its spec, its upstream chain in order, static default, metrics, shadow mirror, and
-    the tap that feeds its answered calls to observers (the proxy's and its own mirror)."""
+    """A route ready to serve: its spec, its upstream chain in order, static default, metrics, and the tap that
+    feeds its answered calls to observers (the proxy's, then the route's own: its shadows, drift, capture ...)."""
 
-    __slots__ = ("chain", "fallback_on", "ids", "metrics", "mirror", "name", "spec", "static", "tap")
+    __slots__ = ("chain", "fallback_on", "ids", "metrics", "name", "spec", "static", "tap")
 
     def __init__(
         self,
@@ -35,10 +34,8 @@ class RouteRuntime:
         targets: Mapping[str, UpstreamTarget],
         metrics: Metrics,
         tap: Tap,
-        mirror: RouteMirror | None,
         ids: RequestIds,
-        drift: Observer | None = None,
-        capture: Observer | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -46,8 +43,7 @@ class RouteRuntime:
         self.fallback_on = spec.fallback_on
         self.static = StaticResponder(spec.static_response) if spec.static_response is not None else None
         self.metrics: RouteMetrics = metrics.for_route(spec.name)
-        self.mirror = mirror
-        self.tap = tap.with_observers([o for o in (mirror, drift, capture) if o is not None])
+        self.tap = tap.with_observers(observers)
         self.ids = ids
 
     def readiness(self) -> tuple[bool, str]:
@@ -62,7 +58,8 @@ class RouteRuntime:
 
 
 class RouteTable:
-    """Routes of one configuration generation and the bookkeeping of the calls that use them."""
+    """Routes of one configuration generation and the bookkeeping of the calls that use them. ``observers``: each
+    route's own observers, by route name."""
 
     def __init__(
         self,
@@ -70,24 +67,18 @@ class RouteTable:
         targets: Mapping[str, UpstreamTarget],
         metrics: Metrics,
         tap: Tap,
-        mirrors: Mapping[str, RouteMirror] | None = None,
         ids: RequestIds | None = None,
-        drift: Mapping[str, Observer] | None = None,
-        captures: Mapping[str, Observer] | None = None,
+        observers: Mapping[str, Sequence[Observer]] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.targets = dict(targets)
-        mirrors = mirrors or {}
         ids = ids or RequestIds()
-        drift, captures = drift or {}, captures or {}
+        observers = observers or {}
         self.routes = tuple(
-            RouteRuntime(
-                route, self.targets, metrics, tap, mirrors.get(route.name), ids, drift.get(route.name),
-                captures.get(route.name),
-            )
+            RouteRuntime(route, self.targets, metrics, tap, ids, observers.get(route.name, ()))
             for route in config.routes
-        )  # fmt: skip
+        )
         self.router: Router[RouteRuntime] = Router([(route.spec.match, route) for route in self.routes])
         self._call_types = {**KNOWN_CALL_TYPES, **config.method_types}
         self.inflight = 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from mlmirror.admin.http import json_number
 from mlmirror.kernels.methods import DRIFT_METHODS
 from mlmirror.observing.drift.engine import DriftEngine, WindowResult
 from mlmirror.observing.drift.reference import WindowCounts
+from mlmirror.observing.figures import json_number
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 

@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 
-from mlmirror.admin.http import json_number
 from mlmirror.metrics import LATENCY_BUCKETS
+from mlmirror.observing.figures import json_number
 from mlmirror.observing.shadows.mirror import RouteMirror, ShadowMirror
 from mlmirror.observing.shadows.verdict import Verdict, WindowSummary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
