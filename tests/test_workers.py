@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -102,6 +101,20 @@ async def send(listen: int, n: int, rng: np.random.Generator, prefix: str, chann
     return features
 
 
+async def served_by(listen: int, n: int, rng: np.random.Generator) -> list[str]:
+    """The ``x-mlmirror-served-by`` trailer of ``n`` ModelInfer calls, each on a connection of its own (so spread
+    over the workers by the kernel)."""
+    served = []
+    for _ in range(n):
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{listen}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            call = channel.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=10)
+            await call
+            served.append(dict(await call.trailing_metadata())["x-mlmirror-served-by"])
+    return served
+
+
 async def polled(fetch: Callable[[], dict], done: Callable[[dict], bool], what: str, within: float = 60.0) -> dict:
     """``fetch()`` (blocking, so in a thread: the model servers share this loop) until ``done`` says yes."""
     deadline = asyncio.get_running_loop().time() + within
@@ -115,9 +128,13 @@ async def polled(fetch: Callable[[], dict], done: Callable[[dict], bool], what: 
         await asyncio.sleep(0.2)
 
 
-def socket_folders() -> set[Path]:
-    """The hand-off folders of running groups (the supervisor makes one in the temporary directory)."""
-    return {p for p in Path(tempfile.gettempdir()).glob("mlmirror-*") if (p / "handoff.sock").exists()}
+def socket_folders(pids: list[int]) -> set[Path]:
+    """The hand-off folders the workers ``pids`` were given (``--folder``; other groups on the machine have theirs)."""
+    folders = set()
+    for pid in pids:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        folders.add(Path(argv[argv.index(b"--folder") + 1].decode()))
+    return folders
 
 
 def pids_alive(pids: list[int]) -> list[int]:
@@ -189,23 +206,19 @@ async def test_two_workers_share_the_port_and_the_hub_holds_one_truth(tmp_path):
                                                  "POST")  # fmt: skip
             assert code == 200, body
             assert "primary is now candidate" in body
-            served = set()
-            for _ in range(8):
-                async with grpc.aio.insecure_channel(
-                    f"127.0.0.1:{listen}", options=[("grpc.use_local_subchannel_pool", 1)]
-                ) as channel:
-                    call = channel.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=10)
-                    await call
-                    served.add(dict(await call.trailing_metadata())["x-mlmirror-served-by"])
-            assert served == {"candidate"}
+            assert set(await served_by(listen, 8, rng)) == {"candidate"}
 
-            # A killed worker is started again; the group keeps serving.
+            # A killed worker is started again; the group keeps serving, with the promotion: the new worker serves
+            # the promoted primary too, not the one the config file names. (32 connections: each worker gets some.)
             victim = workers[0]["pid"]
             os.kill(victim, signal.SIGKILL)
             await polled(status, lambda s: s["workers"][0]["restarts"] == 1 and s["ready"], "the worker back")
             await send(listen, 100, rng, "after")
+            served = await served_by(listen, 32, rng)
+            assert set(served) == {"candidate"}, served
             state = await asyncio.to_thread(status)
             assert state["workers"][0]["pid"] != victim
+            assert all(w["calls"] > 0 for w in state["workers"]), state["workers"]  # both workers were asked
             pids = [w["pid"] for w in state["workers"]]
 
             # SIGTERM: the workers drain and stop, then the supervisor exits 0.
@@ -221,11 +234,12 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
             body = await admin_get(admin, "/status")
             pids = [w["pid"] for w in json.loads(body)["workers"]]
             assert len(pids_alive(pids)) == 2
-            folders = await asyncio.to_thread(socket_folders)
+            folders = await asyncio.to_thread(socket_folders, pids)
+            assert len(folders) == 1  # one socket folder for the group ...
+            assert all((folder / "handoff.sock").exists() for folder in folders)
             group.kill()  # no chance to stop them
             await asyncio.to_thread(group.wait)
             await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
-            assert folders  # the group's socket folder existed ...
             assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the workers removed it
 
 
@@ -254,3 +268,32 @@ routes: [{{match: {{}}, primary: echo}}]
                 assert await asyncio.to_thread(group.wait, 10) == 1  # long before the call could finish
                 await wait_until(lambda: not pids_alive(pids), within=10, what="the killed workers to be gone")
                 call.cancel()
+
+
+async def test_a_reload_gives_the_supervisor_the_new_shutdown_grace(tmp_path):
+    async with EchoServer("slow") as echo:
+        listen, admin = free_port(), free_port()
+        config = tmp_path / "mlmirror.yaml"
+
+        def write(grace: str) -> None:
+            config.write_text(f"""
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+shutdown_grace: {grace}
+method_types: {{{ECHO}Unary: unary_unary}}
+upstreams: {{echo: {echo.address}}}
+routes: [{{match: {{}}, primary: echo}}]
+""")
+
+        write("1s")
+        async with process_group(config, admin, tmp_path / "group.log") as group:
+            write("60s")
+            code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/reload", "POST")
+            assert code == 200, body
+            echo.sleep = 12.0  # longer than the old grace (1 s) and the 5 s the supervisor adds to it
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
+                call = channel.unary_unary(ECHO + "Unary")(b"x", timeout=60)
+                await wait_until(lambda: len(echo.received) == 1, what="the call to be in flight")
+                group.send_signal(signal.SIGTERM)
+                assert await call == b"slow:x"  # the worker drained it under the new grace: nobody killed it
+            assert await asyncio.to_thread(group.wait, 30) == 0

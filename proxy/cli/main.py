@@ -137,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     from mlmirror.runtime.proxy import Proxy
 
     if args.workers > 1:
-        from mlmirror.runtime.workers import Supervisor
+        from mlmirror.runtime.supervisor import Supervisor
 
         async def supervise() -> None:
             supervisor = Supervisor(args.config, args.workers, use_uvloop=not args.no_uvloop,

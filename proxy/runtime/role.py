@@ -1,4 +1,4 @@
-"""Where a ``Proxy`` sits in ``mlmirror serve --workers N`` (proxy/runtime/workers.py). Alone (the default) it does
+"""Where a ``Proxy`` sits in ``mlmirror serve --workers N`` (proxy/runtime/supervisor.py). Alone (the default) it does
 everything; the group splits the work:
 
 - a **worker** serves clients on the shared port (SO_REUSEPORT) and relays calls, but makes no shadow copies and
