@@ -14,8 +14,11 @@ import urllib.request
 
 import grpc
 import pytest
+from mlmirror.admin.endpoints import admin_endpoints
+from mlmirror.admin.http import AdminServer
 from mlmirror.config import parse_config
 from mlmirror.errors import ConfigError
+from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameError
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
@@ -222,3 +225,81 @@ def test_an_empty_admin_token_file_is_a_config_error(tmp_path):
                      "routes: [{match: {}, primary: a}]\n", "conf.yaml")  # fmt: skip
     assert caught.value.key == "admin_token_file"
     assert "is empty" in caught.value.reason
+
+
+class ScriptedTarget:
+    """An ``AdminTarget`` that answers from fixed values and records what it was asked: the admin endpoints are
+    declared once (proxy/admin/endpoints.py) for a proxy and a supervisor, so they are tested here on their own."""
+
+    def __init__(self) -> None:
+        self.asked: list[object] = []
+        self.ready = False
+
+    async def exposition(self) -> tuple[bytes, str]:
+        return b"# scripted\nx_total 1.0\n", "text/plain; version=0.0.4; charset=utf-8"
+
+    async def ready_report(self) -> tuple[bool, list[str]]:
+        return self.ready, ["worker 0: fine", "worker 1: starting"]
+
+    async def status_report(self) -> dict[str, object]:
+        return {"ready": self.ready}
+
+    async def reload_report(self) -> tuple[bool, str]:
+        self.asked.append("reload")
+        return False, "reload incomplete\nworker 1: 400"
+
+    async def promote(self, route: str, shadow: str, *, force: bool = False) -> str:
+        self.asked.append((route, shadow, force))
+        if shadow == "nope":
+            raise UnknownNameError(f"route {route!r} has no shadow 'nope'")
+        if not force:
+            raise PromotionError("not promotable: too few samples")
+        return f"route {route}: primary is now {shadow}"
+
+    def report_outcomes(self, outcomes: list) -> dict[str, int]:
+        self.asked.append(outcomes)
+        return {"matched": len(outcomes)}
+
+
+async def test_the_declared_endpoints_answer_for_any_target_and_guard_all_but_the_probes():
+    target = ScriptedTarget()
+    declared = admin_endpoints(target, PromotionError)
+    assert {(e.method, e.path) for e in declared if e.open} == {("GET", "/healthz"), ("GET", "/readyz")}
+    server = AdminServer("127.0.0.1:0", declared, token="t0ken")
+    await server.start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def ask(path: str, method: str = "GET", body: bytes = b"", token: str | None = "t0ken") -> tuple[int, str]:
+        request = urllib.request.Request(base + path, method=method, data=body if method == "POST" else None)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        assert await asyncio.to_thread(ask, "/healthz", token=None) == (200, "ok\n")
+        assert await asyncio.to_thread(ask, "/readyz", token=None) == (
+            503, "not ready\nworker 0: fine\nworker 1: starting\n")  # fmt: skip
+        target.ready = True
+        assert (await asyncio.to_thread(ask, "/readyz", token=None))[0] == 200
+        assert (await asyncio.to_thread(ask, "/status", token=None))[0] == 401
+        assert await asyncio.to_thread(ask, "/status") == (200, '{\n  "ready": true\n}\n')
+        assert await asyncio.to_thread(ask, "/metrics") == (200, "# scripted\nx_total 1.0\n")
+        assert await asyncio.to_thread(ask, "/reload", "POST") == (400, "reload incomplete\nworker 1: 400\n")
+        assert (await asyncio.to_thread(ask, "/promote?route=r", "POST"))[0] == 400  # usage
+        status, body = await asyncio.to_thread(ask, "/promote?route=r&shadow=nope", "POST")
+        assert (status, body.startswith("not promoted: ")) == (404, True)
+        assert (await asyncio.to_thread(ask, "/promote?route=r&shadow=s", "POST"))[0] == 409
+        assert await asyncio.to_thread(ask, "/promote?route=r&shadow=s&force=yes", "POST") == (
+            200, "route r: primary is now s\n")  # fmt: skip
+        status, body = await asyncio.to_thread(ask, "/outcomes", "POST", b"[1, 2]")
+        assert (status, body.startswith("bad outcomes: ")) == (400, True)
+        body_ok = b'{"outcomes": [{"request_id": "a", "labels": ["1"]}]}'
+        assert await asyncio.to_thread(ask, "/outcomes", "POST", body_ok) == (200, '{\n  "matched": 1\n}\n')
+        assert (await asyncio.to_thread(ask, "/healthz", "POST", token=None))[0] == 405  # open path, wrong method
+        assert target.asked == ["reload", ("r", "nope", False), ("r", "s", False), ("r", "s", True), [("a", [], ["1"])]]
+    finally:
+        await server.close()

@@ -14,8 +14,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from mlmirror.config import Route, parse_config
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.errors import StartError
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.kinds import PART_KINDS
+from mlmirror.observing.parts import PartContext, PartKind, RoutePart
+from mlmirror.runtime.proxy import Proxy
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from loadtest.ports import free_port, wait_for_port
 from tests.support import ECHO, REPO, EchoServer, http_get, mlmirror, model_server, through_proxy
@@ -230,3 +238,134 @@ async def test_serve_exits_with_a_clear_message_when_its_port_is_taken(tmp_path:
     assert done.returncode == 1
     assert f"mlmirror: cannot listen on 127.0.0.1:{listen_port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- per-route parts: one registry, no edits to the proxy for a new kind ------------------------------------------
+
+
+class CountingPart(RoutePart):
+    """A per-route consumer defined here, not in mlmirror: counts what its route's tap offers and logs its hooks."""
+
+    def __init__(self, route: Route, log: list[str], refuse: set[str], calls: int = 0) -> None:
+        if route.name in refuse:
+            raise StartError(f"route {route.name}: refused by the counting kind")
+        self.name = f"counting:{route.name}"
+        self.route = route.name
+        self.primary = route.primary
+        self.calls = calls
+        self._log = log
+        self._refuse = refuse
+        log.append(f"build {route.name}")
+
+    def offer(self, record: CallRecord) -> None:
+        self.calls += 1
+
+    def status(self) -> object:
+        return {"calls": self.calls}
+
+    def reloaded(self, route: Route, context: PartContext) -> RoutePart:
+        if route.primary == self.primary:
+            return self
+        return CountingPart(route, self._log, self._refuse, self.calls)  # a new part that carries the count over
+
+    def start(self) -> None:
+        self._log.append(f"start {self.route}")
+
+    def close(self, successor: RoutePart | None) -> None:
+        self._log.append(f"close {self.route} ({'replaced' if successor is not None else 'removed'})")
+
+    async def stop(self) -> None:
+        self._log.append(f"stop {self.route}")
+
+
+class CountingCollector(Collector):
+    def __init__(self, parts) -> None:
+        self._parts = parts
+
+    def collect(self):
+        family = CounterMetricFamily("test_counted", "Calls the counting parts saw.", labels=["route"])
+        for part in self._parts():
+            family.add_metric([part.route], part.calls)
+        yield family
+
+
+def counting_kind(log: list[str], refuse: set[str] | None = None) -> PartKind:
+    """The kind: routes other than ``plain`` get a counting part; one for a route in ``refuse`` raises."""
+    refused = refuse if refuse is not None else set()
+    return PartKind(
+        key="counting",
+        configured=lambda route: route.name != "plain",
+        build=lambda route, context: CountingPart(route, log, refused),
+        collector=CountingCollector,
+    )
+
+
+def two_routes(echo: str, primary: str = "echo", *, with_b: bool = True, plain: str = "") -> str:
+    """Routes a and b (with the counting kind) on ``primary``, and plain (without; ``plain``: more of its keys)."""
+    b = f"  - {{name: b, match: {{method: {ECHO}Other}}, primary: {primary}}}\n" if with_b else ""
+    return (
+        f"method_types: {{{UNARY}: unary_unary}}\nupstreams: {{echo: {echo}, again: {echo}}}\nroutes:\n"
+        f"  - {{name: a, match: {{method: {UNARY}}}, primary: {primary}}}\n{b}"
+        f"  - {{name: plain, match: {{}}, primary: echo{plain}}}\n"
+    )
+
+
+async def test_a_kind_of_part_defined_outside_mlmirror_is_fed_reported_reloaded_and_stopped():
+    log: list[str] = []
+    async with EchoServer("echo") as echo:
+        proxy = Proxy(parse_config("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n" + two_routes(echo.address)),
+                      kinds=(*PART_KINDS, counting_kind(log)))  # fmt: skip
+        await proxy.start()
+        try:
+            assert log == ["build a", "build b", "start a", "start b"]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+                for _ in range(5):
+                    assert (await call(channel, b"x"))[0] == grpc.StatusCode.OK
+            routes = {route["name"]: route for route in proxy.status()["routes"]}
+            assert routes["a"]["counting"] == {"calls": 5}
+            assert routes["b"]["counting"] == {"calls": 0}
+            assert routes["plain"]["counting"] is None  # the kind's absent value
+            assert routes["a"]["shadows"] == []  # the registry's kinds too
+            assert routes["a"]["drift"] is None
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+            assert status == 200
+            assert 'test_counted_total{route="a"} 5.0' in body
+
+            kept = proxy.parts.get("a", "counting")
+            await proxy.reload(parse_config(two_routes(echo.address), "<same>"))
+            assert proxy.parts.get("a", "counting") is kept  # unchanged: the same part, nothing rebuilt
+            assert log == ["build a", "build b", "start a", "start b"]
+
+            await proxy.reload(parse_config(two_routes(echo.address, "again", with_b=False), "<changed>"))
+            assert log[4:] == ["build a", "close a (replaced)", "close b (removed)", "start a"]
+            assert proxy.parts.get("a", "counting").calls == 5  # the successor took the count over
+            assert proxy.parts.get("b", "counting") is None
+        finally:
+            await proxy.stop(grace=0)
+        assert log[-1] == "stop a"
+
+
+async def test_a_part_that_refuses_a_reload_changes_nothing(tmp_path: Path):
+    log: list[str] = []
+    refuse: set[str] = set()
+    async with EchoServer("echo") as echo:
+        capture = tmp_path / "capture"
+        text = two_routes(echo.address, plain=f", capture: {{path: {capture}}}")
+        proxy = Proxy(parse_config("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n" + text),
+                      kinds=(*PART_KINDS, counting_kind(log, refuse)))  # fmt: skip
+        await proxy.start()
+        try:
+            before = {(part.name, id(part)) for part in proxy.parts}
+            writer = proxy.parts.get("plain", "capture").writer
+            refuse.add("a")
+            changed = two_routes(echo.address, "again", plain=f", capture: {{path: {capture}, percent: 50}}")
+            with pytest.raises(StartError, match="refused by the counting kind"):
+                await proxy.reload(parse_config(changed, "<refused>"))
+            assert {(part.name, id(part)) for part in proxy.parts} == before
+            assert proxy.parts.get("plain", "capture").writer is writer
+            assert writer.alive  # not closed: the capture part built for the refused config was never started
+            assert [entry for entry in log if entry.startswith(("close", "start"))] == ["start a", "start b"]
+            assert proxy.table is not None
+            assert proxy.table.config.routes[0].primary == "echo"
+        finally:
+            await proxy.stop(grace=0)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from mlmirror import __version__
 from mlmirror.admin.endpoints import admin_endpoints
 from mlmirror.admin.http import AdminServer
-from mlmirror.config import Config, Route, load_config
+from mlmirror.config import Config, load_config
 from mlmirror.errors import ConfigError, StartError
 from mlmirror.eventloop import loop_name
 from mlmirror.handoff.tap import Observer, Tap
@@ -31,7 +31,7 @@ from mlmirror.metrics import Metrics
 from mlmirror.observing.extproc import ExtProcObserver
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService
 from mlmirror.observing.kinds import PART_KINDS
-from mlmirror.observing.parts import PartContext, RouteParts
+from mlmirror.observing.parts import PartContext, PartKind, RouteParts
 from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
 from mlmirror.protocol.names import INFERENCE_SERVICE
 from mlmirror.runtime.listener import Listener, start_listener
@@ -45,7 +45,7 @@ from mlmirror.serving.table import RouteTable
 from mlmirror.serving.upstream import UpstreamTarget
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Proxy", "admin_token", "watched"]
+__all__ = ["Proxy", "admin_token"]
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,17 @@ class Proxy:
         observers: Sequence[Observer] = (),
         metrics: Metrics | None = None,
         role: Role = ALONE,
+        kinds: Sequence[PartKind] = PART_KINDS,
     ) -> None:
+        """``observers``: fed every answered call of every route; ``kinds``: the per-route parts routes may have
+        (the registry's, by default)."""
         self.role = role
         self.metrics = metrics if metrics is not None else Metrics()
         self.tap = Tap(observers, self.metrics.observer_errors)
         self.ids = RequestIds()
         self.lag = LoopLag(config.mirror_shed_lag)
         #: per-route consumers; a worker has none (its watched calls go to the hub)
-        self.parts = RouteParts(PART_KINDS, PartContext(self.lag))
+        self.parts = RouteParts(kinds, PartContext(self.lag))
         self.feedback = FeedbackService(
             lambda: [p.engine.ground_truth for p in self.parts.of_kind("drift") if p.engine.ground_truth is not None]
         )
@@ -190,7 +193,11 @@ class Proxy:
         new = [target for target in targets.values() if target not in current.values()]
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
-            observers = {route.name: (self.role.handoff,) for route in config.routes if watched(route)}
+            observers = {
+                route.name: (self.role.handoff,)
+                for route in config.routes
+                if any(kind.configured(route) for kind in self.parts.kinds)
+            }
         else:
             try:
                 self.parts.rebuild(config.routes, targets)
@@ -376,11 +383,6 @@ class Proxy:
     def status(self) -> dict[str, object]:
         """Everything ``/status`` shows, JSON-ready."""
         return proxy_status(self)
-
-
-def watched(route: Route) -> bool:
-    """Whether anything observes ``route``'s answered calls beyond its metrics (any per-route part)."""
-    return any(kind.configured(route) for kind in PART_KINDS)
 
 
 def admin_token(config: Config) -> str | None:
