@@ -18,9 +18,11 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from mlmirror.config import Config
 from mlmirror.errors import StartError
+from mlmirror.metrics import Metrics
+from mlmirror.observing.extproc import ExtProcObserver, TableSource
 from mlmirror.protocol.names import EXT_PROC_SERVICE, FEEDBACK_SERVICE, INFERENCE_SERVICE
 
-__all__ = ["Listener", "start_listener"]
+__all__ = ["Listener", "ext_proc_observer", "start_listener"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,13 @@ class Listener:
     health: health.aio.HealthServicer
     relay: grpc.GenericRpcHandler | None = None
     ext_proc: object | None = None
+
+
+def ext_proc_observer(source: TableSource, metrics: Metrics, config: Config) -> ExtProcObserver:
+    """Observer mode's servicer: streams from Envoy routed with ``source``'s current table, counted in ``metrics``."""
+    observer = ExtProcObserver(source, metrics.extproc_streams, config.max_message_size)
+    metrics.extproc_active_streams.set_function(lambda: observer.active)
+    return observer
 
 
 async def start_listener(

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -28,13 +28,13 @@ from mlmirror.eventloop import loop_name
 from mlmirror.handoff.tap import Observer, Tap
 from mlmirror.looplag import LoopLag
 from mlmirror.metrics import Metrics
-from mlmirror.observing.extproc import ExtProcObserver
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService
 from mlmirror.observing.kinds import PART_KINDS
 from mlmirror.observing.parts import PartContext, PartKind, RouteParts
-from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
+from mlmirror.observing.shadows.promotion import PromotionError
 from mlmirror.protocol.names import INFERENCE_SERVICE
-from mlmirror.runtime.listener import Listener, start_listener
+from mlmirror.runtime.listener import Listener, ext_proc_observer, start_listener
+from mlmirror.runtime.promotion import promote
 from mlmirror.runtime.role import ALONE, Role
 from mlmirror.runtime.signals import serve_until_stopped
 from mlmirror.runtime.status import proxy_status
@@ -42,8 +42,10 @@ from mlmirror.runtime.upstreams import UpstreamPool
 from mlmirror.serving.handler import ProxyHandler
 from mlmirror.serving.sampling import RequestIds
 from mlmirror.serving.table import RouteTable
-from mlmirror.serving.upstream import UpstreamTarget
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from mlmirror.serving.upstream import UpstreamTarget
 
 __all__ = ["Proxy", "admin_token"]
 
@@ -150,9 +152,7 @@ class Proxy:
         if self.role.hub:
             return Listener(feedback, self._health)
         if config.mode == "observer":
-            observer = ExtProcObserver(self, self.metrics.extproc_streams, config.max_message_size)
-            self.metrics.extproc_active_streams.set_function(lambda: observer.active)
-            return Listener(feedback, self._health, ext_proc=observer)
+            return Listener(feedback, self._health, ext_proc=ext_proc_observer(self, self.metrics, config))
         return Listener(feedback, self._health, relay=self._handler)
 
     async def _check_parts(self) -> None:
@@ -292,26 +292,10 @@ class Proxy:
     # --- promotion --------------------------------------------------------------------------------------------
 
     async def promote(self, route: str, shadow: str, *, force: bool = False) -> str:
-        """Make ``shadow`` the primary of ``route`` (a table swap: no call fails). Unless ``force``, only when its
-        verdict says promotable. Raises ``PromotionError``; returns what was done, in words."""
-        assert self.table is not None
-        config = promoted_config(self.table.config, route, shadow)  # checks the names first
-        runtime = next(r for r in self.table.routes if r.name == route)
-        shadows = self.parts.get(route, "shadows")
-        verdict = shadows.verdict(shadow) if shadows is not None else None
-        if not force and (verdict is None or not verdict.promotable):
-            reasons = "; ".join(verdict.reasons) if verdict is not None else "its verdict is kept by the hub"
-            raise PromotionError(f"shadow {shadow!r} is not promotable: {reasons} (force=1 overrides)")
-        old_primary = runtime.spec.primary
-        await self.reload(config)
-        new_primary = next(r for r in config.routes if r.name == route).primary
-        forced = " [forced]" if verdict is None or not verdict.promotable else ""
-        message = (
-            f"route {route}: primary is now {new_primary} (was {old_primary}, now "
-            f"{runtime.spec.promotion.demote_to}){forced}"
-        )
+        """Make ``shadow`` the primary of ``route`` (proxy/runtime/promotion.py). Raises ``PromotionError``;
+        returns what was done, in words."""
+        message = await promote(self, route, shadow, force=force)
         self.promotions.append({"time": time.time(), "route": route, "shadow": shadow, "detail": message})
-        log.warning("%s; the config file still says otherwise: a reload from it reverts the promotion", message)
         return message
 
     # --- stop -------------------------------------------------------------------------------------------------
