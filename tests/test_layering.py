@@ -156,3 +156,34 @@ def test_no_module_is_longer_than_about_400_lines():
         if name not in STILL_LONG and (n := len(path.read_text(encoding="utf-8").splitlines())) > 420
     }
     assert long == {}
+
+
+def wire_literals(source: str) -> list[str]:
+    """String constants (docstrings aside) that spell a KServe method path or an mlmirror metadata key."""
+    tree = ast.parse(source)
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+        and ("inference.GRPCInferenceService/" in node.value or node.value.startswith("x-mlmirror-"))
+    ]
+
+
+def test_wire_names_are_spelled_only_in_protocol_names():
+    spelled = {
+        name: found
+        for name, path in modules().items()
+        if name != "mlmirror.protocol.names" and (found := wire_literals(path.read_text(encoding="utf-8")))
+    }
+    assert spelled == {}
+    assert wire_literals('"""x-mlmirror-request-id in a docstring"""\nA = "x-mlmirror-shadow"\n') == [
+        "x-mlmirror-shadow"
+    ]
