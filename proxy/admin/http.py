@@ -16,7 +16,7 @@ from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["AdminServer", "Request", "Response", "Route"]
+__all__ = ["AdminRoute", "AdminServer", "Request", "Response"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Route(Protocol):
+class AdminRoute(Protocol):
     """One endpoint as the server needs it (proxy/admin/endpoints.py declares them)."""
 
     @property
@@ -72,7 +72,7 @@ class AdminServer:
     """Serves ``routes`` (method, path, handler, open); every route not ``open`` needs the bearer ``token`` when
     one is set."""
 
-    def __init__(self, address: str, routes: Sequence[Route], *, token: str | None = None) -> None:
+    def __init__(self, address: str, routes: Sequence[AdminRoute], *, token: str | None = None) -> None:
         self.address = address
         self._routes = {(route.method, route.path): route for route in routes}
         self._open_paths = frozenset(route.path for route in routes if route.open)
