@@ -177,9 +177,9 @@ def show_default(value: Any, kind: str | None = None) -> str:
         return "{" + ", ".join(f"{k}: {show_default(v)}" for k, v in value.items()) + "}"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    if isinstance(value, float) and abs(value) < 1e-3:
-        mantissa, _, exponent = f"{value:g}".partition("e")
-        return f"{mantissa}e{int(exponent)}"
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 0.0001 -> 1e-4
+        mantissa, _, exponent = f"{value:e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
     if value == "":
         return '""'
     return str(value)

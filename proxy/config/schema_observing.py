@@ -59,7 +59,7 @@ class GroundTruth:
     ttl: float = setting(3600.0, "how long a prediction waits for its outcome", kind="duration")
     max_pending: int = setting(
         20_000, "predictions waiting at most; memory: about 0.8 KB each for 4-row calls (about 16 MiB at the "
-        "default, 77 MiB at 100000; docs/RELIABILITY.md)",
+        "default, 77 MiB (85 MiB at peak) at 100000; docs/RELIABILITY.md)",
     )  # fmt: skip
     window: int = setting(1000, "outcome rows per quality window (per model version)")
 
