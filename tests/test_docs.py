@@ -1,9 +1,11 @@
 """The reference docs against the code: every configuration key in the schema is documented with the default a
-config without it really gets, every documented key exists, and the example config parses. Metrics and endpoints
-are in test_docs_metrics.py."""
+config without it really gets, every documented key exists, and the example config parses; every metric a live
+proxy exports or the code defines is in docs/METRICS.md and every one there exists; likewise for the admin
+endpoints in docs/ENDPOINTS.md."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import re
@@ -11,14 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import yaml
+from mlmirror.admin.http import ENDPOINTS
 from mlmirror.config import Config, load_config, parse_config
 from mlmirror.config.docs import BEGIN, END, reference, replace_reference
 from mlmirror.config.keys import KeyDoc, schema_keys
 from mlmirror.config.yamlsource import parse_duration, parse_yaml
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.protos import feedback_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO
+from tests.support import REPO, http_get, model_server, through_proxy, wait_until
 
 CONFIGURATION = REPO / "docs" / "CONFIGURATION.md"
 SCHEMA = {doc.path: doc for doc in schema_keys(Config)}
@@ -175,3 +183,126 @@ def test_a_wrong_documented_default_would_be_caught(tmp_path: Path):
 def test_the_example_config_parses():
     config = load_config(REPO / "examples" / "mlmirror.yaml")
     assert [route.name for route in config.routes] == ["iris", "ranker", "default"]
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+
+METRICS = REPO / "docs" / "METRICS.md"
+_CONSTRUCTOR = re.compile(
+    r"\b(Counter|Gauge|Histogram|Summary|Info|CounterMetricFamily|GaugeMetricFamily|HistogramMetricFamily)"
+    r"\(\s*\"((?:mlmirror|process|python)_[a-z0-9_]+)\""
+)
+
+
+def _sample_name(name: str, kind: str) -> str:
+    """The name a family is documented by: counters with ``_total``, info metrics with ``_info``."""
+    if kind.lower().startswith("counter") and not name.endswith("_total"):
+        return f"{name}_total"
+    if kind.lower() == "info" and not name.endswith("_info"):
+        return f"{name}_info"
+    return name
+
+
+def defined_metrics() -> set[str]:
+    """Every metric family the source defines (proxy/metrics.py, the collectors, the worker group's)."""
+    names = set()
+    for path in (REPO / "proxy").rglob("*.py"):
+        for kind, name in _CONSTRUCTOR.findall(path.read_text(encoding="utf-8")):
+            names.add(_sample_name(name, kind))
+    return names
+
+
+def documented_metrics(file: Path = METRICS) -> set[str]:
+    """Every metric name in the first cell of a table row of docs/METRICS.md."""
+    names = set()
+    for row in table_rows(file.read_text(encoding="utf-8")):
+        names |= set(re.findall(r"`((?:mlmirror|process|python)_[a-z0-9_]+)`", row[0]))
+    return names
+
+
+async def scraped_metrics(tmp_path: Path) -> set[str]:
+    """The families a live proxy exports with shadows, drift (attribution, sliding, exported bins), ground truth
+    and capture on, after traffic, an outcome report and a fallback."""
+    rng = np.random.default_rng(0)
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config = f"""
+        mirror_shed_lag: off
+        upstreams:
+          production: 127.0.0.1:{production}
+          candidate: 127.0.0.1:{candidate}
+          dead: {{address: 127.0.0.1:1, timeout: 1s}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            shadows: [{{upstream: candidate}}]
+            drift:
+              window: 50
+              capture: 50
+              sliding: 2
+              export_bins: ["input[2]"]
+              attribution: {{}}
+              ground_truth: {{output: probabilities, window: 10}}
+            capture: {{path: {tmp_path / "captures"}}}
+          - name: broken
+            match: {{model: broken}}
+            primary: dead
+            fallback: [production]
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            ids = [f"r{i}" for i in range(120)]
+            await asyncio.gather(*(infer(infer_request(sample_features(rng, 1), request_id=i)) for i in ids))
+            with pytest.raises(grpc.aio.AioRpcError):  # moves along the chain to a model that has not got it
+                await infer(infer_request(sample_features(rng, 1), model="broken"))
+            await wait_until(lambda: proxy.status()["routes"][0]["drift"]["latest"] != [], what="a drift window")
+            report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome")
+            outcomes = [feedback_pb2.Outcome(request_id=i, labels=["1"]) for i in ids[:20]]
+            await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes).SerializeToString())
+            await wait_until(lambda: proxy.status()["routes"][0]["shadows"][0]["window"]["calls"] == 120)
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+    assert status == 200
+    return {_sample_name(family.name, family.type) for family in text_string_to_metric_families(body)}
+
+
+async def test_every_metric_the_code_exports_is_documented_and_every_documented_one_exists(tmp_path: Path):
+    scraped = await scraped_metrics(tmp_path)
+    defined = defined_metrics()
+    documented = documented_metrics()
+    assert len(defined) >= 70
+    assert {"mlmirror_capture_disk_bytes", "mlmirror_drift_window_bins", "mlmirror_quality"} <= scraped
+    assert sorted((scraped | defined) - documented) == [], "exported but not in docs/METRICS.md"
+    assert sorted(documented - (scraped | defined)) == [], "in docs/METRICS.md but exported by nothing"
+
+
+# --- admin endpoints -----------------------------------------------------------------------------------------------
+
+ENDPOINTS_DOC = REPO / "docs" / "ENDPOINTS.md"
+
+
+def documented_endpoints() -> set[tuple[str, str]]:
+    """(method, path) of each row of the admin endpoint table, query strings left off."""
+    rows = table_rows(ENDPOINTS_DOC.read_text(encoding="utf-8"))
+    found = {re.fullmatch(r"`(GET|POST) (/[a-z]*)(?:\?\S*)?`", row[0]) for row in rows}
+    return {(m.group(1), m.group(2)) for m in found if m is not None}
+
+
+async def test_every_admin_endpoint_is_documented_and_every_documented_one_is_served():
+    documented = documented_endpoints()
+    assert documented == set(ENDPOINTS), "docs/ENDPOINTS.md and mlmirror.admin.http.ENDPOINTS differ"
+    async with (
+        model_server("production") as production,
+        through_proxy(f"upstreams: {{p: 127.0.0.1:{production}}}\nroutes: [{{match: {{}}, primary: p}}]\n") as (
+            proxy,
+            _,
+        ),
+    ):
+        base = f"http://127.0.0.1:{proxy.admin_port}"
+        answers = {
+            (method, path): await asyncio.to_thread(http_get, base + path, method, b"" if method == "POST" else None)
+            for method, path in sorted(documented)
+        }
+        unknown = await asyncio.to_thread(http_get, base + "/nonexistent")
+    assert unknown[0] == 404  # what an endpoint the proxy does not serve would get
+    for endpoint, (status, body) in answers.items():
+        assert status not in (404, 405) or ("no such endpoint" not in body and "not allowed" not in body), endpoint
