@@ -306,3 +306,48 @@ async def test_every_admin_endpoint_is_documented_and_every_documented_one_is_se
     assert unknown[0] == 404  # what an endpoint the proxy does not serve would get
     for endpoint, (status, body) in answers.items():
         assert status not in (404, 405) or ("no such endpoint" not in body and "not allowed" not in body), endpoint
+
+
+# --- the README ----------------------------------------------------------------------------------------------------
+
+README = REPO / "README.md"
+
+
+def test_the_readme_opens_with_the_two_commands():
+    text = README.read_text(encoding="utf-8")
+    first_block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert [line.split()[:2] for line in first_block.splitlines()] == [["make", "run"], ["make", "test"]]
+
+
+def test_every_yaml_example_in_the_readme_is_a_valid_config():
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+    assert len(blocks) >= 3  # the quick start, a shadow, drift
+    configs = [parse_config(block, "README.md") for block in blocks]
+    assert any(route.shadows for config in configs for route in config.routes)
+    assert any(route.drift is not None for config in configs for route in config.routes)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/CONFIGURATION.md", "docs/METRICS.md", "docs/ENDPOINTS.md"])
+def test_relative_links_lead_to_files_and_headings_that_exist(doc: str):
+    source = REPO / doc
+    links = re.findall(r"\]\(([^)\s]+)\)", source.read_text(encoding="utf-8"))
+    relative = [link for link in links if not link.startswith(("http://", "https://", "mailto:"))]
+    assert relative, doc
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = (source.parent / path).resolve() if path else source
+        assert target.exists(), f"{doc}: {link}"
+        if anchor and target.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", target.read_text(encoding="utf-8"), re.MULTILINE)
+            assert anchor in {_slug(h) for h in headings}, f"{doc}: {link}"
+
+
+def test_every_module_path_the_readme_names_exists():
+    named = set(re.findall(r"\b((?:proxy|kernels|protos|loadtest|tests|deploy|envoy)/[\w./-]*\w)", README.read_text()))
+    assert len(named) >= 30
+    assert sorted(path for path in named if not (REPO / path).exists()) == []
