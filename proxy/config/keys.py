@@ -23,7 +23,7 @@ import grpc
 __all__ = ["KeyDoc", "schema_keys", "setting", "show_default", "show_duration", "show_size", "yaml_names"]
 
 #: Kinds of value a key may take, beyond those read from the field's annotation (int, float, bool, str).
-KINDS = ("duration", "size", "address", "target", "file", "directory", "codes", "method", "section")
+KINDS = ("duration", "size", "address", "target", "file", "directory", "codes", "method")
 
 
 @dataclass(frozen=True, slots=True)
