@@ -23,6 +23,7 @@ from mlmirror.config.keys import KeyDoc, schema_keys
 from mlmirror.config.yamlsource import parse_duration, parse_yaml
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.errors import ConfigError
 from mlmirror.protos import feedback_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -114,13 +115,13 @@ def _loaded(config: Config, path: str) -> Any:
 
 def _documented_value(doc: KeyDoc, text: str) -> Any:
     """The value a default cell such as ``2s``, ``4MiB``, ``[UNAVAILABLE]`` or ``true`` stands for."""
-    if doc.type == "duration":
+    if doc.kind == "duration":
         return parse_duration(text)
-    if doc.type == "size":
+    if doc.kind == "size":
         return parse_yaml(f"v: {text}", "docs").mapping(["v"])["v"].size(minimum=0)
-    if doc.type == "list of gRPC status names":
+    if doc.kind == "codes":
         return frozenset(grpc.StatusCode[name] for name in yaml.safe_load(text))
-    if doc.type == "number":
+    if doc.kind == "number":
         return float(text)  # 1e-6: YAML 1.1 reads it as a string
     if text == '""':
         return ""
@@ -171,13 +172,59 @@ def test_every_documented_default_is_what_a_config_without_the_key_gets(tmp_path
 def test_a_wrong_documented_default_would_be_caught(tmp_path: Path):
     original = CONFIGURATION.read_text(encoding="utf-8")
     wrong = original.replace(
-        "| `routes[].shadows[].timeout` | duration | `2s` |", "| `routes[].shadows[].timeout` | duration | `3s` |"
+        "| `routes[].shadows[].timeout` | duration, at least 1ms | `2s` |",
+        "| `routes[].shadows[].timeout` | duration, at least 1ms | `3s` |",
     )
     assert wrong != original
     fake = tmp_path / "CONFIGURATION.md"
     fake.write_text(wrong, encoding="utf-8")
     with pytest.raises(AssertionError, match=r"routes\[\]\.shadows\[\]\.timeout"):
         _defaults_checked(tmp_path, fake)
+
+
+RANGED = {path: doc for path, doc in SCHEMA.items() if doc.minimum is not None or doc.maximum is not None}
+#: Keys another key must agree with: set alongside so that the boundary itself is valid.
+COMPANIONS = {
+    "routes[].promotion.window": {"min_samples": 1},
+    "upstreams.<name>.circuit.max_ejection": {"ejection": "1ms"},
+}
+
+
+def _with(path: str, value: Any, tmp_path: Path) -> str:
+    """The full config of ``SECTIONS`` with the key at ``path`` set to ``value``, as YAML."""
+    document = yaml.safe_load(SECTIONS.format(capture=tmp_path / "caps"))
+    *parents, leaf = path.split(".")
+    node: Any = document
+    for part in parents:
+        name = part.removesuffix("[]")
+        node = node["a"] if name == "<name>" else node.setdefault(name, {})
+        if part.endswith("[]"):
+            node = node[0]
+    node[leaf] = value
+    node.update(COMPANIONS.get(path, {}))
+    return yaml.safe_dump(document)
+
+
+def _written(doc: KeyDoc, value: float) -> Any:
+    if doc.kind == "duration":
+        return f"{value!r}s"
+    return int(value) if doc.kind in ("integer", "size") else float(value)
+
+
+@pytest.mark.parametrize("path", sorted(RANGED))
+def test_every_documented_range_is_what_the_reader_enforces(path: str, tmp_path: Path):
+    doc = RANGED[path]
+    step = 1 if doc.kind in ("integer", "size") else None
+    where = path.replace("[]", "[0]").replace("<name>", "a")
+    file = str(tmp_path / "c.yaml")
+    for bound, outside in ((doc.minimum, -1), (doc.maximum, +1)):
+        if bound is None:
+            continue
+        parse_config(_with(path, _written(doc, bound), tmp_path), file)  # the bound itself is accepted
+        beyond = bound + outside * (step or max(abs(bound) * 0.5, 1e-3))
+        with pytest.raises(ConfigError) as caught:
+            parse_config(_with(path, _written(doc, beyond), tmp_path), file)
+        assert caught.value.key == where, (path, beyond, caught.value)
 
 
 def test_the_example_config_parses():

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["KeyDoc", "schema_keys", "setting", "show_default", "show_duration", "show_size", "yaml_names"]
+__all__ = ["KeyDoc", "schema_keys", "setting", "show_default", "show_duration", "show_size", "value_kind", "yaml_names"]
 
 #: Kinds of value a key may take, beyond those read from the field's annotation (int, float, bool, str).
 KINDS = ("duration", "size", "address", "target", "file", "directory", "codes", "method")
@@ -40,6 +40,9 @@ class KeyDoc:
     default: str
     description: str
     value: Any = None  # the default as the dataclass holds it (dataclasses.MISSING when required)
+    kind: str | None = None  # what value_kind() says; None for lists, mappings and sections
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 def setting(
@@ -52,6 +55,9 @@ def setting(
     yaml: str | None = None,
     each: str | None = None,
     choices: tuple[str, ...] | None = None,
+    what: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
     internal: bool = False,
 ) -> Any:
     """A dataclass field that is also a documented YAML key.
@@ -59,13 +65,14 @@ def setting(
     ``kind``: one of ``KINDS`` when the annotation does not say it (a float that is a duration). ``factory``: a
     default_factory. ``shown``: the default in words when it is not a plain value (``the upstream's name``).
     ``yaml``: the key's name in YAML when it differs from the field's. ``each``: the placeholder of a mapping's
-    free-form keys (``<method>``). ``choices``: the strings the key accepts. ``internal``: not a YAML key (set by
-    the reader, e.g. an upstream's name, which is its key in ``upstreams``).
+    free-form keys (``<method>``). ``choices``: the strings the key accepts, ``what``: how an error names them.
+    ``minimum``, ``maximum``: the range a number, duration (seconds) or size (bytes) must lie in; the readers
+    enforce it. ``internal``: not a YAML key (set by the reader, e.g. an upstream's name, its key in ``upstreams``).
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
     metadata = {"doc": doc, "kind": kind, "shown": shown, "yaml": yaml, "each": each, "choices": choices,
-                "internal": internal}  # fmt: skip
+                "what": what, "minimum": minimum, "maximum": maximum, "internal": internal}  # fmt: skip
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -102,6 +109,9 @@ def schema_keys(cls: type, prefix: str = "") -> Iterator[KeyDoc]:
             default=_default(f, value, section),
             description=f.metadata.get("doc", ""),
             value=value,
+            kind=value_kind(f, annotation),
+            minimum=f.metadata.get("minimum"),
+            maximum=f.metadata.get("maximum"),
         )
         if section is not None:
             yield from schema_keys(section, f"{path}.")
@@ -127,6 +137,35 @@ def _section(annotation: Any) -> tuple[type | None, str | None]:
 _PLAIN = {int: "integer", float: "number", bool: "boolean", str: "string"}
 
 
+def value_kind(f: dataclasses.Field, annotation: Any) -> str | None:
+    """What one value of the key is: a ``KINDS`` entry, ``choice``, or integer, number, boolean, string; None for a
+    list, a mapping or a section (their readers are written by hand)."""
+    kind = f.metadata.get("kind")
+    section, container = _section(annotation)
+    if kind is not None:
+        return kind
+    if section is not None or (container is not None and not f.metadata.get("choices")) or annotation is tuple:
+        return None
+    if f.metadata.get("choices"):
+        return "choice"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) in (types.UnionType, typing.Union) else annotation
+    return _PLAIN.get(base)
+
+
+def _range(f: dataclasses.Field, kind: str | None) -> str:
+    """``, 1 to 100``, ``, at least 1ms`` ...: the range of a key, as its type column ends."""
+    low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+    show = {"duration": show_duration, "size": show_size}.get(kind or "", lambda v: show_default(float(v)))
+    if low is not None and high is not None:
+        return f", {show(low)} to {show(high)}"
+    if low is not None:
+        return f", at least {show(low)}"
+    if high is not None:
+        return f", at most {show(high)}"
+    return ""
+
+
 def _type(f: dataclasses.Field, annotation: Any, section: type | None, container: str | None) -> str:
     kind, choices = f.metadata.get("kind"), f.metadata.get("choices")
     if choices:
@@ -136,7 +175,7 @@ def _type(f: dataclasses.Field, annotation: Any, section: type | None, container
     if kind == "codes":
         return "list of gRPC status names"
     if kind is not None:
-        return kind
+        return kind + _range(f, kind)
     if container == "list":
         inner = typing.get_args(annotation)[:1]
         return {(int,): "list of integers", (str,): "list of strings"}.get(inner, "list of values")
@@ -144,9 +183,9 @@ def _type(f: dataclasses.Field, annotation: Any, section: type | None, container
         return "list of values"
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if container == "mapping":
-        return _PLAIN.get(args[1], "string")
+        return _PLAIN.get(args[1], "string") + _range(f, None)
     base = args[0] if typing.get_origin(annotation) in (types.UnionType, typing.Union) else annotation
-    return _PLAIN.get(base, "string")
+    return _PLAIN.get(base, "string") + _range(f, None)
 
 
 def _default(f: dataclasses.Field, value: Any, section: type | None) -> str:

@@ -9,7 +9,6 @@ from types import MappingProxyType
 
 from mlmirror.config.schema import MODEL_INFER, RouteMatch
 from mlmirror.config.schema_observing import (
-    CAPTURE_INCLUDE,
     DRIFT_METHODS,
     GROUND_TRUTH_TASKS,
     Attribution,
@@ -19,7 +18,17 @@ from mlmirror.config.schema_observing import (
     GroundTruth,
     Multivariate,
 )
-from mlmirror.config.values import Reader, existing_file, is_scalar, one_of, path_of, probe, read_section, shown
+from mlmirror.config.values import (
+    Reader,
+    existing_file,
+    is_scalar,
+    one_of,
+    path_of,
+    probe,
+    read_section,
+    schema_reader,
+    shown,
+)
 from mlmirror.config.yamlsource import Located
 
 __all__ = ["read_capture", "read_drift", "read_redact"]
@@ -29,13 +38,7 @@ def read_drift(node: Located, base: Path) -> Drift:
     """A route's ``drift`` section; a relative ``profile`` is taken from ``base``."""
 
     def feature(item: Located) -> DriftFeature:
-        readers: dict[str, Reader] = {
-            "name": Located.string,
-            "input": Located.string,
-            "column": lambda n: n.integer(minimum=0, maximum=1_000_000),
-            "categorical": Located.boolean,
-        }
-        values, _ = read_section(item, DriftFeature, readers, required=("input",))
+        values, _ = read_section(item, DriftFeature, required=("input",))
         default = values["input"] if values.get("column") is None else f"{values['input']}[{values['column']}]"
         return DriftFeature(**{"name": default, **values})
 
@@ -50,24 +53,16 @@ def read_drift(node: Located, base: Path) -> Drift:
             given[name] = item.number(minimum=0.0, maximum=1.0 if name in ("ks", "chi2") else None)
         return MappingProxyType({**DRIFT_METHODS, **given})
 
-    readers: dict[str, Reader] = {
+    window = schema_reader(Drift, "window")
+    readers: dict[str, Reader] = {  # the other keys are read as the schema declares them
         "features": lambda n: tuple(feature(item) for item in n.sequence()),
         "outputs": lambda n: tuple(item.string() for item in n.sequence()),
-        "bins": lambda n: n.integer(minimum=1, maximum=1000),
-        "window": lambda n: None if n.is_null() else n.integer(minimum=10, maximum=10_000_000),
-        "window_time": lambda n: n.duration(minimum=0.1),
-        "sliding": lambda n: n.integer(minimum=0, maximum=1000),
-        "calibrate": lambda n: n.number(minimum=0.0, maximum=100.0),
+        "window": lambda n: None if n.is_null() else window(n),
         "export_bins": lambda n: tuple(item.string() for item in n.sequence()),
         "model_version": lambda n: str(n.scalar()),
-        "percent": lambda n: n.number(minimum=0.0, maximum=100.0),
         "profile": lambda n: existing_file(n, base),
-        "capture": lambda n: n.integer(minimum=10, maximum=10_000_000),
         "methods": lambda n: tuple(method(item) for item in n.sequence()),
-        "detect": method,
         "thresholds": thresholds,
-        "queue_size": lambda n: n.integer(minimum=1, maximum=10_000_000),
-        "history": lambda n: n.integer(minimum=1, maximum=10_000),
         "ground_truth": _ground_truth,
         "attribution": _attribution,
         "multivariate": _multivariate,
@@ -88,21 +83,11 @@ def _multivariate(node: Located) -> Multivariate | None:
     """``off`` disables it; else {variance, k}."""
     if node.is_null() or (is_scalar(node) and node.scalar() in (False, "off")):
         return None
-    readers: dict[str, Reader] = {
-        "variance": lambda n: n.number(minimum=0.01, maximum=1.0),
-        "k": lambda n: n.number(minimum=0.0, maximum=100.0),
-    }
-    values, _ = read_section(node, Multivariate, readers)
-    return Multivariate(**values)
+    return Multivariate(**read_section(node, Multivariate)[0])
 
 
 def _attribution(node: Located) -> Attribution:
-    readers: dict[str, Reader] = {
-        "output": Located.string,
-        "target": Located.string,
-        "threshold": lambda n: n.number(minimum=0.0, maximum=1.0),
-    }
-    values, keys = read_section(node, Attribution, readers)
+    values, keys = read_section(node, Attribution)
     if "output" in values and "target" in values:
         raise keys["target"].error("give output (an attribution tensor) or target (for a surrogate), not both")
     return Attribution(**values)
@@ -115,14 +100,7 @@ def _ground_truth(node: Located) -> GroundTruth:
             raise n.error(f"unknown task {value!r} (classification or regression)")
         return value
 
-    readers: dict[str, Reader] = {
-        "output": Located.string,
-        "task": task,
-        "ttl": lambda n: n.duration(minimum=1.0),
-        "max_pending": lambda n: n.integer(minimum=1, maximum=100_000_000),
-        "window": lambda n: n.integer(minimum=10, maximum=10_000_000),
-    }
-    values, _ = read_section(node, GroundTruth, readers, required=("output",))
+    values, _ = read_section(node, GroundTruth, {"task": task}, required=("output",))
     return GroundTruth(**values)
 
 
@@ -135,16 +113,7 @@ def read_capture(node: Located, base: Path) -> Capture:
             raise n.error(f"not a directory: {shown(path)}")
         return str(path)
 
-    readers: dict[str, Reader] = {
-        "path": directory,
-        "percent": lambda n: n.number(minimum=0.0, maximum=100.0),
-        "include": lambda n: one_of(n, CAPTURE_INCLUDE, "include"),
-        "tensors": Located.boolean,
-        "max_file_bytes": lambda n: n.size(minimum=4096),
-        "max_files": lambda n: n.integer(minimum=1, maximum=100_000),
-        "queue_size": lambda n: n.integer(minimum=1, maximum=1_000_000),
-    }
-    values, _ = read_section(node, Capture, readers, required=("path",))
+    values, _ = read_section(node, Capture, {"path": directory}, required=("path",))
     return Capture(**values)
 
 

@@ -12,9 +12,7 @@ from pathlib import Path
 from mlmirror.config.keys import yaml_names
 from mlmirror.config.read_observers import read_capture, read_drift, read_redact
 from mlmirror.config.schema import (
-    CLASSIFICATION_MODES,
     DEFAULT_FALLBACK_CODES,
-    DEMOTE_TO,
     Compare,
     Promotion,
     Route,
@@ -24,7 +22,7 @@ from mlmirror.config.schema import (
     StaticTensor,
     Upstream,
 )
-from mlmirror.config.values import Reader, is_scalar, one_of, read_section, status_codes
+from mlmirror.config.values import is_scalar, read_section, status_codes
 from mlmirror.config.yamlsource import Located
 from mlmirror.protocol.codec import DATATYPES, to_numpy
 
@@ -34,7 +32,7 @@ __all__ = ["check_routes", "read_route"]
 def read_route(index: int, node: Located, upstreams: Mapping[str, Upstream], base: Path) -> Route:
     """``routes[index]``; its upstream names must be among ``upstreams``, its paths are taken from ``base``."""
     keys = node.mapping(yaml_names(Route), required=("match", "primary"))
-    match_values, _ = read_section(keys["match"], RouteMatch, {"method": _method_pattern, "model": Located.string})
+    match_values, _ = read_section(keys["match"], RouteMatch, {"method": _method_pattern})
     match = RouteMatch(**match_values)
 
     def known(item: Located) -> str:
@@ -90,17 +88,7 @@ def _default_route_name(index: int, match: RouteMatch) -> str:
 def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tuple[Shadow, ...]:
     shadows: list[Shadow] = []
     for item in node.sequence():
-        readers: dict[str, Reader] = {
-            "name": Located.string,
-            "upstream": known,
-            "percent": lambda n: n.number(minimum=0.0, maximum=100.0),
-            "timeout": lambda n: n.duration(minimum=0.001),
-            "max_inflight": lambda n: n.integer(minimum=1, maximum=100_000),
-            "queue_size": lambda n: n.integer(minimum=0, maximum=1_000_000),
-            "max_message_size": lambda n: n.size(minimum=1),
-            "control": Located.boolean,
-        }
-        values, keys = read_section(item, Shadow, readers, required=("upstream",))
+        values, keys = read_section(item, Shadow, {"upstream": known}, required=("upstream",))
         shadow = Shadow(**{"name": values["upstream"], **values})
         if shadow.upstream == primary:
             raise keys["upstream"].error(f"upstream {primary!r} is this route's primary; a shadow must be another")
@@ -113,27 +101,11 @@ def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tu
 
 
 def _compare(node: Located) -> Compare:
-    readers: dict[str, Reader] = {
-        "atol": lambda n: n.number(minimum=0.0),
-        "rtol": lambda n: n.number(minimum=0.0),
-        "classification": lambda n: one_of(n, CLASSIFICATION_MODES, "classification"),
-        "output": Located.string,
-    }
-    values, _ = read_section(node, Compare, readers)
-    return Compare(**values)
+    return Compare(**read_section(node, Compare)[0])
 
 
 def _promotion(node: Located) -> Promotion:
-    readers: dict[str, Reader] = {
-        "window": lambda n: n.integer(minimum=1, maximum=1_000_000),
-        "min_samples": lambda n: n.integer(minimum=1),
-        "agreement": lambda n: n.number(minimum=0.0, maximum=1.0),
-        "confidence": lambda n: n.number(minimum=0.5, maximum=0.9999),
-        "error_margin": lambda n: n.number(minimum=0.0, maximum=1.0),
-        "latency_factor": lambda n: n.number(minimum=0.01),
-        "demote_to": lambda n: one_of(n, DEMOTE_TO, "demote_to"),
-    }
-    values, keys = read_section(node, Promotion, readers)
+    values, keys = read_section(node, Promotion)
     promotion = Promotion(**values)
     if promotion.min_samples > promotion.window:
         raise keys.get("min_samples", keys.get("window", node)).error(

@@ -16,8 +16,6 @@ from mlmirror.config.keys import yaml_names
 from mlmirror.config.read_route import check_routes, read_route
 from mlmirror.config.schema import (
     CALL_TYPES,
-    HEALTH_CHECK_KINDS,
-    MODES,
     CircuitPolicy,
     Config,
     HealthCheck,
@@ -26,7 +24,7 @@ from mlmirror.config.schema import (
     TlsServer,
     Upstream,
 )
-from mlmirror.config.values import Reader, existing_file, is_scalar, one_of, read_section, shown, status_codes
+from mlmirror.config.values import Reader, existing_file, is_scalar, read_section, schema_reader, shown
 from mlmirror.config.yamlsource import Located, parse_yaml
 from mlmirror.errors import ConfigError
 
@@ -50,15 +48,11 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     from its directory; from the working directory for ``<string>``)."""
     root = parse_yaml(text, file)
     base = Path(file).parent if file != "<string>" else Path.cwd()
-    readers: dict[str, Reader] = {
-        "mode": lambda n: one_of(n, MODES, "mode"),
-        "listen": Located.address,
+    shed_lag = schema_reader(Config, "mirror_shed_lag")
+    readers: dict[str, Reader] = {  # the other keys are read as the schema declares them
         "admin": _admin_address,
         "admin_token_file": lambda n: _token_file(n, base),
-        "max_message_size": lambda n: n.size(minimum=1024),
-        "stream_replay_limit": lambda n: n.size(minimum=0),
-        "shutdown_grace": Located.duration,
-        "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else n.duration(minimum=0.001),
+        "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else shed_lag(n),
         "tls": lambda n: _tls_server(n, base),
         "method_types": lambda n: MappingProxyType(_method_types(n)),
         "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
@@ -117,9 +111,7 @@ def _upstream(name: str, node: Located, base: Path) -> Upstream:
         # Shorthand: `name: host:port`.
         return Upstream(name=name, address=node.target())
     readers: dict[str, Reader] = {
-        "address": Located.target,
-        "timeout": lambda n: n.duration(minimum=0.001),
-        "keepalive": _keepalive,
+        "keepalive": lambda n: Keepalive(**read_section(n, Keepalive)[0]),
         "tls": lambda n: _tls_client(n, base),
         "circuit": _circuit,
         "health_check": _health_check,
@@ -128,24 +120,8 @@ def _upstream(name: str, node: Located, base: Path) -> Upstream:
     return Upstream(name=name, **values)
 
 
-def _keepalive(node: Located) -> Keepalive:
-    readers: dict[str, Reader] = {
-        "time": lambda n: n.duration(minimum=1.0),
-        "timeout": lambda n: n.duration(minimum=0.1),
-    }
-    values, _ = read_section(node, Keepalive, readers)
-    return Keepalive(**values)
-
-
 def _circuit(node: Located) -> CircuitPolicy:
-    readers: dict[str, Reader] = {
-        "failures": lambda n: n.integer(minimum=1),
-        "ejection": lambda n: n.duration(minimum=0.001),
-        "max_ejection": lambda n: n.duration(minimum=0.001),
-        "jitter": lambda n: n.number(minimum=0.0, maximum=0.5),
-        "codes": status_codes,
-    }
-    values, keys = read_section(node, CircuitPolicy, readers)
+    values, keys = read_section(node, CircuitPolicy)
     policy = CircuitPolicy(**values)
     if policy.max_ejection < policy.ejection:
         raise keys.get("max_ejection", node).error(
@@ -155,13 +131,7 @@ def _circuit(node: Located) -> CircuitPolicy:
 
 
 def _health_check(node: Located) -> HealthCheck:
-    readers: dict[str, Reader] = {
-        "type": lambda n: one_of(n, HEALTH_CHECK_KINDS, "health check type"),
-        "interval": lambda n: n.duration(minimum=0.05),
-        "timeout": lambda n: n.duration(minimum=0.01),
-        "service": lambda n: "" if n.is_null() else str(n.scalar()),
-    }
-    values, _ = read_section(node, HealthCheck, readers)
+    values, _ = read_section(node, HealthCheck, {"service": lambda n: "" if n.is_null() else str(n.scalar())})
     return HealthCheck(**values)
 
 
@@ -172,8 +142,7 @@ def _tls_client(node: Located, base: Path) -> TlsClient:
     given = node.mapping(yaml_names(TlsClient))
     if ("cert" in given) != ("key" in given):
         raise node.error("cert and key go together (client certificate for mTLS)")
-    readers: dict[str, Reader] = {"ca": file, "cert": file, "key": file, "server_name": Located.string}
-    values, _ = read_section(node, TlsClient, readers)
+    values, _ = read_section(node, TlsClient, {"ca": file, "cert": file, "key": file})
     return TlsClient(**values)
 
 

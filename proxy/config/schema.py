@@ -78,8 +78,10 @@ class TlsServer:
 class Keepalive:
     """HTTP/2 keepalive pings to an upstream: ping after ``time`` seconds idle, fail after ``timeout`` seconds."""
 
-    time: float = setting(30.0, "HTTP/2 keepalive ping after this long idle, while calls are open", kind="duration")
-    timeout: float = setting(10.0, "the connection fails when a ping gets no answer within this", kind="duration")
+    time: float = setting(30.0, "HTTP/2 keepalive ping after this long idle, while calls are open", kind="duration",
+                          minimum=1.0)  # fmt: skip
+    timeout: float = setting(10.0, "the connection fails when a ping gets no answer within this", kind="duration",
+                             minimum=0.1)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,13 +93,14 @@ class CircuitPolicy:
     ``[1 - jitter, 1 + jitter]``; then one probe call is let through (half-open).
     """
 
-    failures: int = setting(5, "consecutive failures that open the circuit")
-    ejection: float = setting(5.0, "first ejection; doubles per consecutive ejection", kind="duration")
+    failures: int = setting(5, "consecutive failures that open the circuit", minimum=1)
+    ejection: float = setting(5.0, "first ejection; doubles per consecutive ejection", kind="duration", minimum=0.001)
     max_ejection: float = setting(
         60.0, "cap on the ejection; also how long the circuit must stay closed to count ejections from zero again",
-        kind="duration",
+        kind="duration", minimum=0.001,
     )  # fmt: skip
-    jitter: float = setting(0.1, "ejection times are scaled by a random factor in [1-jitter, 1+jitter] (at most 0.5)")
+    jitter: float = setting(0.1, "ejection times are scaled by a random factor in [1-jitter, 1+jitter]",
+                            minimum=0.0, maximum=0.5)  # fmt: skip
     codes: frozenset[grpc.StatusCode] = setting(DEFAULT_FALLBACK_CODES, "statuses that count as failures", kind="codes")
 
 
@@ -112,9 +115,10 @@ class HealthCheck:
     type: str = setting(
         "connect", "`connect`: an HTTP/2 connection comes up; `grpc`: grpc.health.v1 `Check` says SERVING; "
         "`kserve`: `ServerReady` (or `ModelReady` of `service`) says ready", choices=HEALTH_CHECK_KINDS,
+        what="health check type",
     )  # fmt: skip
-    interval: float = setting(5.0, "how often the upstream is checked", kind="duration")
-    timeout: float = setting(1.0, "how long one check may take", kind="duration")
+    interval: float = setting(5.0, "how often the upstream is checked", kind="duration", minimum=0.05)
+    timeout: float = setting(1.0, "how long one check may take", kind="duration", minimum=0.01)
     service: str = setting("", "`grpc`: the service name to check; `kserve`: the model to check")
 
 
@@ -128,8 +132,9 @@ class Upstream:
         "`ipv4:10.0.0.1:9000,10.0.0.2:9000`", kind="target",
     )  # fmt: skip
     timeout: float | None = setting(
-        None, "cap on each call to this upstream; the client's remaining deadline caps it too", kind="duration"
-    )
+        None, "cap on each call to this upstream; the client's remaining deadline caps it too", kind="duration",
+        minimum=0.001,
+    )  # fmt: skip
     keepalive: Keepalive = setting(factory=Keepalive, doc="HTTP/2 keepalive pings")
     tls: TlsClient | None = setting(None, "TLS to the upstream (`{}`: with the system roots)")
     circuit: CircuitPolicy = setting(factory=CircuitPolicy, doc="the upstream's circuit breaker")
@@ -195,11 +200,15 @@ class Shadow:
 
     name: str = setting(doc="the `shadow` label", shown="the upstream's name")
     upstream: str = setting(doc="the upstream that gets copies (not the route's primary)")
-    percent: float = setting(100.0, "share of calls mirrored, 0-100, chosen by request-id hash")
-    timeout: float = setting(2.0, "cap on each copy", kind="duration")
-    max_inflight: int = setting(32, "copies in flight; beyond that and `queue_size`, copies are dropped (`queue_full`)")
-    queue_size: int = setting(256, "copies waiting for a free `max_inflight` slot")
-    max_message_size: int = setting(MAX_MESSAGE_SIZE, "larger requests are not mirrored (`too_large`)", kind="size")
+    percent: float = setting(100.0, "share of calls mirrored, chosen by request-id hash", minimum=0, maximum=100)
+    timeout: float = setting(2.0, "cap on each copy", kind="duration", minimum=0.001)
+    max_inflight: int = setting(
+        32, "copies in flight; beyond that and `queue_size`, copies are dropped (`queue_full`)", minimum=1,
+        maximum=100_000,
+    )  # fmt: skip
+    queue_size: int = setting(256, "copies waiting for a free `max_inflight` slot", minimum=0, maximum=1_000_000)
+    max_message_size: int = setting(MAX_MESSAGE_SIZE, "larger requests are not mirrored (`too_large`)", kind="size",
+                                    minimum=1)  # fmt: skip
     control: bool = setting(
         False, "a second instance of the production model: its disagreement is the noise baseline (at most one per "
         "route; never promoted)",
@@ -216,11 +225,11 @@ class Compare:
     ``label`` — each element of ``output`` agrees when equal.
     """
 
-    atol: float = setting(1e-6, "absolute tolerance: numbers match when \\|s - p\\| ≤ atol + rtol·\\|p\\|")
-    rtol: float = setting(1e-4, "relative tolerance of that match")
+    atol: float = setting(1e-6, "absolute tolerance: numbers match when \\|s - p\\| ≤ atol + rtol·\\|p\\|", minimum=0)
+    rtol: float = setting(1e-4, "relative tolerance of that match", minimum=0)
     classification: str = setting(
         "none", "what agreement means: `none` (a call agrees when every output matches), `argmax` (per row of "
-        "`output`), `label` (per element of `output`)", choices=CLASSIFICATION_MODES,
+        "`output`), `label` (per element of `output`)", choices=CLASSIFICATION_MODES, what="classification",
     )  # fmt: skip
     output: str | None = setting(None, "the output tensor `argmax`/`label` look at", shown="first output")
 
@@ -235,15 +244,19 @@ class Promotion:
     ``latency_factor`` times production's. ``demote_to``: what the old primary becomes when a shadow is promoted.
     """
 
-    window: int = setting(1000, "mirrored calls the verdict looks back over")
-    min_samples: int = setting(200, "agreement samples needed before a verdict can say yes (at most `window`)")
-    agreement: float = setting(0.98, "required Wilson lower bound of agreement (plus the control's noise)")
-    confidence: float = setting(0.95, "confidence of that bound (0.5-0.9999)")
-    error_margin: float = setting(0.01, "the shadow's error ratio may exceed production's by this much")
-    latency_factor: float = setting(1.5, "the shadow's p99 latency may be this many times production's")
+    window: int = setting(1000, "mirrored calls the verdict looks back over", minimum=1, maximum=1_000_000)
+    min_samples: int = setting(200, "agreement samples needed before a verdict can say yes (at most `window`)",
+                               minimum=1)  # fmt: skip
+    agreement: float = setting(0.98, "required Wilson lower bound of agreement (plus the control's noise)", minimum=0,
+                               maximum=1)  # fmt: skip
+    confidence: float = setting(0.95, "confidence of that bound", minimum=0.5, maximum=0.9999)
+    error_margin: float = setting(0.01, "the shadow's error ratio may exceed production's by this much", minimum=0,
+                                  maximum=1)  # fmt: skip
+    latency_factor: float = setting(1.5, "the shadow's p99 latency may be this many times production's",
+                                    minimum=0.01)  # fmt: skip
     demote_to: str = setting(
         "shadow", "what the old primary becomes on promotion: `shadow` (same settings as the promoted shadow), "
-        "`fallback` (first), `none`", choices=DEMOTE_TO,
+        "`fallback` (first), `none`", choices=DEMOTE_TO, what="demote_to",
     )  # fmt: skip
 
 
@@ -289,7 +302,7 @@ class Config:
     source: str = setting(internal=True)
     mode: str = setting(
         "proxy", "`proxy`: clients call mlmirror, which forwards; `observer`: Envoy carries the calls and streams "
-        "them to mlmirror's listener over ext_proc, and mlmirror only watches", choices=MODES,
+        "them to mlmirror's listener over ext_proc, and mlmirror only watches", choices=MODES, what="mode",
     )  # fmt: skip
     listen: str = setting("0.0.0.0:8500", "gRPC listener (`host:port`, IPv6 as `[::1]:8500`)", kind="address")
     admin: str | None = setting("127.0.0.1:9500", "admin HTTP endpoint; `off` or `null` disables it", kind="address")
@@ -299,15 +312,16 @@ class Config:
     )  # fmt: skip
     max_message_size: int = setting(
         MAX_MESSAGE_SIZE, "largest message in either direction, on the listener and to upstreams; a larger request "
-        "gets `RESOURCE_EXHAUSTED`", kind="size",
+        "gets `RESOURCE_EXHAUSTED`", kind="size", minimum=1024,
     )  # fmt: skip
     stream_replay_limit: int = setting(
-        2**20, "bytes of a client's request stream kept so that it can be replayed to a fallback", kind="size"
-    )
+        2**20, "bytes of a client's request stream kept so that it can be replayed to a fallback", kind="size",
+        minimum=0,
+    )  # fmt: skip
     shutdown_grace: float = setting(15.0, "how long in-flight calls may take to finish after SIGTERM", kind="duration")
     mirror_shed_lag: float | None = setting(
         0.05, "when the event loop wakes up later than this, shadow copies are dropped (`shed`) until it recovers; "
-        "`off` disables", kind="duration",
+        "`off` disables", kind="duration", minimum=0.001,
     )  # fmt: skip
     tls: TlsServer | None = setting(None, "TLS on the listener")
     method_types: Mapping[str, str] = setting(

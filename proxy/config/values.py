@@ -4,13 +4,16 @@ codes, and paths checked on disk with every failure a located ``ConfigError``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
-from mlmirror.config.keys import yaml_names
+from mlmirror.config.keys import value_kind, yaml_names
 from mlmirror.config.yamlsource import Located
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "path_of",
     "probe",
     "read_section",
+    "schema_reader",
     "shown",
     "status_codes",
 ]
@@ -33,18 +37,50 @@ _SHOWN_PATH = 120
 
 
 def read_section(
-    node: Located, section: type, readers: Mapping[str, Reader], required: Iterable[str] = ()
+    node: Located, section: type, readers: Mapping[str, Reader] | None = None, required: Iterable[str] = ()
 ) -> tuple[dict[str, Any], dict[str, Located]]:
     """Read the mapping ``node`` as the schema dataclass ``section``: its keys are the section's YAML keys, each
-    present one read by ``readers[key]``.
+    present one read by ``readers[key]`` when given, else as the schema declares it (``schema_reader``).
 
     Returns (values, located nodes), both keyed by the YAML key. Unknown keys and missing required ones are errors.
     """
+    readers = readers or {}
     allowed = yaml_names(section)
-    if set(readers) != set(allowed):  # a reader out of step with the schema: a bug, not a config error
-        raise TypeError(f"readers of {section.__name__} {sorted(readers)} are not its keys {sorted(allowed)}")
+    if not set(readers) <= set(allowed):  # a reader out of step with the schema: a bug, not a config error
+        raise TypeError(f"readers of {section.__name__} {sorted(readers)} are not among its keys {sorted(allowed)}")
     keys = node.mapping(allowed, required)
-    return {name: readers[name](value) for name, value in keys.items()}, keys
+    return {name: (readers.get(name) or schema_reader(section, name))(value) for name, value in keys.items()}, keys
+
+
+@functools.cache
+def schema_reader(section: type, name: str) -> Reader:
+    """The reader of the key ``name`` of ``section`` that its schema declaration implies: its kind (duration, size,
+    integer, choice ...) and range. Keys that need more (lists, sections, files, names of upstreams) have none."""
+    f = next(f for f in dataclasses.fields(section) if (f.metadata.get("yaml") or f.name) == name)
+    kind = value_kind(f, typing.get_type_hints(section)[f.name])
+    low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if kind == "integer":
+        return lambda n: n.integer(minimum=low, maximum=high)
+    if kind == "number":
+        low, high = (None if v is None else float(v) for v in (low, high))
+        return lambda n: n.number(minimum=low, maximum=high)
+    if kind == "duration" and high is None:
+        return lambda n: n.duration(minimum=float(low or 0.0))
+    if kind == "size" and high is None:
+        return lambda n: n.size(minimum=int(low if low is not None else 1))
+    if kind == "choice":
+        choices, what = f.metadata["choices"], f.metadata.get("what") or name
+        return lambda n: one_of(n, choices, what)
+    plain: dict[str | None, Reader] = {
+        "boolean": Located.boolean,
+        "string": Located.string,
+        "address": Located.address,
+        "target": Located.target,
+        "codes": status_codes,
+    }
+    if kind in plain:
+        return plain[kind]
+    raise TypeError(f"{section.__name__}.{name} ({kind}) needs a reader of its own")
 
 
 def is_scalar(node: Located) -> bool:
