@@ -398,3 +398,32 @@ def test_every_module_path_the_readme_names_exists():
     named = set(re.findall(r"\b((?:proxy|kernels|protos|loadtest|tests|deploy|envoy)/[\w./-]*\w)", README.read_text()))
     assert len(named) >= 30
     assert sorted(path for path in named if not (REPO / path).exists()) == []
+
+
+def _example_paths() -> set[str]:
+    """The key paths examples/mlmirror.yaml holds, its commented-out keys (``# key: value``) included."""
+    text = (REPO / "examples" / "mlmirror.yaml").read_text(encoding="utf-8")
+    uncommented = re.sub(r"^(\s*)# (\s*)(\w+:)", r"\1\2\3", text, flags=re.MULTILINE)
+    paths: set[str] = set()
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    paths.add(f"{path}[]")
+                    walk(item, f"{path}[]")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                free = {"upstreams": "<name>", "method_types": "<method>", "thresholds": "<method>"}
+                name = free.get(path.rsplit(".", 1)[-1], key)
+                child = f"{path}.{name}" if path else name
+                paths.add(child)
+                walk(item, child)
+
+    walk(yaml.safe_load(uncommented), "")
+    return paths
+
+
+def test_the_example_config_shows_every_key():
+    missing = sorted(set(SCHEMA) - _example_paths())
+    assert missing == [], "keys examples/mlmirror.yaml does not show (as a value or a commented-out line)"
