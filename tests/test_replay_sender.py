@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from pathlib import Path
 
 import grpc
 import pytest
+from mlmirror.config import TlsClient
 from mlmirror.errors import ReplayError
 from mlmirror.protos import inference_pb2
 from mlmirror.replay.captured import CapturedCall
 from mlmirror.replay.sender import SendOptions, send_calls
 
 from tests.support import ECHO, EchoServer
+from tests.test_tls import _tls_echo, certs  # noqa: F401 - certs is a fixture
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -113,3 +116,15 @@ async def test_an_unreachable_target_is_a_replay_error():
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(ReplayError, match=f"target {dead} unreachable: no connection within 0.5s"):
         await send_calls([call(b"x")], dead, SendOptions(connect_timeout=0.5))
+
+
+async def test_mutual_tls_to_the_target(certs: Path):  # noqa: F811 - the fixture
+    echo = await _tls_echo(certs, client_certs=True)
+    try:
+        tls = TlsClient(ca=str(certs / "ca.pem"), cert=str(certs / "client.pem"), key=str(certs / "client.key"))
+        [answer] = await send_calls([call(b"secret")], echo.address, SendOptions(tls=tls))
+    finally:
+        await echo.stop()
+    assert (answer.code, answer.response) == (grpc.StatusCode.OK, b"tls:secret")
+    with pytest.raises(ReplayError, match=r"nope\.pem: cannot read the TLS file"):
+        await send_calls([call(b"x")], echo.address, SendOptions(tls=TlsClient(ca=str(certs / "nope.pem"))))
