@@ -194,6 +194,9 @@ def test_identical_outputs_do_not_drift_and_a_missing_output_fails_the_criterion
     assert {s.name: (s.method, s.scores[s.method], s.drifted) for s in same.series} == {
         "y[0]": ("ks", 1.0, False), "y[1]": ("ks", 1.0, False), "label": ("chi2", 1.0, False)
     }  # fmt: skip
+    nothing = prediction_drift([], DriftGate())
+    [skipped] = [c for c in evaluate(Gate(), score_calls([], [], Compare()), nothing, None) if c.name == "drift"]
+    assert (skipped.passed, skipped.detail) == (None, "no compared KServe ModelInfer calls")
     missing = prediction_drift([(outputs(y, labels), outputs(y, labels))], DriftGate(outputs=("nope",)))
     assert (missing.series, missing.errors) == ((), {"missing_tensor": 1})
     scores = score_calls([captured(0)], [answer()], Compare())
@@ -250,3 +253,19 @@ def test_reports_carry_every_criterion_and_nan_becomes_null(tmp_path: Path):
     assert text.startswith("## mlmirror replay: ❌ failed (3 of 5 criteria)")
     assert "| quality accuracy | n/a | n/a | skipped |" in text
     assert "Candidate answers by code: OK 2, UNAVAILABLE 1" in text
+
+
+def test_calls_captured_without_productions_answer_are_sent_but_not_compared(tmp_path: Path):
+    from mlmirror.replay.captured import CaptureContents
+
+    calls = [captured(0, response=None), captured(1, response=None, redacted=("ssn",))]
+    scores = score_calls(calls, [answer(), answer()], Compare())
+    assert (scores.summary.compared, scores.summary.samples, scores.not_compared) == (0, 0, 2)
+    gate = Gate(promotion=Promotion(min_samples=1))
+    criteria = evaluate(gate, scores, None, None)
+    assert next(c for c in criteria if c.name == "min_samples").passed is False
+    report = ReplayReport("t", gate, CaptureContents(calls=calls), 2, scores, None, None, criteria, 0.1)
+    [md, _, _] = write_reports(report, tmp_path)
+    text = md.read_text()
+    assert "> 2 calls without production's answer in the capture (include: request): not compared" in text
+    assert "> 1 calls with redacted inputs: replayed, not compared" in text

@@ -10,7 +10,8 @@ with no control shadow (noise 0):
 - ``latency``: the candidate's p99 latency <= ``latency_factor`` x production's captured p99 (seconds);
 
 then one ``drift <series>`` per output series (its method's score against the threshold; a p-value drifts below
-it, a distance above), and ``quality <metric>``: the candidate's metric no worse than production's by more than
+it, a distance above; one failing ``drift`` when no output series could be read, one skipped ``drift`` when no
+ModelInfer call was compared), and ``quality <metric>``: the candidate's metric no worse than production's by more than
 ``margin``. Quality is *skipped* (neither passed nor failed) when the capture holds no outcome for a compared call.
 """
 
@@ -79,6 +80,8 @@ def evaluate(
 
 
 def _drift(drift: DriftScore) -> list[Criterion]:
+    if not drift.series and not drift.errors:
+        return [Criterion("drift", None, math.nan, math.nan, "no compared KServe ModelInfer calls")]
     if not drift.series:
         why = ", ".join(f"{reason} x{n}" for reason, n in drift.errors.items()) or "no compared calls"
         return [Criterion("drift", False, math.nan, math.nan, f"no output series could be read ({why})")]

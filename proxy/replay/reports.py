@@ -124,6 +124,9 @@ def markdown(report: ReplayReport) -> str:
         notes.append(f"{c.malformed_lines} malformed capture lines skipped ({reasons}); first: {first}")
     if c.without_request:
         notes.append(f"{c.without_request} captured calls without request bytes (include: response) not replayed")
+    unanswered = sum(1 for call in c.calls if call.response is None and call.code.name == "OK")
+    if unanswered:
+        notes.append(f"{unanswered} calls without production's answer in the capture (include: request): not compared")
     if report.scores.redacted:
         notes.append(f"{report.scores.redacted} calls with redacted inputs: replayed, not compared")
     if notes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -68,7 +68,10 @@ def run_replay(job: ReplayJob, out: TextIO = sys.stdout, err: TextIO = sys.stder
     return FAIL
 
 
-async def replay(job: ReplayJob, progress=None) -> ReplayReport:
+Progress = Callable[[int, int], None]
+
+
+async def replay(job: ReplayJob, progress: Progress | None = None) -> ReplayReport:
     """The replay's findings; raises ``ReplayError`` when it cannot run."""
     gate = _gate(job.gate)
     capture = read_capture(list(job.captures), limit=job.limit)
@@ -125,7 +128,7 @@ def _labelled(
             yield outcome, production, candidate
 
 
-def _progress(err: TextIO):
+def _progress(err: TextIO) -> Progress | None:
     """A progress line on a terminal (redrawn at most every 0.2 s); nothing when ``err`` is not one."""
     if not err.isatty():
         return None
