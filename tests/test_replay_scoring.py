@@ -269,3 +269,21 @@ def test_calls_captured_without_productions_answer_are_sent_but_not_compared(tmp
     text = md.read_text()
     assert "> 2 calls without production's answer in the capture (include: request): not compared" in text
     assert "> 1 calls with redacted inputs: replayed, not compared" in text
+
+
+def test_progress_is_drawn_on_a_terminal_only():
+    import io
+
+    from mlmirror.replay.run import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _progress(io.StringIO()) is None
+    terminal = Terminal()
+    show = _progress(terminal)
+    assert show is not None
+    show(1, 4)
+    show(4, 4)  # the last is always drawn, and ends the line
+    assert terminal.getvalue() == (f"\rreplaying [{'#' * 7}{'.' * 23}] 1/4" + f"\rreplaying [{'#' * 30}] 4/4\n")

@@ -146,11 +146,11 @@ def _replay_parser(sub: argparse._SubParsersAction) -> None:
     replay.add_argument("--target", required=True, metavar="HOST:PORT", help="the candidate's KServe V2 gRPC address")
     replay.add_argument("--gate", metavar="FILE", help="gate YAML (default: the promotion defaults; docs/REPLAY.md)")
     replay.add_argument("--report", metavar="DIR", help="write report.md, junit.xml and report.json here")
-    replay.add_argument("--concurrency", type=_positive, default=8, help="calls in flight (default 8)")
-    replay.add_argument("--rate", type=float, default=0.0, help="calls per second (default 0: no limit)")
+    replay.add_argument("--concurrency", type=_positive, default=8, metavar="N", help="calls in flight (default 8)")
+    replay.add_argument("--rate", type=float, default=0.0, metavar="R", help="calls per second (default 0: no limit)")
     replay.add_argument("--limit", type=_positive, metavar="N", help="replay at most the first N usable calls")
-    replay.add_argument("--timeout", type=_duration, default=10.0, help="per call (default 10s)")
-    replay.add_argument("--connect-timeout", type=_duration, default=10.0,
+    replay.add_argument("--timeout", type=_duration, default=10.0, metavar="DURATION", help="per call (default 10s)")
+    replay.add_argument("--connect-timeout", type=_duration, default=10.0, metavar="DURATION",
                         help="to reach the target before giving up with exit 2 (default 10s)")  # fmt: skip
     replay.add_argument("--model", metavar="NAME", help="send the calls to this KServe model name instead")
     replay.add_argument("--tls", action="store_true", help="TLS to the target (system roots unless --tls-ca)")

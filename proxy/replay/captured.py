@@ -26,7 +26,7 @@ from mlmirror.errors import ReplayError
 from mlmirror.observing.capture.record import OUTCOME
 from mlmirror.observing.capture.rotating import SUFFIX
 
-__all__ = ["CapturedCall", "CaptureContents", "GroundTruthRecord", "read_capture"]
+__all__ = ["CaptureContents", "CapturedCall", "GroundTruthRecord", "capture_files", "read_capture"]
 
 #: Malformed lines whose location is kept for the report (the rest are only counted).
 EXAMPLES = 10
