@@ -17,12 +17,6 @@ KINDS = ("mlserver", "triton", "kserve")
 DECLARED = [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "/interop/" in str(item.path):
-            item.add_marker(pytest.mark.interop)
-
-
 @pytest.fixture(scope="session")
 def interop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("interop")
