@@ -8,7 +8,28 @@ import argparse
 
 import kserve
 import numpy as np
+import uvicorn
+from grpc import aio
 from kserve import InferOutput, InferRequest, InferResponse
+
+
+def loopback_only() -> None:
+    """KServe 0.21 binds REST to 0.0.0.0 and gRPC to [::], with no option to change it: in this process, make
+    both bind 127.0.0.1 instead (the tests run every server on loopback only)."""
+    make_server = aio.server
+
+    def server(*args, **kwargs):
+        made = make_server(*args, **kwargs)
+        add_port = made.add_insecure_port
+        made.add_insecure_port = lambda address: add_port(address.replace("[::]:", "127.0.0.1:"))
+        return made
+
+    class Config(uvicorn.Config):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "host": "127.0.0.1"})
+
+    aio.server = server
+    uvicorn.Config = Config
 
 
 class Linear(kserve.Model):
@@ -43,4 +64,5 @@ if __name__ == "__main__":
     parser.add_argument("--version", default="1")
     parser.add_argument("--input_name", default="input-0")
     args, _ = parser.parse_known_args()
+    loopback_only()
     kserve.ModelServer().start([Linear(args.model_name, args.weights, args.version, args.input_name)])
