@@ -117,12 +117,18 @@ def ensure(name: str, log=None) -> Path:
 
 
 def check_system() -> list[str]:
-    """What the machine lacks for the peers (the Triton stub's numpy), as messages."""
+    """What the machine lacks for the peers (what Triton's Python backend stub needs of the system), as messages."""
     problems = []
     if subprocess.run(["/usr/bin/python3", "-c", "import numpy"], capture_output=True).returncode != 0:
         problems.append(
             "the system python3 has no numpy (Triton's Python backend needs it): apt-get install python3-numpy"
         )
+    if _complete("triton"):
+        stub = triton_dist() / "backends" / "python" / "triton_python_backend_stub"
+        linked = subprocess.run(["ldd", str(stub)], capture_output=True, text=True).stdout
+        missing = [line.split()[0] for line in linked.splitlines() if "not found" in line]
+        if missing:
+            problems.append(f"Triton's Python backend stub lacks {', '.join(missing)} (Debian: libpython3.11)")
     return problems
 
 
@@ -132,13 +138,14 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown peer(s): {', '.join(unknown)} (known: {', '.join(RECIPES)})", file=sys.stderr)
         return 2
-    for problem in check_system():
-        print(f"warning: {problem}", file=sys.stderr)
     for name in names:
         started = time.monotonic()
         ensure(name, log=sys.stdout)
         print(f"peer venv {name}: ready ({time.monotonic() - started:.0f}s) at {venv_dir(name)}", flush=True)
-    return 0
+    problems = check_system()
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
