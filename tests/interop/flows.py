@@ -74,15 +74,17 @@ def closed_windows(mirror: Mlmirror, route: str, count: int) -> list[dict] | Non
     return history if len(history) >= count else None
 
 
-def check_drift(peer: Peer, mirror: Mlmirror) -> None:
+def check_drift(peer: Peer, mirror: Mlmirror) -> tuple[dict, dict]:
     """One window of training-like traffic, then one with feature 2 shifted by 1.5 sd: only the second is
-    flagged, and only for that feature."""
+    flagged, and only for that feature. Returns both windows' summaries from ``/status``."""
     calls = 50
     send_all(mirror, peer, rows(6, 20, calls), "same")
     same = wait_for(lambda: closed_windows(mirror, peer.kind, 1), 120, "the first window")[-1]
     send_all(mirror, peer, rows(7, 20, calls, shift=(2, 1.5)), "shifted")
     shifted = wait_for(lambda: closed_windows(mirror, peer.kind, 2), 120, "the second window")[-1]
     assert (same["calls"], same["rows"]) == (calls, calls * 20)
+    assert (shifted["calls"], shifted["rows"]) == (calls, calls * 20)
     assert same["drifted"] == [], same
     assert len(shifted["drifted"]) == 1, shifted
     assert shifted["drifted"][0].endswith("[2]"), shifted
+    return same, shifted

@@ -158,7 +158,8 @@ def done_shadow(mirror: Mlmirror, peer: Peer, calls: int) -> dict | None:
 def test_drift_flags_only_the_shifted_feature(peer: Peer, tmp_path: Path):
     profile = profile_build(peer.train, tmp_path / "profile.npz", "--input", peer.input_name)
     with running_mlmirror(drift_config(peer, profile, 50), tmp_path) as mirror:
-        check_drift(peer, mirror)
+        _, shifted = check_drift(peer, mirror)
+    assert shifted["drifted"] == [f"{peer.input_name}[2]"]
 
 
 @pytest.mark.xfail(strict=True, reason="issue 11: a profile built from a bare .npy without --input records the "
