@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, message_factory
+from mlmirror.protos import feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-from protos import feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.interop.servers import Process, free_port, wait_for
 
 __all__ = [
