@@ -38,6 +38,7 @@ __all__ = [
     "HealthCheck",
     "Keepalive",
     "Multivariate",
+    "Observer",
     "Promotion",
     "Route",
     "RouteMatch",
@@ -356,6 +357,14 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Observer:
+    """The observing process of ``mlmirror serve`` (shadows, drift, ground truth, capture). ``nice``: how much lower
+    its CPU priority is than the serving workers' (0 to 19; serving first)."""
+
+    nice: int = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration. ``source`` is the file it was read from. ``mode``: ``proxy`` serves clients'
     calls; ``observer`` serves Envoy's ext_proc stream instead and only watches (proxy/observing/extproc.py)."""
@@ -368,6 +377,7 @@ class Config:
     max_message_size: int = 4 * 2**20
     stream_replay_limit: int = 2**20
     shutdown_grace: float = 15.0
+    observer: Observer = field(default_factory=Observer)
     mirror_shed_lag: float | None = 0.05
     tls: TlsServer | None = None
     method_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -399,6 +409,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         "max_message_size": lambda n: n.size(minimum=1024),
         "stream_replay_limit": lambda n: n.size(minimum=0),
         "shutdown_grace": Located.duration,
+        "observer": _observer,
         "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else n.duration(minimum=0.001),
         "tls": lambda n: _tls_server(n, base),
         "method_types": lambda n: MappingProxyType(_method_types(n)),
@@ -436,6 +447,11 @@ def _token_file(node: Located, base: Path) -> str:
     if not token:
         raise node.error(f"the admin token file {path} is empty")
     return path
+
+
+def _observer(node: Located) -> Observer:
+    values, _ = _read(node, {"nice": lambda n: n.integer(minimum=0, maximum=19)})
+    return Observer(**values)
 
 
 def _mode(node: Located) -> str:

@@ -93,6 +93,30 @@ class HandoffSender:
         while await self._reader.read(4096):
             pass
 
+    async def keep_connected(self, hello: dict[str, object], retry: tuple[float, float] = (0.1, 2.0)) -> None:
+        """Stay connected to the hub for ever (until cancelled): when it goes away (the observing process is
+        restarted), connect again every ``retry[0]`` seconds, doubling to ``retry[1]``, and say ``hello`` on each
+        connection. Calls offered meanwhile are counted ``disconnected``."""
+        delay = retry[0]
+        while True:
+            if self._writer is None or self._writer.is_closing():
+                try:
+                    await asyncio.wait_for(self.connect(), 2.0)  # a listener that never accepts is no listener
+                except (OSError, TimeoutError) as exc:
+                    log.debug("hand-off: cannot connect to %s yet: %r", self.path, exc)
+                    self._writer = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, retry[1])
+                    continue
+                delay = retry[0]
+            self.hello(**hello)
+            with contextlib.suppress(OSError):
+                await self.hub_gone()
+            log.warning("hand-off: the observing process went away; connecting again")
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.close()
+
     def offer(self, record: CallRecord) -> None:
         if len(self._batch) >= self._max_batch:
             self._dropped.labels("queue_full").inc()
