@@ -14,8 +14,8 @@ import urllib.request
 
 import grpc
 import pytest
-from mlmirror.admin.endpoints import admin_endpoints
-from mlmirror.admin.http import AdminServer
+from mlmirror.admin.endpoints import admin_endpoints, outcomes_answer
+from mlmirror.admin.http import AdminServer, Response
 from mlmirror.config import parse_config
 from mlmirror.errors import ConfigError
 from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameError
@@ -256,7 +256,10 @@ class ScriptedTarget:
             raise PromotionError("not promotable: too few samples")
         return f"route {route}: primary is now {shadow}"
 
-    def report_outcomes(self, outcomes: list) -> dict[str, int]:
+    async def outcomes(self, body: bytes) -> Response:
+        return outcomes_answer(body, self.report)
+
+    def report(self, outcomes: list) -> dict[str, int]:
         self.asked.append(outcomes)
         return {"matched": len(outcomes)}
 

@@ -3,7 +3,7 @@
 The layers, low to high (a module may import its own layer and those below it):
 
     kernels, protos  →  errors, metrics, eventloop, looplag, protocol, the tap  →  config  →  serving  →  handoff
-    →  observing  →  admin  →  runtime  →  cli, demo
+    →  observing  →  admin, replay  →  runtime  →  cli, demo
 
 The tap (``handoff/tap.py``: ``CallRecord``, ``Observer``, ``Tap``) is the serving side's half of the door: the
 handler writes into it, so it ranks with the leaf modules, below serving; the rest of ``handoff`` (the transport to
@@ -37,6 +37,7 @@ LAYERS = {
     "mlmirror.handoff": 4,
     "mlmirror.observing": 5,
     "mlmirror.admin": 6,
+    "mlmirror.replay": 6,  # offline: captured calls against a candidate, judged with the observing side's tools
     "mlmirror.runtime": 7,
     "mlmirror.cli": 8,
     "mlmirror.demo": 8,

@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.errors import StartError
 from mlmirror.protos import feedback_pb2
+from mlmirror.runtime.promotion import replayed_config
+from mlmirror.runtime.supervisor import Supervisor
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
@@ -231,16 +234,16 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
     async with model_server("production") as production, model_server("candidate") as candidate:
         config, listen, admin = group_config(tmp_path, production, candidate)
         async with process_group(config, admin, tmp_path / "group.log") as group:
-            body = await admin_get(admin, "/status")
-            pids = [w["pid"] for w in json.loads(body)["workers"]]
-            assert len(pids_alive(pids)) == 2
+            state = json.loads(await admin_get(admin, "/status"))
+            pids = [state["observer"]["pid"], *(w["pid"] for w in state["workers"])]
+            assert len(pids_alive(pids)) == 3
             folders = await asyncio.to_thread(socket_folders, pids)
             assert len(folders) == 1  # one socket folder for the group ...
             assert all((folder / "handoff.sock").exists() for folder in folders)
             group.kill()  # no chance to stop them
             await asyncio.to_thread(group.wait)
-            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
-            assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the workers removed it
+            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned children to stop")
+            assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the children removed it
 
 
 async def test_a_second_stop_signal_kills_the_workers_and_exits_at_once(tmp_path):
@@ -297,3 +300,20 @@ routes: [{{match: {{}}, primary: echo}}]
                 group.send_signal(signal.SIGTERM)
                 assert await call == b"slow:x"  # the worker drained it under the new grace: nobody killed it
             assert await asyncio.to_thread(group.wait, 30) == 0
+
+
+def test_a_child_started_again_starts_with_the_promotions_the_others_serve(tmp_path):
+    config, _, _ = group_config(tmp_path, 1, 2)
+    supervisor = Supervisor(str(config), 2)
+    try:
+        assert supervisor.workers[1].more_args() == []
+        supervisor._promotions.append(("iris", "candidate"))  # what a promotion through the admin endpoint records
+        for child in supervisor.children:
+            assert child.more_args() == ["--promote", "iris", "candidate"]
+    finally:
+        shutil.rmtree(supervisor.folder, ignore_errors=True)
+    promoted = replayed_config(str(config), [("iris", "candidate")])  # what the child then serves
+    assert promoted.routes[0].primary == "candidate"
+    assert [s.upstream for s in promoted.routes[0].shadows] == ["production"]
+    with pytest.raises(StartError, match="cannot apply the promotion of nope on route iris again"):
+        replayed_config(str(config), [("iris", "nope")])  # the file changed since: the child says why it stops

@@ -23,8 +23,19 @@ from typing import Any, Protocol
 from mlmirror.admin.http import Request, Response
 from mlmirror.observing.groundtruth.feedback import parse_outcomes_json
 
-__all__ = ["PROMOTE_USAGE", "AdminTarget", "Endpoint", "admin_endpoints"]
+__all__ = ["ENDPOINTS", "PROMOTE_USAGE", "AdminTarget", "Endpoint", "admin_endpoints", "outcomes_answer"]
 
+#: Every admin endpoint, (method, path), and whether it is open (answered without the admin token: the liveness and
+#: readiness probes, which reveal no more than up or down). docs/ENDPOINTS.md lists the same (tests/test_docs.py).
+ENDPOINTS: dict[tuple[str, str], bool] = {
+    ("GET", "/metrics"): False,
+    ("GET", "/healthz"): True,
+    ("GET", "/readyz"): True,
+    ("GET", "/status"): False,
+    ("POST", "/reload"): False,
+    ("POST", "/promote"): False,
+    ("POST", "/outcomes"): False,
+}
 PROMOTE_USAGE = "give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]"
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -62,9 +73,20 @@ class AdminTarget(Protocol):
         """What was done, in words; raises the ``refused`` exception given to ``admin_endpoints``."""
         ...
 
-    def report_outcomes(self, outcomes: list[Any]) -> dict[str, int]:
-        """Counts of the outcomes by result."""
+    async def outcomes(self, body: bytes) -> Response:
+        """The answer to ``POST /outcomes`` with ``body`` (a proxy parses it with ``outcomes_answer``; a supervisor
+        passes it on to the process that holds the ground truth)."""
         ...
+
+
+def outcomes_answer(body: bytes, report: Callable[[list[Any]], dict[str, int]]) -> Response:
+    """``POST /outcomes``: ground truth as JSON (proxy/observing/groundtruth/feedback.py) given to ``report``, which
+    counts them by result; 400 for a body that cannot be read."""
+    try:
+        parsed = parse_outcomes_json(body)
+    except ValueError as exc:
+        return Response.text(f"bad outcomes: {exc}", 400)
+    return Response.json(report(parsed))
 
 
 def admin_endpoints(target: AdminTarget, refused: type[Exception]) -> tuple[Endpoint, ...]:
@@ -100,18 +122,18 @@ def admin_endpoints(target: AdminTarget, refused: type[Exception]) -> tuple[Endp
             return Response.text(f"not promoted: {exc}", 404 if getattr(exc, "unknown_name", False) else 409)
 
     async def outcomes(request: Request) -> Response:
-        try:
-            parsed = parse_outcomes_json(request.body)
-        except ValueError as exc:
-            return Response.text(f"bad outcomes: {exc}", 400)
-        return Response.json(target.report_outcomes(parsed))
+        return await target.outcomes(request.body)
 
-    return (
-        Endpoint("GET", "/metrics", metrics),
-        Endpoint("GET", "/healthz", healthz, open=True),
-        Endpoint("GET", "/readyz", readyz, open=True),
-        Endpoint("GET", "/status", status),
-        Endpoint("POST", "/reload", reload),
-        Endpoint("POST", "/promote", promote),
-        Endpoint("POST", "/outcomes", outcomes),
+    handlers = {
+        ("GET", "/metrics"): metrics,
+        ("GET", "/healthz"): healthz,
+        ("GET", "/readyz"): readyz,
+        ("GET", "/status"): status,
+        ("POST", "/reload"): reload,
+        ("POST", "/promote"): promote,
+        ("POST", "/outcomes"): outcomes,
+    }
+    assert handlers.keys() == ENDPOINTS.keys()
+    return tuple(
+        Endpoint(method, path, handlers[method, path], open=ENDPOINTS[method, path]) for method, path in ENDPOINTS
     )

@@ -17,6 +17,7 @@ __all__ = [
     "MODEL_METADATA",
     "MODEL_READY",
     "MODEL_STREAM_INFER",
+    "REPLAY",
     "REQUEST_ID",
     "SERVED_BY",
     "SERVER_LIVE",
@@ -56,6 +57,8 @@ SHADOW = "x-mlmirror-shadow"
 SERVED_BY = "x-mlmirror-served-by"
 #: The ``SERVED_BY`` value of an answer rendered from a route's static default.
 STATIC_DEFAULT = "static-default"
+#: Marks a call ``mlmirror replay`` sends to a candidate (value ``1``): not a client's.
+REPLAY = "x-mlmirror-replay"
 #: Envoy's request id; names a call observed through ext_proc when the client gave no ``REQUEST_ID``.
 ENVOY_REQUEST_ID = "x-request-id"
 

@@ -4,15 +4,19 @@ forced. No call fails: calls in flight finish on the old table."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from mlmirror.config import Config, load_config
+from mlmirror.errors import StartError
 from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
 
 if TYPE_CHECKING:
     from mlmirror.runtime.proxy import Proxy
 
-__all__ = ["promote"]
+__all__ = ["add_promote_argument", "promote", "replayed_config"]
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +44,22 @@ async def promote(proxy: Proxy, route: str, shadow: str, *, force: bool = False)
     )
     log.warning("%s; the config file still says otherwise: a reload from it reverts the promotion", message)
     return message
+
+
+def replayed_config(config_path: str, promotions: Sequence[Sequence[str]] = ()) -> Config:
+    """The config file's configuration with ``promotions`` ((route, shadow) pairs, in the order they were made)
+    applied: what a child the supervisor starts again must serve, so that it serves what the others serve from its
+    first call. Raises ``StartError`` when one no longer applies (the file changed since)."""
+    config = load_config(config_path)
+    for route, shadow in promotions:
+        try:
+            config = promoted_config(config, route, shadow)
+        except PromotionError as exc:
+            raise StartError(f"cannot apply the promotion of {shadow} on route {route} again: {exc}") from None
+    return config
+
+
+def add_promote_argument(parser: argparse.ArgumentParser) -> None:
+    """``--promote ROUTE SHADOW``, repeated: the promotions a child replays on the config file (see above)."""
+    parser.add_argument("--promote", nargs=2, action="append", default=[], metavar=("ROUTE", "SHADOW"),
+                        help="a promotion made since the config file was read, applied again")  # fmt: skip

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 from mlmirror import __version__
-from mlmirror.admin.endpoints import admin_endpoints
-from mlmirror.admin.http import AdminServer
+from mlmirror.admin.endpoints import admin_endpoints, outcomes_answer
+from mlmirror.admin.http import AdminServer, Response
 from mlmirror.config import Config, load_config
 from mlmirror.errors import ConfigError, StartError
 from mlmirror.eventloop import loop_name
@@ -77,7 +77,8 @@ class Proxy:
         #: per-route consumers; a worker has none (its watched calls go to the hub)
         self.parts = RouteParts(kinds, PartContext(self.lag))
         self.feedback = FeedbackService(
-            lambda: [p.engine.ground_truth for p in self.parts.of_kind("drift") if p.engine.ground_truth is not None]
+            lambda: [p.engine.ground_truth for p in self.parts.of_kind("drift") if p.engine.ground_truth is not None],
+            lambda: [p.writer for p in self.parts.of_kind("capture")],  # captured calls get their outcomes appended
         )
         self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []
@@ -360,9 +361,9 @@ class Proxy:
             return True, "reloaded"
         return False, "reload rejected; the current config stays (see the proxy's log)"
 
-    def report_outcomes(self, outcomes: list[Any]) -> dict[str, int]:
+    async def outcomes(self, body: bytes) -> Response:
         """Ground truth reported through ``POST /outcomes``: the counts by result."""
-        return self.feedback.report(outcomes)
+        return outcomes_answer(body, self.feedback.report)
 
     def status(self) -> dict[str, object]:
         """Everything ``/status`` shows, JSON-ready."""

@@ -1,23 +1,19 @@
-"""``mlmirror serve --workers N``: N worker processes share the listener's port (SO_REUSEPORT) and one hub watches.
+"""``mlmirror serve``: a supervisor, N serving workers (default 1) and one observing process.
 
-The supervisor (this process) runs the hub — a ``Proxy`` in the hub role (proxy/runtime/role.py): the one place shadow
-copies are made and compared and drift is measured — and the admin endpoint, and starts the workers as child
-processes (``python -m mlmirror.runtime.workers``, proxy/runtime/workers.py). Each worker relays client calls like a
-lone proxy and hands the answered calls of watched routes to the hub over a Unix socket (proxy/handoff/transport.py),
-batched and lossy: a slow hub costs a worker counted drops, never a call. So shadow and drift state is one truth by
-construction, and the proxy's CPU per call in a worker no longer includes the copies.
+The supervisor serves the admin endpoint and keeps its children alive (proxy/runtime/children.py). The workers
+(proxy/runtime/workers.py) share the listener's port and relay calls; the observing process
+(proxy/runtime/observer_process.py), at a lower CPU priority, makes the shadow copies, measures drift, joins ground
+truth and captures. Serving never waits for observing: a dead, hung or restarting observer costs the workers
+counted hand-off drops, never a call, and the supervisor starts it again.
 
-The admin endpoint merges: ``/metrics`` is the workers' expositions merged with the hub's
-(proxy/admin/metrics_merge.py);
-``/status`` is the hub's (shadows, drift) with the workers' call counts summed and a ``workers`` list; ``/readyz``
-is ready when every worker is; ``/reload`` and ``/promote`` act on the hub, then on every worker; ``/outcomes``
-and the Feedback gRPC method (relayed by the workers) reach the hub's ground truth.
-
-A worker that exits is started again (after 1 s, doubling to 30 s while it keeps failing within a minute), with
-the promotions made since the config file was last read, so it serves what the others serve. A worker whose hub
-goes away (the supervisor died) stops by itself. SIGTERM or SIGINT stops the workers first (each drains its calls,
-for the current config's ``shutdown_grace``), then the hub; a second one kills the workers and exits 1. SIGHUP
-reloads.
+The admin endpoint merges: ``/metrics`` is the children's expositions merged (proxy/admin/metrics_merge.py);
+``/status`` is the observer's (shadows, drift, ground truth) with the workers' call counts summed in, a ``workers``
+list and an ``observer`` entry; ``/readyz`` is ready when every worker is (the observer is not needed to serve);
+``/reload`` and ``/promote`` act on the observer, then on every worker; ``/outcomes`` goes to the observer. A
+promotion is kept by the supervisor until the next reload, and a child that restarts starts with it
+(``--promote``), so every process serves the same primary from its first call. SIGTERM or SIGINT stops the
+workers first (each drains its calls, for the current config's ``shutdown_grace``), then the observer; a second one
+kills the children and exits 1. SIGHUP reloads.
 """
 
 from __future__ import annotations
@@ -29,101 +25,75 @@ import logging
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import urllib.parse
 from pathlib import Path
-from typing import Any
 
 from mlmirror.admin.endpoints import admin_endpoints
-from mlmirror.admin.http import AdminServer
+from mlmirror.admin.http import AdminServer, Response
 from mlmirror.admin.metrics_merge import merge_expositions
 from mlmirror.config import Config, load_config
-from mlmirror.errors import StartError
-from mlmirror.handoff.tap import CallRecord
-from mlmirror.handoff.transport import HandoffReceiver
-from mlmirror.metrics import Metrics
-from mlmirror.observing.shadows.promotion import PromotionError
-from mlmirror.runtime.proxy import Proxy, admin_token
-from mlmirror.runtime.role import Role
+from mlmirror.errors import ConfigError, StartError
+from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameError
+from mlmirror.runtime.children import Child
+from mlmirror.runtime.proxy import admin_token
 from mlmirror.runtime.signals import serve_until_stopped
-from mlmirror.runtime.workers import FEEDBACK_SOCKET, HANDOFF_SOCKET
-from mlmirror.serving.table import RouteRuntime, RouteTable
-from prometheus_client import Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 __all__ = ["Supervisor"]
 
 log = logging.getLogger(__name__)
 
-_START_TIMEOUT = 60.0  # seconds for every worker to start and say hello
-_RESTART_BACKOFF = (1.0, 30.0)  # seconds: first delay, cap
-
-
-@dataclass
-class Worker:
-    """One worker process as the supervisor sees it."""
-
-    index: int
-    process: subprocess.Popen | None = None
-    admin_port: int | None = None
-    pid: int | None = None
-    restarts: int = 0
-    started: float = 0.0
-    greeted: asyncio.Event = field(default_factory=asyncio.Event)
+_START_TIMEOUT = 60.0  # seconds for every child to start and say hello
+_READ_TIMEOUT = 5.0  # seconds for a child's /metrics or /status: a hung observer must not hang the admin endpoint
+_LOST_ON_RESTART = (
+    "shadow verdict windows, drift windows and predictions awaiting ground truth since the observer's last start"
+)
 
 
 class Supervisor:
-    """Runs the hub and the admin endpoint, and keeps ``count`` workers alive."""
+    """Runs the admin endpoint and keeps ``count`` serving workers and one observing process alive."""
 
     def __init__(self, config_path: str, count: int, *, use_uvloop: bool = True, log_level: str = "info") -> None:
         self.config_path = str(Path(config_path).resolve())
         self.count = count
-        self._worker_args = ["--log-level", log_level, *([] if use_uvloop else ["--no-uvloop"])]
         self.config: Config = load_config(self.config_path)  # first: a bad file leaves nothing behind
         self.folder = Path(tempfile.mkdtemp(prefix="mlmirror-"))  # mode 0700: only this user reaches the sockets
-        self.metrics = Metrics()
-        self.hub = Proxy(
-            self.config, metrics=self.metrics, role=Role("hub", listen=f"unix:{self.folder / FEEDBACK_SOCKET}")
-        )
-        self.workers = [Worker(i) for i in range(count)]
-        self._received = Counter(
-            "mlmirror_handoff_received", "Answered calls the hub received from each worker.", ["worker"],
-            registry=self.metrics.registry,
-        )  # fmt: skip
+        common = ["--config", self.config_path, "--folder", str(self.folder), "--log-level", log_level,
+                  *([] if use_uvloop else ["--no-uvloop"])]  # fmt: skip
+        self.observer = Child("observer", 0, "mlmirror.runtime.observer_process", common,
+                              more_args=self._promotion_args)  # fmt: skip
+        self.workers = [Child("worker", i, "mlmirror.runtime.workers", [*common, "--index", str(i)],
+                              more_args=self._promotion_args) for i in range(count)]  # fmt: skip
+        self.registry = CollectorRegistry()  # the supervisor's own few metrics; the children export the rest
         self._restarts = Counter(
-            "mlmirror_worker_restarts", "Worker processes started again after they exited.", ["worker"],
-            registry=self.metrics.registry,
+            "mlmirror_worker_restarts", "Child processes started again after they exited (worker: index or observer).",
+            ["worker"], registry=self.registry,
         )  # fmt: skip
-        Gauge("mlmirror_workers", "Worker processes running now.", registry=self.metrics.registry).set_function(
-            lambda: sum(1 for w in self.workers if w.process is not None and w.process.poll() is None)
+        Gauge("mlmirror_workers", "Serving worker processes running now.", registry=self.registry).set_function(
+            lambda: sum(1 for w in self.workers if w.running)
         )
-        self._receiver = HandoffReceiver(self.folder / HANDOFF_SOCKET, self._deliver, self._greeted, self._received)
-        self._routes: tuple[RouteTable | None, dict[str, RouteRuntime]] = (None, {})
-        self._admin: AdminServer | None = None
+        Gauge("mlmirror_observer_up", "1 while the observing process runs and answers, else 0.",
+              registry=self.registry).set_function(lambda: 1 if self.observer.up else 0)  # fmt: skip
         self._token = admin_token(self.config)
-        #: (route, shadow) promoted since the config file was last read: a restarted worker applies them too
-        self._promotions: list[tuple[str, str]] = []
+        self._promotions: list[tuple[str, str]] = []  # applied since the last reload, in order
+        self._admin: AdminServer | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
 
+    @property
+    def children(self) -> list[Child]:
+        return [self.observer, *self.workers]
+
     # --- start and stop -----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the hub, the hand-off socket, the workers (waiting until each has said hello) and the admin."""
+        """Start the observer, then the workers (waiting until each has said hello), then the admin endpoint."""
         try:
-            await self.hub.start()
-            await self._receiver.start()
-            for worker in self.workers:
-                await self._spawn(worker)
-            waits = [asyncio.ensure_future(w.greeted.wait()) for w in self.workers]
-            _, pending = await asyncio.wait(waits, timeout=_START_TIMEOUT)
-            for wait in pending:
-                wait.cancel()
-            missing = [w.index for w in self.workers if not w.greeted.is_set()]
-            if missing:
-                raise StartError(f"workers {missing} did not start within {_START_TIMEOUT:g}s (see their log)")
+            await self._start_children([self.observer])
+            await self._start_children(self.workers)
             if self.config.admin is not None:
                 self._admin = AdminServer(self.config.admin, admin_endpoints(self, PromotionError), token=self._token)
                 try:
@@ -134,40 +104,27 @@ class Supervisor:
         except BaseException:
             await self.stop()
             raise
-        log.info("mlmirror: %d workers on %s; admin on %s", self.count, self.config.listen,
+        log.info("mlmirror: %d serving workers on %s, one observing process (nice %d); admin on %s", self.count,
+                 self.config.listen, self.config.observer.nice,
                  f"http://{self.config.admin}" if self.config.admin else "(disabled)")  # fmt: skip
 
-    async def _spawn(self, worker: Worker) -> None:
-        worker.greeted.clear()
-        worker.admin_port = None
-        # subprocess.Popen, not the event loop's spawn: CPython starts the child with vfork, so gRPC's fork handlers
-        # never run in a process full of gRPC threads. New session: a terminal's Ctrl-C reaches the supervisor only,
-        # which then stops the workers in order.
-        worker.process = subprocess.Popen(  # noqa: ASYNC220 - vfork+exec returns at once
-            [sys.executable, "-m", "mlmirror.runtime.workers", "--config", self.config_path,
-             "--index", str(worker.index), "--folder", str(self.folder), *self._worker_args,
-             *(arg for route, shadow in self._promotions for arg in ("--promote", route, shadow))],
-            start_new_session=True,
-        )  # fmt: skip
-        worker.pid = worker.process.pid
-        worker.started = time.monotonic()
-        self._background(self._watch(worker, worker.process))
+    async def _start_children(self, children: list[Child]) -> None:
+        for child in children:
+            child.spawn()
+        failures = await asyncio.gather(*(child.wait_started(_START_TIMEOUT) for child in children))
+        failed = [failure for failure in failures if failure is not None]
+        if failed:
+            raise StartError("; ".join(dict.fromkeys(failed)))
+        for child in children:
+            self._background(child.watch(lambda: self._stopping, self._restarted))
 
-    async def _watch(self, worker: Worker, process: subprocess.Popen) -> None:
-        """Start ``worker`` again when its process exits, unless the group is stopping."""
-        code = await asyncio.to_thread(process.wait)
-        if self._stopping or worker.process is not process:
-            return
-        quick = time.monotonic() - worker.started < 60.0
-        delay = min(_RESTART_BACKOFF[0] * 2 ** (worker.restarts if quick else 0), _RESTART_BACKOFF[1])
-        log.error("worker %d (pid %d) exited with %s; starting it again in %.0fs", worker.index, process.pid, code,
-                  delay)  # fmt: skip
-        await asyncio.sleep(delay)
-        if self._stopping:
-            return
-        worker.restarts += 1
-        self._restarts.labels(str(worker.index)).inc()
-        await self._spawn(worker)
+    def _promotion_args(self) -> list[str]:
+        """``--promote ROUTE SHADOW`` for each promotion made since the config file was read, in order."""
+        return [arg for route, shadow in self._promotions for arg in ("--promote", route, shadow)]
+
+    async def _restarted(self, child: Child) -> None:
+        """A child is back (with the promotions the others serve: it started with them)."""
+        self._restarts.labels("observer" if child.kind == "observer" else str(child.index)).inc()
 
     def _background(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -175,141 +132,90 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        """SIGTERM every worker and wait for them to drain (their ``shutdown_grace``, plus 5 s), then stop the hub."""
+        """SIGTERM every worker and wait for them to drain (``shutdown_grace`` plus 5 s), then the observer."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        running = [w.process for w in self.workers if w.process is not None and w.process.poll() is None]
-        for process in running:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        assert self.hub.table is not None  # the current config's grace: a reload may have changed it
-        deadline = time.monotonic() + self.hub.table.config.shutdown_grace + 5.0
-        for process in running:
-            try:
-                await asyncio.to_thread(process.wait, max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                log.warning("worker pid %d did not stop in time; killing it", process.pid)
-                process.kill()
-                await asyncio.to_thread(process.wait)
+        grace = self.config.shutdown_grace + 5.0
+        await _terminate([w for w in self.workers if w.running], grace)
+        await _terminate([self.observer] if self.observer.running else [], grace)
+        for child in self.children:
+            child.close()
         current = asyncio.current_task()  # stop() itself may run as one of the background tasks
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
-        await self._receiver.close()
-        await self.hub.stop()
         if self._admin is not None:
             await self._admin.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         self._stopped.set()
 
     async def run_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT (the ordered stop; a second one kills the workers and exits at once);
+        """Serve until SIGTERM or SIGINT (the ordered stop; a second one kills the children and exits at once);
         SIGHUP reloads."""
 
-        def kill_workers() -> None:
-            for worker in self.workers:
-                if worker.process is not None and worker.process.poll() is None:
-                    worker.process.kill()
+        def kill_children() -> None:
+            for child in self.children:
+                if child.running:
+                    assert child.process is not None
+                    child.process.kill()
             shutil.rmtree(self.folder, ignore_errors=True)
 
         await serve_until_stopped(
             self._stopped, stop=lambda: self._background(self.stop()), reload=lambda: self._background(self.reload()),
-            before_exit=kill_workers, stopping="stopping the workers, then the hub",
+            before_exit=kill_children, stopping="stopping the workers, then the observer",
         )  # fmt: skip
-
-    # --- the hand-off -------------------------------------------------------------------------------------------
-
-    def _greeted(self, hello: dict) -> None:
-        index = hello.get("index")
-        if isinstance(index, int) and 0 <= index < self.count:
-            worker = self.workers[index]
-            worker.admin_port = hello.get("admin_port")
-            worker.pid = hello.get("pid", worker.pid)
-            worker.greeted.set()
-
-    def _deliver(self, record: CallRecord) -> None:
-        """A worker's answered call, to its route's observers in the hub (never raises: the tap counts errors)."""
-        table = self.hub.table
-        cached, routes = self._routes
-        if cached is not table:
-            routes = {route.name: route for route in table.routes} if table is not None else {}
-            self._routes = (table, routes)
-        route = routes.get(record.route)
-        if route is not None and route.tap:
-            route.tap.offer(record)
-
-    # --- talking to the workers' admin endpoints ----------------------------------------------------------------
-
-    async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, bytes]:
-        """(status, body) of one request to a worker's internal admin endpoint; (0, reason) when it cannot answer."""
-        if worker.admin_port is None:
-            return 0, b"not started"
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", worker.admin_port), 5.0)
-        except (OSError, TimeoutError) as exc:
-            return 0, str(exc).encode()
-        auth = f"Authorization: Bearer {self._token}\r\n" if self._token else ""
-        try:
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: worker\r\n{auth}Content-Length: 0\r\n\r\n".encode())
-            answer = await asyncio.wait_for(reader.read(), 30.0)
-        except (OSError, TimeoutError) as exc:
-            return 0, str(exc).encode()
-        finally:
-            writer.close()
-        head, _, body = answer.partition(b"\r\n\r\n")
-        try:
-            return int(head.split(b" ", 2)[1]), body
-        except (IndexError, ValueError):
-            return 0, b"malformed answer"
-
-    async def _ask_all(self, method: str, path: str) -> list[tuple[int, bytes]]:
-        return list(await asyncio.gather(*(self._ask(w, method, path) for w in self.workers)))
-
-    # --- admin endpoints ----------------------------------------------------------------------------------------
 
     # --- what the admin endpoints ask (proxy/admin/endpoints.py) -------------------------------------------------
 
+    async def _ask_workers(self, method: str, path: str) -> list[tuple[int, bytes]]:
+        return list(await asyncio.gather(*(w.ask(method, path, self._token) for w in self.workers)))
+
     async def exposition(self) -> tuple[bytes, str]:
-        """The workers' expositions merged with the hub's (proxy/admin/metrics_merge.py)."""
-        answers = await self._ask_all("GET", "/metrics")
-        texts = {str(w.index): body.decode() for w, (code, body) in zip(self.workers, answers, strict=True)
+        """The children's expositions merged (proxy/admin/metrics_merge.py)."""
+        observer, *workers = await asyncio.gather(
+            *(c.ask("GET", "/metrics", self._token, timeout=_READ_TIMEOUT) for c in self.children)
+        )
+        texts = {str(w.index): body.decode() for w, (code, body) in zip(self.workers, workers, strict=True)
                  if code == 200}  # fmt: skip
-        hub = generate_latest(self.metrics.registry).decode()
+        texts["supervisor"] = generate_latest(self.registry).decode()
+        hub = observer[1].decode() if observer[0] == 200 else ""
         return merge_expositions(hub, texts), "text/plain; version=0.0.4; charset=utf-8"
 
     async def ready_report(self) -> tuple[bool, list[str]]:
-        """Ready when every worker is (and the group is not stopping); each worker's answer on one line."""
-        answers = await self._ask_all("GET", "/readyz")
+        """Ready when every worker is (the observer is not needed to serve); one line per child."""
+        answers = await self._ask_workers("GET", "/readyz")
         ready = not self._stopping and all(code == 200 for code, _ in answers)
         lines = [f"worker {w.index}: " + (body.decode().strip().replace("\n", "; ") or f"status {code}")
                  for w, (code, body) in zip(self.workers, answers, strict=True)]  # fmt: skip
+        lines.append("observer: " + ("up" if self.observer.up else "down (serving goes on; it is being restarted)"))
         return ready, lines
 
     async def status(self) -> dict:
-        """The hub's status (shadows, drift) with the workers' call counts summed in, and the workers listed."""
-        status = self.hub.status()
-        answers = await self._ask_all("GET", "/status")
-        workers = []
-        calls: dict[str, dict[str, int]] = {}
-        requests: dict[str, dict[str, int]] = {}
-        inflight = 0
-        ready = True
-        for worker, (code, body) in zip(self.workers, answers, strict=True):
+        """The observer's status (shadows, drift) with the workers' call counts summed in, the workers listed and
+        the observer's state (up, restarts, what a restart loses)."""
+        (code, body), *answers = await asyncio.gather(
+            *(c.ask("GET", "/status", self._token, timeout=_READ_TIMEOUT) for c in self.children)
+        )
+        own = [json.loads(text) if status == 200 else None for status, text in answers]
+        status = json.loads(body) if code == 200 else next((s for s in own if s is not None), None)
+        if status is None:
+            status = {"routes": [], "upstreams": {}}
+        workers, calls, requests, inflight, ready = [], {}, {}, 0, True
+        for worker, state, (_, text) in zip(self.workers, own, answers, strict=True):
             entry: dict[str, object] = {"index": worker.index, "pid": worker.pid, "restarts": worker.restarts}
-            if code == 200:
-                own = json.loads(body)
-                served = sum(sum(route["calls"].values()) for route in own["routes"])
-                entry.update(ready=own["ready"], inflight_calls=own["inflight_calls"], calls=served)
-                inflight += own["inflight_calls"]
-                ready = ready and own["ready"]
-                for route in own["routes"]:
+            if state is not None:
+                served = sum(sum(route["calls"].values()) for route in state["routes"])
+                entry.update(ready=state["ready"], inflight_calls=state["inflight_calls"], calls=served)
+                inflight += state["inflight_calls"]
+                ready = ready and state["ready"]
+                for route in state["routes"]:
                     _add(calls.setdefault(route["name"], {}), route["calls"])
-                for name, upstream in own["upstreams"].items():
+                for name, upstream in state["upstreams"].items():
                     _add(requests.setdefault(name, {}), upstream["requests"])
             else:
-                entry.update(ready=False, error=body.decode(errors="replace"))
+                entry.update(ready=False, error=text.decode(errors="replace"))
                 ready = False
             workers.append(entry)
         for route in status["routes"]:
@@ -317,6 +223,12 @@ class Supervisor:
         for name, upstream in status["upstreams"].items():
             upstream["requests"] = dict(sorted(requests.get(name, {}).items()))
         status.update(ready=ready and not self._stopping, inflight_calls=inflight, workers=workers)
+        status["observer"] = {
+            "up": code == 200 and self.observer.up, "pid": self.observer.pid, "restarts": self.observer.restarts,
+            "nice": self.config.observer.nice,
+            "lost_on_restart": _LOST_ON_RESTART,
+            **({} if code == 200 else {"error": body.decode(errors="replace")}),
+        }  # fmt: skip
         status["listen"] = {"grpc": self.config.listen, "admin": self.config.admin, "workers": self.count}
         return status
 
@@ -324,33 +236,76 @@ class Supervisor:
         return await self.status()
 
     async def reload(self) -> tuple[bool, list[str]]:
-        """Reload the hub from the config file, then every worker; (all took it, what each said)."""
-        if not await self.hub.reload_from_file(self.config_path):
-            return False, ["hub: rejected (see the log); nothing changed"]
-        self._promotions.clear()  # the file's config again, in the hub and (below) in every worker
-        answers = await self._ask_all("POST", "/reload")
-        lines = ["hub: reloaded"] + [f"worker {w.index}: {code} {body.decode().strip()}"
-                                     for w, (code, body) in zip(self.workers, answers, strict=True)]  # fmt: skip
-        return all(code == 200 for code, _ in answers), lines
+        """Reload the observer from the config file, then every worker; (all took it, what each said). A file the
+        observer rejects (it logs why and counts the failure) changes nothing anywhere."""
+        code, body = await self.observer.ask("POST", "/reload", self._token)
+        lines = [f"observer: {code} {body.decode(errors='replace').strip()}"]
+        if code not in (0, 200):
+            return False, [*lines, "rejected: nothing changed"]
+        try:
+            config = load_config(self.config_path)  # the observer is down (or the file changed since): check here
+        except ConfigError as exc:
+            log.error("config reload rejected, keeping the current config: %s", exc)
+            return False, [*lines, f"rejected: {exc}; nothing changed"]
+        answers = await self._ask_workers("POST", "/reload")
+        lines += [f"worker {w.index}: {code} {body.decode().strip()}"
+                  for w, (code, body) in zip(self.workers, answers, strict=True)]  # fmt: skip
+        ok = all(code == 200 for code, _ in answers)
+        if ok:
+            self.config, self._token, self._promotions = config, admin_token(config), []
+        return ok, lines
 
     async def reload_report(self) -> tuple[bool, str]:
         ok, lines = await self.reload()
         return ok, "\n".join(["reloaded" if ok else "reload incomplete", *lines])
 
     async def promote(self, route: str, shadow: str, *, force: bool = False) -> str:
-        """Promote in the hub (which holds the verdict), then force the same promotion in every worker."""
-        message = await self.hub.promote(route, shadow, force=force)
-        self._promotions.append((route, shadow))
-        answers = await self._ask_all("POST", f"/promote?route={route}&shadow={shadow}&force=1")
+        """Promote in the observer (which holds the verdict), then force the same promotion in every worker."""
+        path = _promote_path(route, shadow, force=force)
+        code, body = await self.observer.ask("POST", path, self._token)
+        text = body.decode(errors="replace").strip()
+        if code != 200:
+            if code == 0:
+                raise PromotionError(f"the observing process cannot answer ({text}); try again when it is back")
+            refused = UnknownNameError if code == 404 else PromotionError
+            raise refused(text.removeprefix("not promoted: "))
+        answers = await self._ask_workers("POST", _promote_path(route, shadow))
         failed = [f"worker {w.index}: {code} {body.decode().strip()}"
                   for w, (code, body) in zip(self.workers, answers, strict=True) if code != 200]  # fmt: skip
+        self._promotions.append((route, shadow))
         if failed:
-            raise PromotionError("; ".join([f"{message}, but not in every worker", *failed]))
-        return message
+            raise PromotionError("; ".join([f"{text}, but not in every worker", *failed]))
+        return text
 
-    def report_outcomes(self, outcomes: list[Any]) -> dict[str, int]:
-        """Ground truth lives in the hub."""
-        return self.hub.report_outcomes(outcomes)
+    async def outcomes(self, body: bytes) -> Response:
+        """Ground truth lives in the observing process: the request goes there as it came."""
+        code, body = await self.observer.ask("POST", "/outcomes", self._token, body)
+        if code == 0:
+            return Response.text(f"the observing process cannot take outcomes now: {body.decode()}", 503)
+        return Response(code, body, "application/json" if code == 200 else "text/plain; charset=utf-8")
+
+
+def _promote_path(route: str, shadow: str, *, force: bool = True) -> str:
+    query = {"route": route, "shadow": shadow, **({"force": "1"} if force else {})}
+    return "/promote?" + urllib.parse.urlencode(query)
+
+
+async def _terminate(children: list[Child], grace: float) -> None:
+    """SIGTERM ``children`` and wait up to ``grace`` seconds for them to exit; kill those still running then."""
+    for child in children:
+        assert child.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        process = child.process
+        assert process is not None
+        try:
+            await asyncio.to_thread(process.wait, max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not stop in time; killing it", child.name, process.pid)
+            process.kill()
+            await asyncio.to_thread(process.wait)
 
 
 def _add(into: dict[str, int], counts: dict[str, int]) -> None:

@@ -1,10 +1,12 @@
-"""One worker process of ``mlmirror serve --workers N`` (started by the supervisor, proxy/runtime/supervisor.py):
-``python -m mlmirror.runtime.workers --config FILE --index I --folder DIR [--promote ROUTE SHADOW]...``.
+"""A serving worker of ``mlmirror serve``: relays client calls and hands the answered calls of watched routes over.
 
-A proxy in the worker role (proxy/runtime/role.py) on the shared port: it relays calls, hands the answered calls of
-watched routes to the hub over ``DIR/handoff.sock`` and relays Feedback calls to ``DIR/feedback.sock``. It stops by
-itself when the hub goes away. ``--promote`` (repeated, in order) replays the promotions the group made since the
-config file was last read, so a worker started again serves the same primaries as the others.
+The supervisor (proxy/runtime/supervisor.py) starts ``--workers N`` of these (default 1); they share the listener's
+port (SO_REUSEPORT). Each relays calls as a lone proxy does, but makes no shadow copies and runs no drift engine:
+the answered calls of watched routes go to the observing process (proxy/runtime/observer_process.py) over a Unix
+socket (proxy/handoff/transport.py), batched and lossy, so a slow, hung or restarting observer costs a worker
+counted drops, never a call. Feedback calls are relayed to the observer's listener. The worker's admin endpoint is
+internal (loopback, any free port), for the supervisor. It stops on SIGTERM (draining its calls) or when the
+supervisor goes away (its lifeline closes).
 """
 
 from __future__ import annotations
@@ -14,64 +16,80 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mlmirror.config import Config, load_config
-from mlmirror.errors import StartError
+from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.transport import HandoffSender
 from mlmirror.metrics import Metrics
-from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
+from mlmirror.runtime.children import announce, lifeline_closed
+from mlmirror.runtime.observer_process import FEEDBACK_SOCKET, HANDOFF_SOCKET
+from mlmirror.runtime.promotion import add_promote_argument, replayed_config
 from mlmirror.runtime.proxy import Proxy
 from mlmirror.runtime.role import Role
 from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["FEEDBACK_SOCKET", "HANDOFF_SOCKET", "main", "run_worker", "worker_config"]
+__all__ = ["main", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-HANDOFF_SOCKET = "handoff.sock"
-FEEDBACK_SOCKET = "feedback.sock"
+
+class _SentCollector(Collector):
+    """``mlmirror_handoff_sent_total``: answered calls written to the observing process's socket."""
+
+    def __init__(self, sender: HandoffSender) -> None:
+        self._sender = sender
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "mlmirror_handoff_sent", "Answered calls a worker handed to the observing process.", value=self._sender.sent
+        )
 
 
-def worker_config(config_path: str, promotions: Sequence[tuple[str, str]] = ()) -> Config:
-    """The config file's configuration with ``promotions`` ((route, shadow), in order) applied. Raises
-    ``StartError`` when one no longer applies (the file changed since)."""
-    config = load_config(config_path)
-    for route, shadow in promotions:
-        try:
-            config = promoted_config(config, route, shadow)
-        except PromotionError as exc:
-            raise StartError(f"cannot replay the promotion of {shadow} on route {route}: {exc}") from None
-    return config
-
-
-async def run_worker(config: Config, index: int, folder: Path) -> None:
-    """One worker: a proxy on the shared port whose watched calls go to the hub; stops when the hub goes away."""
+async def run_worker(
+    config_path: str,
+    index: int,
+    folder: Path,
+    hello_fd: int,
+    lifeline_fd: int,
+    promotions: Sequence[Sequence[str]] = (),
+) -> None:
+    """One worker: a proxy on the shared port whose watched calls go to the observing process; stops on SIGTERM or
+    when the supervisor goes away. ``promotions``: made since the config file was read (``--promote``)."""
+    config = replayed_config(config_path, promotions)
     metrics = Metrics()
     dropped = Counter(
         "mlmirror_handoff_dropped", "Answered calls a worker could not hand to the hub, by reason.", ["reason"],
         registry=metrics.registry,
     )  # fmt: skip
     sender = HandoffSender(folder / HANDOFF_SOCKET, dropped)
-    await sender.connect()
+    metrics.registry.register(_SentCollector(sender))
     role = Role("worker", admin="127.0.0.1:0", handoff=sender, feedback_target=f"unix:{folder / FEEDBACK_SOCKET}")
     proxy = Proxy(config, metrics=metrics, role=role)
     await proxy.start()
-    sender.hello(index=index, pid=os.getpid(), admin_port=proxy.admin_port, grpc_port=proxy.grpc_port)
+    loop = asyncio.get_running_loop()
+    connection = loop.create_task(sender.keep_connected({"index": index, "pid": os.getpid()}))
+    announce(hello_fd, pid=os.getpid(), admin_port=proxy.admin_port, grpc_port=proxy.grpc_port)
 
-    async def stop_when_the_hub_goes() -> None:
-        await sender.hub_gone()
-        log.error("worker %d: the hub went away; stopping", index)
+    orphaned = asyncio.Event()
+
+    async def stop_when_the_supervisor_goes() -> None:
+        await lifeline_closed(lifeline_fd)
+        log.error("worker %d: the supervisor went away; stopping", index)
+        orphaned.set()
         await proxy.stop()
-        shutil.rmtree(folder, ignore_errors=True)  # the supervisor died: nobody else will remove its sockets
 
-    watcher = asyncio.get_running_loop().create_task(stop_when_the_hub_goes())
+    watcher = loop.create_task(stop_when_the_supervisor_goes())
     try:
         await proxy.run_until_signalled()
     finally:
         watcher.cancel()
+        connection.cancel()
         await sender.close()
+        if orphaned.is_set():
+            shutil.rmtree(folder, ignore_errors=True)  # nobody else is left to remove the sockets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,18 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--folder", type=Path, required=True, help="the supervisor's socket folder")
-    parser.add_argument("--promote", nargs=2, action="append", default=[], metavar=("ROUTE", "SHADOW"),
-                        help="a promotion the group made, replayed on the config file's configuration")  # fmt: skip
+    parser.add_argument("--hello-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    add_promote_argument(parser)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s worker {args.index} %(levelname)s "
                         "%(name)s: %(message)s")  # fmt: skip
     try:
-        config = worker_config(args.config, [tuple(pair) for pair in args.promote])
-        run(run_worker(config, args.index, args.folder), use_uvloop=not args.no_uvloop)
-    except (StartError, OSError) as exc:
+        run(
+            run_worker(args.config, args.index, args.folder, args.hello_fd, args.lifeline_fd, args.promote),
+            use_uvloop=not args.no_uvloop,
+        )
+    except (StartError, ConfigError, OSError) as exc:
         log.error("worker %d cannot start: %s", args.index, exc)
+        announce(args.hello_fd, error=str(exc))
         return 1
     return 0
 
