@@ -35,6 +35,7 @@ from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.drift.metadata_check import model_inputs, profile_mismatches
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, drift_status
+from mlmirror.observing.exposure import observer_warnings
 from mlmirror.observing.extproc import EXT_PROC_SERVICE, ExtProcObserver
 from mlmirror.observing.groundtruth.access import FeedbackEntrances
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService, parse_outcomes_json
@@ -150,6 +151,8 @@ class Proxy:
         self.metrics.config_reloads.labels("failure")
         self.metrics.config_last_reload_success.set(self.started_at)
         await self._refresh_serving_status()
+        for warning in [] if self.role.hub else observer_warnings(config, self.listen_address):
+            log.warning("%s", warning)
         log.info(
             "mlmirror %s%s: gRPC on %s (port %d)%s, admin on %s; %d routes, %d upstreams; event loop %s",
             __version__,

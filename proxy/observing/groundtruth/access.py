@@ -61,8 +61,16 @@ def certificate_names(auth_context: Mapping[str, Sequence[bytes]]) -> frozenset[
     names: set[str] = set()
     for key in _CERTIFICATE_KEYS:
         for value in auth_context.get(key, ()):
-            names.add(value.decode(errors="replace") if isinstance(value, bytes) else str(value))
+            names.add(_name(value.decode(errors="replace") if isinstance(value, bytes) else str(value)))
     return frozenset(names)
+
+
+def _name(name: str) -> str:
+    """A certificate name to compare: a subject's attributes in a fixed order (gRPC gives ``O=ml,CN=labeler`` for
+    ``/CN=labeler/O=ml``), anything else as it is."""
+    if "=" not in name or ":" in name.split("=", 1)[0]:  # a SAN URI may hold "=" in its query
+        return name
+    return ",".join(sorted(part.strip() for part in name.split(",")))
 
 
 def _digest(token: str) -> bytes:
@@ -80,7 +88,7 @@ class FeedbackGate:
     ) -> None:
         self.where = where
         self._digests = tuple(_digest(token) for token in tokens)
-        self._clients = frozenset(clients)
+        self._clients = frozenset(_name(client) for client in clients)
         self._rejected = rejected
         self.loopback = loopback
         self._warned: set[str] = set()
