@@ -107,7 +107,7 @@ class Feedback:
     )  # fmt: skip
     clients: tuple[str, ...] = setting(
         (), "client certificates (mTLS on the listener: needs `tls.client_ca`) allowed to report, by subject "
-        "(`CN=labeler,O=ml`), common name or SAN (`spiffe://...`, a DNS name)", shown="none",
+        "(`CN=labeler,O=ml`), common name or SAN (`spiffe://...`, a DNS name)",
     )  # fmt: skip
     listen: str | None = setting(
         None, "a listener of its own for Feedback only (plain gRPC): loopback, or any address with `token_file`",
@@ -256,11 +256,10 @@ class Shadow:
     )  # fmt: skip
     strip_metadata: tuple[str, ...] = setting(
         (), "request metadata (header names) copies never carry, besides the credentials always dropped: "
-        + ", ".join(f"`{name}`" for name in CREDENTIAL_METADATA), shown="none",
+        + ", ".join(f"`{name}`" for name in CREDENTIAL_METADATA),
     )  # fmt: skip
     forward_metadata: tuple[str, ...] = setting(
-        (), "dropped metadata copies carry all the same (say `authorization`, for a shadow that checks it)",
-        shown="none",
+        (), "dropped metadata copies carry all the same (say `authorization`, for a shadow that checks it)"
     )  # fmt: skip
 
     @property
