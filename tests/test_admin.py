@@ -15,7 +15,7 @@ import urllib.request
 import grpc
 import pytest
 from mlmirror.admin.endpoints import admin_endpoints, outcomes_answer
-from mlmirror.admin.http import AdminServer, Response
+from mlmirror.admin.http import AdminServer, Request, Response
 from mlmirror.config import parse_config
 from mlmirror.errors import ConfigError
 from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameError
@@ -256,18 +256,18 @@ class ScriptedTarget:
             raise PromotionError("not promotable: too few samples")
         return f"route {route}: primary is now {shadow}"
 
-    async def outcomes(self, body: bytes) -> Response:
-        return outcomes_answer(body, self.report)
+    async def outcomes(self, request: Request) -> Response:
+        return outcomes_answer(request.body, self.report)
 
     def report(self, outcomes: list) -> dict[str, int]:
         self.asked.append(outcomes)
         return {"matched": len(outcomes)}
 
 
-async def test_the_declared_endpoints_answer_for_any_target_and_guard_all_but_the_probes():
+async def test_the_declared_endpoints_answer_for_any_target_and_guard_what_they_declare():
     target = ScriptedTarget()
     declared = admin_endpoints(target, PromotionError)
-    assert {(e.method, e.path) for e in declared if e.open} == {("GET", "/healthz"), ("GET", "/readyz")}
+    assert {(e.method, e.path) for e in declared if e.auth == "open"} == {("GET", "/healthz"), ("GET", "/readyz")}
     server = AdminServer("127.0.0.1:0", declared, token="t0ken")
     await server.start()
     base = f"http://127.0.0.1:{server.port}"
@@ -303,6 +303,15 @@ async def test_the_declared_endpoints_answer_for_any_target_and_guard_all_but_th
         body_ok = b'{"outcomes": [{"request_id": "a", "labels": ["1"]}]}'
         assert await asyncio.to_thread(ask, "/outcomes", "POST", body_ok) == (200, '{\n  "matched": 1\n}\n')
         assert (await asyncio.to_thread(ask, "/healthz", "POST", token=None))[0] == 405  # open path, wrong method
-        assert target.asked == ["reload", ("r", "nope", False), ("r", "s", False), ("r", "s", True), [("a", [], ["1"])]]
+        # /outcomes checks its own credentials (the admin or the feedback token): the server lets it through.
+        assert (await asyncio.to_thread(ask, "/outcomes", "POST", body_ok, token=None))[0] == 200
+        assert target.asked == [
+            "reload",
+            ("r", "nope", False),
+            ("r", "s", False),
+            ("r", "s", True),
+            [("a", [], ["1"])],
+            [("a", [], ["1"])],
+        ]
     finally:
         await server.close()

@@ -10,7 +10,8 @@ endpoint                 token  answer
 ``GET /status``          yes    JSON: routes, upstreams, shadows, drift, ...
 ``POST /reload``         yes    reload the config file: 200, or 400 when it was refused
 ``POST /promote``        yes    ``?route=R&shadow=S[&force=1]``: 200, 400 (usage), 404 (names), 409 (refused)
-``POST /outcomes``       yes    ground truth as JSON: the counts by result, or 400 for a bad body
+``POST /outcomes``       own    ground truth as JSON: the counts by result, or 400 for a bad body (the admin or
+                                the feedback token, checked by the target)
 =======================  =====  ==========================================================================
 """
 
@@ -25,16 +26,16 @@ from mlmirror.observing.groundtruth.feedback import parse_outcomes_json
 
 __all__ = ["ENDPOINTS", "PROMOTE_USAGE", "AdminTarget", "Endpoint", "admin_endpoints", "outcomes_answer"]
 
-#: Every admin endpoint, (method, path), and whether it is open (answered without the admin token: the liveness and
-#: readiness probes, which reveal no more than up or down). docs/ENDPOINTS.md lists the same (tests/test_docs.py).
-ENDPOINTS: dict[tuple[str, str], bool] = {
-    ("GET", "/metrics"): False,
-    ("GET", "/healthz"): True,
-    ("GET", "/readyz"): True,
-    ("GET", "/status"): False,
-    ("POST", "/reload"): False,
-    ("POST", "/promote"): False,
-    ("POST", "/outcomes"): False,
+#: Every admin endpoint, (method, path), and who checks its credentials (see ``Endpoint``). docs/ENDPOINTS.md lists
+#: the same (tests/test_docs.py).
+ENDPOINTS: dict[tuple[str, str], str] = {
+    ("GET", "/metrics"): "admin",
+    ("GET", "/healthz"): "open",
+    ("GET", "/readyz"): "open",
+    ("GET", "/status"): "admin",
+    ("POST", "/reload"): "admin",
+    ("POST", "/promote"): "admin",
+    ("POST", "/outcomes"): "own",
 }
 PROMOTE_USAGE = "give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]"
 
@@ -43,13 +44,14 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One admin endpoint. ``open``: answered without the admin token (liveness and readiness probes, which reveal
-    no more than up or down)."""
+    """One admin endpoint. ``auth``: ``admin`` (the admin bearer token, when one is set), ``open`` (none: the
+    liveness and readiness probes, which reveal no more than up or down) or ``own`` (the handler checks the
+    credentials itself: ``/outcomes`` also takes the feedback token)."""
 
     method: str
     path: str
     handler: Handler
-    open: bool = False
+    auth: str = "admin"
 
 
 class AdminTarget(Protocol):
@@ -73,9 +75,10 @@ class AdminTarget(Protocol):
         """What was done, in words; raises the ``refused`` exception given to ``admin_endpoints``."""
         ...
 
-    async def outcomes(self, body: bytes) -> Response:
-        """The answer to ``POST /outcomes`` with ``body`` (a proxy parses it with ``outcomes_answer``; a supervisor
-        passes it on to the process that holds the ground truth)."""
+    async def outcomes(self, request: Request) -> Response:
+        """The answer to ``POST /outcomes``: the target checks the credentials (the admin or the feedback token),
+        then a proxy reads the body with ``outcomes_answer``; a supervisor passes it on to the process that holds
+        the ground truth."""
         ...
 
 
@@ -122,7 +125,7 @@ def admin_endpoints(target: AdminTarget, refused: type[Exception]) -> tuple[Endp
             return Response.text(f"not promoted: {exc}", 404 if getattr(exc, "unknown_name", False) else 409)
 
     async def outcomes(request: Request) -> Response:
-        return await target.outcomes(request.body)
+        return await target.outcomes(request)
 
     handlers = {
         ("GET", "/metrics"): metrics,
@@ -134,6 +137,4 @@ def admin_endpoints(target: AdminTarget, refused: type[Exception]) -> tuple[Endp
         ("POST", "/outcomes"): outcomes,
     }
     assert handlers.keys() == ENDPOINTS.keys()
-    return tuple(
-        Endpoint(method, path, handlers[method, path], open=ENDPOINTS[method, path]) for method, path in ENDPOINTS
-    )
+    return tuple(Endpoint(method, path, handlers[method, path], auth) for (method, path), auth in ENDPOINTS.items())

@@ -65,17 +65,21 @@ class AdminRoute(Protocol):
     @property
     def handler(self) -> Handler: ...
     @property
-    def open(self) -> bool: ...
+    def auth(self) -> str:
+        """``admin``: needs the admin bearer token (when one is set); ``open``: needs nothing; ``own``: the handler
+        checks the credentials itself."""
+        ...
 
 
 class AdminServer:
-    """Serves ``routes`` (method, path, handler, open); every route not ``open`` needs the bearer ``token`` when
-    one is set."""
+    """Serves ``routes`` (method, path, handler, auth): a path whose routes are all ``auth="admin"`` needs the
+    bearer ``token`` when one is set; ``open`` paths need nothing, and ``own`` paths check credentials in their
+    handler."""
 
     def __init__(self, address: str, routes: Sequence[AdminRoute], *, token: str | None = None) -> None:
         self.address = address
         self._routes = {(route.method, route.path): route for route in routes}
-        self._open_paths = frozenset(route.path for route in routes if route.open)
+        self._unchecked = frozenset(route.path for route in routes if route.auth != "admin")
         self._token = token
         self._server: asyncio.Server | None = None
 
@@ -111,7 +115,7 @@ class AdminServer:
             writer.close()
 
     async def _dispatch(self, request: Request) -> Response:
-        if self._token is not None and request.path not in self._open_paths and not self._authorized(request):
+        if self._token is not None and request.path not in self._unchecked and not self._authorized(request):
             return Response(
                 401, b"unauthorized: send Authorization: Bearer <admin token>\n", "text/plain; charset=utf-8",
                 (("WWW-Authenticate", 'Bearer realm="mlmirror"'),),

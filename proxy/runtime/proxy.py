@@ -21,16 +21,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from mlmirror import __version__
 from mlmirror.admin.endpoints import admin_endpoints, outcomes_answer
-from mlmirror.admin.http import AdminServer, Response
+from mlmirror.admin.http import AdminServer, Request, Response
 from mlmirror.config import Config, load_config
 from mlmirror.errors import ConfigError, StartError
 from mlmirror.eventloop import loop_name
 from mlmirror.handoff.tap import Observer, Tap
 from mlmirror.looplag import LoopLag
 from mlmirror.metrics import Metrics
+from mlmirror.observing.exposure import observer_warnings
+from mlmirror.observing.groundtruth.access import FeedbackEntrances
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService
 from mlmirror.observing.kinds import PART_KINDS
 from mlmirror.observing.parts import PartContext, PartKind, RouteParts
+from mlmirror.observing.shadows.headers import HandoffFilter
 from mlmirror.observing.shadows.promotion import PromotionError
 from mlmirror.protocol.names import INFERENCE_SERVICE
 from mlmirror.runtime.listener import Listener, ext_proc_observer, start_listener
@@ -83,6 +86,10 @@ class Proxy:
         self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []
         self._first_config = config
+        self._entrances = FeedbackEntrances(
+            config, self.metrics.registry, listen=self.listen_address, tls=bool(config.tls and config.tls.client_ca),
+            admin=self.admin_address, admin_token=admin_token(config), internal=role.hub,
+        )  # fmt: skip
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()
         self._handler = ProxyHandler(self)
@@ -118,6 +125,10 @@ class Proxy:
                 config, self.listen_address, self._listener(config), reuse_port=self.role.worker,
                 tls=not self.role.hub,
             )  # fmt: skip
+            try:
+                await self._entrances.start((self._feedback_relay or self.feedback).handler, shared=self.role.worker)
+            except OSError as exc:
+                raise StartError(f"cannot serve feedback.listen: {exc}") from None
             admin = self.admin_address
             if admin is not None:
                 self._admin = AdminServer(admin, admin_endpoints(self, PromotionError), token=admin_token(config))
@@ -135,6 +146,8 @@ class Proxy:
         self.metrics.config_reloads.labels("failure")
         self.metrics.config_last_reload_success.set(self.started_at)
         await self._refresh_serving_status()
+        for warning in [] if self.role.hub else observer_warnings(config, self.listen_address):
+            log.warning("%s", warning)
         log.info(
             "mlmirror %s%s: gRPC on %s (port %d)%s, admin on %s; %d routes, %d upstreams; event loop %s",
             __version__,
@@ -149,7 +162,7 @@ class Proxy:
         )
 
     def _listener(self, config: Config) -> Listener:
-        feedback = (self._feedback_relay or self.feedback).handler()
+        feedback = (self._feedback_relay or self.feedback).handler(self._entrances.listener)
         if self.role.hub:
             return Listener(feedback, self._health)
         if config.mode == "observer":
@@ -195,7 +208,7 @@ class Proxy:
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
             observers = {
-                route.name: (self.role.handoff,)
+                route.name: (HandoffFilter(self.role.handoff, route),)
                 for route in config.routes
                 if any(kind.configured(route) for kind in self.parts.kinds)
             }
@@ -250,7 +263,7 @@ class Proxy:
         are logged and ignored."""
         old = self.table
         assert old is not None
-        for setting in ("mode", "listen", "admin", "tls", "max_message_size"):
+        for setting in ("mode", "listen", "admin", "tls", "max_message_size", "feedback"):
             if getattr(config, setting) != getattr(old.config, setting):
                 log.warning("reload: %s changed; it takes effect only after a restart", setting)
         table = self._build_table(config, old.targets)
@@ -330,6 +343,7 @@ class Proxy:
             await target.close()
         if self._admin is not None:
             await self._admin.close()
+        await self._entrances.stop()
         if self._feedback_relay is not None:
             await self._feedback_relay.close()
         log.info("stopped")
@@ -361,9 +375,13 @@ class Proxy:
             return True, "reloaded"
         return False, "reload rejected; the current config stays (see the proxy's log)"
 
-    async def outcomes(self, body: bytes) -> Response:
-        """Ground truth reported through ``POST /outcomes``: the counts by result."""
-        return outcomes_answer(body, self.feedback.report)
+    async def outcomes(self, request: Request) -> Response:
+        """Ground truth reported through ``POST /outcomes`` (with the admin or the feedback token): the counts by
+        result."""
+        refused = self._entrances.refuse_http(request.headers)
+        if refused is not None:
+            return Response.text(refused[1], refused[0])
+        return outcomes_answer(request.body, self.feedback.report)
 
     def status(self) -> dict[str, object]:
         """Everything ``/status`` shows, JSON-ready."""

@@ -31,10 +31,11 @@ import urllib.parse
 from pathlib import Path
 
 from mlmirror.admin.endpoints import admin_endpoints
-from mlmirror.admin.http import AdminServer, Response
+from mlmirror.admin.http import AdminServer, Request, Response
 from mlmirror.admin.metrics_merge import merge_expositions
 from mlmirror.config import Config, load_config
 from mlmirror.errors import ConfigError, StartError
+from mlmirror.observing.groundtruth.access import FeedbackGate, rejection_counter
 from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameError
 from mlmirror.runtime.children import Child
 from mlmirror.runtime.proxy import admin_token
@@ -77,6 +78,9 @@ class Supervisor:
         Gauge("mlmirror_observer_up", "1 while the observing process runs and answers, else 0.",
               registry=self.registry).set_function(lambda: 1 if self.observer.up else 0)  # fmt: skip
         self._token = admin_token(self.config)
+        self._outcomes = None if self.config.admin is None else FeedbackGate.for_admin(
+            self.config, self.config.admin, self._token, rejection_counter(self.registry)
+        )  # fmt: skip
         self._promotions: list[tuple[str, str]] = []  # applied since the last reload, in order
         self._admin: AdminServer | None = None
         self._stopping = False
@@ -277,9 +281,13 @@ class Supervisor:
             raise PromotionError("; ".join([f"{text}, but not in every worker", *failed]))
         return text
 
-    async def outcomes(self, body: bytes) -> Response:
-        """Ground truth lives in the observing process: the request goes there as it came."""
-        code, body = await self.observer.ask("POST", "/outcomes", self._token, body)
+    async def outcomes(self, request: Request) -> Response:
+        """Ground truth lives in the observing process: the request goes there as it came (once its credentials,
+        the admin or the feedback token, are checked here)."""
+        refused = self._outcomes.refuse_http(request.headers) if self._outcomes is not None else None
+        if refused is not None:
+            return Response.text(refused[1], refused[0])
+        code, body = await self.observer.ask("POST", "/outcomes", self._token, request.body)
         if code == 0:
             return Response.text(f"the observing process cannot take outcomes now: {body.decode()}", 503)
         return Response(code, body, "application/json" if code == 200 else "text/plain; charset=utf-8")
