@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos fuzz clean
+.PHONY: run test lint typecheck bench chaos fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,19 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+# mypy checks the package as it is installed: mlmirror is mapped from proxy/, kernels/ and protos/ (package-dir),
+# which mypy cannot follow in the source tree, so a tree of links in $(TYPECHECK)/mlmirror stands for the package.
+# Its report names the repository's files.
+TYPECHECK := $(VENV)/typecheck
+PACKAGE_ENTRIES = $(wildcard proxy/*.py proxy/py.typed) $(filter-out proxy/__pycache__,$(patsubst %/,%,$(wildcard proxy/*/)))
+typecheck: $(STAMP)
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mlmirror
+	ln -s $(addprefix $(CURDIR)/,$(PACKAGE_ENTRIES) kernels protos) $(TYPECHECK)/mlmirror/
+	$(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror > $(TYPECHECK)/report; \
+	  status=$$?; sed -e 's|^$(TYPECHECK)/mlmirror/kernels/|kernels/|' -e 's|^$(TYPECHECK)/mlmirror/protos/|protos/|' \
+	  -e 's|^$(TYPECHECK)/mlmirror/|proxy/|' $(TYPECHECK)/report; exit $$status
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_proxy
@@ -38,4 +51,4 @@ fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_config.py -atheris_runs=$(FUZZ_RUNS) $(VENV)/fuzz-corpus/config
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -42,7 +43,7 @@ from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
 from mlmirror.observing.shadows.report import ShadowCollector, shadow_status
 from mlmirror.protos import FEEDBACK_SERVICE, INFERENCE_SERVICE
 from mlmirror.runtime.role import ALONE, Role
-from mlmirror.serving.handler import ProxyHandler
+from mlmirror.serving.handler import ProxyHandler, TableSource
 from mlmirror.serving.sampling import RequestIds
 from mlmirror.serving.table import RouteTable
 from mlmirror.serving.upstream import UpstreamTarget
@@ -86,7 +87,7 @@ class Proxy:
         self._first_config = config
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()
-        self._handler = ProxyHandler(self)
+        self._handler = ProxyHandler(cast(TableSource, self))  # serves only once start() has loaded a table
         self._health = health.aio.HealthServicer()
         self._health_tasks: dict[UpstreamTarget, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -177,7 +178,7 @@ class Proxy:
         if self.role.hub:
             served = FEEDBACK_SERVICE
         elif config.mode == "observer":
-            observer = ExtProcObserver(self, self.metrics.extproc_streams, config.max_message_size)
+            observer = ExtProcObserver(cast(TableSource, self), self.metrics.extproc_streams, config.max_message_size)
             self.metrics.extproc_active_streams.set_function(lambda: observer.active)
             external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(observer, server)
             served = EXT_PROC_SERVICE
@@ -546,7 +547,7 @@ class Proxy:
         log.warning("%s; the config file still says otherwise: a reload from it reverts the promotion", message)
         return message
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         """Everything ``/status`` shows, JSON-ready."""
         assert self.table is not None
         ready, _ = self.readiness()

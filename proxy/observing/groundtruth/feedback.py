@@ -45,7 +45,7 @@ class FeedbackService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The ``mlmirror.v1.Feedback`` service, to add to a server."""
-        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
+        method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._report_outcome)
         return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
 
     async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -63,10 +63,12 @@ class FeedbackRelay:
 
     def __init__(self, target: str) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._call = self._channel.unary_unary(f"/{FEEDBACK_SERVICE}/ReportOutcome")
+        self._call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
+            f"/{FEEDBACK_SERVICE}/ReportOutcome"
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
+        method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._report_outcome)
         return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
 
     async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -89,7 +91,7 @@ def parse_outcomes_json(body: bytes) -> list[Outcome]:
     items = document.get("outcomes") if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise ValueError('expected {"outcomes": [{"request_id": ..., "labels": [...] or "values": [...]}, ...]}')
-    outcomes = []
+    outcomes: list[Outcome] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
             raise ValueError(f"outcomes[{i}]: needs a string request_id")
