@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench chaos fuzz clean
+.PHONY: run test lint typecheck check bench chaos fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror > $(TYPECHECK)/report; \
 	  status=$$?; sed -e 's|^$(TYPECHECK)/mlmirror/kernels/|kernels/|' -e 's|^$(TYPECHECK)/mlmirror/protos/|protos/|' \
 	  -e 's|^$(TYPECHECK)/mlmirror/|proxy/|' $(TYPECHECK)/report; exit $$status
+
+# The fast loop: lint, types and the tests that start no process (those are marked slow or process), in about a minute.
+check: lint
+	$(BIN)/python -m pytest -q -m "not slow and not process"
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_proxy

@@ -551,6 +551,7 @@ async def test_a_profile_without_a_configured_feature_stops_the_start(tmp_path: 
 # --- 8. end to end ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 async def test_drift_through_the_proxy_shows_in_status_metrics_and_the_cli():
     rng = np.random.default_rng(10)
     async with model_server("production") as port:

@@ -19,6 +19,8 @@ from loadtest.envoy import DATAPLANE, FRONT_PROXY, envoy_binary, load, on_ports
 from loadtest.ports import free_port
 from tests.support import envoy_running, model_server, running_proxy
 
+pytestmark = pytest.mark.process  # starts Envoy
+
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 

@@ -20,6 +20,8 @@ from loadtest.envoy import DATAPLANE, load, on_ports
 from loadtest.ports import free_port
 from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
 
+pytestmark = pytest.mark.process  # starts Envoy
+
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
