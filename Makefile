@@ -31,7 +31,7 @@ PACKAGE_ENTRIES = $(wildcard proxy/*.py proxy/py.typed) $(filter-out proxy/__pyc
 typecheck: $(STAMP)
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mlmirror
 	ln -s $(addprefix $(CURDIR)/,$(PACKAGE_ENTRIES) kernels protos) $(TYPECHECK)/mlmirror/
-	$(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror > $(TYPECHECK)/report; \
+	$(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror tests loadtest > $(TYPECHECK)/report; \
 	  status=$$?; sed -e 's|^$(TYPECHECK)/mlmirror/kernels/|kernels/|' -e 's|^$(TYPECHECK)/mlmirror/protos/|protos/|' \
 	  -e 's|^$(TYPECHECK)/mlmirror/|proxy/|' $(TYPECHECK)/report; exit $$status
 

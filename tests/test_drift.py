@@ -343,8 +343,8 @@ def test_bad_calls_are_counted_by_reason_and_never_raise():
     engine = DriftEngine("iris", Drift(window=10, capture=10, bins=4))
 
     def labelled(x: np.ndarray, labels: Sequence[int] | None = None) -> bytes:
-        labels = np.zeros(len(x), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        return response(("label", "INT64", labels))
+        values = np.zeros(len(x), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        return response(("label", "INT64", values))
 
     good = rng.standard_normal((10, 4))
     good[0] = [np.nan, np.inf, -np.inf, 0.0]  # non-finite values are counted, not errors

@@ -57,7 +57,7 @@ async def test_envoy_balances_across_instances_and_drops_a_draining_one(tmp_path
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                     infer = channel.unary_unary(MODEL_INFER)
 
-                    async def send(n: int) -> list[str]:
+                    async def send(n: int) -> list[str | bytes]:
                         calls = [infer(infer_request(sample_features(rng, 1)), timeout=5) for _ in range(n)]
                         served = []
                         for call in calls:

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from mlmirror.config import parse_config
@@ -52,7 +53,7 @@ class Result:
     fault: list[Outcome]
     scrape: Scrape | None
     explanation: str = ""
-    facts: dict[str, object] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def calls(self) -> int:
@@ -313,8 +314,8 @@ async def drift_raising(calls: int, rate: float) -> Result:
                 raise RuntimeError("injected: drift engine worker")
 
             async def inject() -> None:
-                engine.offer = offer
-                engine._process = process
+                engine.offer = offer  # type: ignore[method-assign]  # the fault: this engine's methods replaced
+                engine._process = process  # type: ignore[method-assign]
 
             baseline, fault = await _phases(channel, calls, rate, inject)
             del engine.offer, engine._process  # the class's methods again
