@@ -1,4 +1,5 @@
-# `make run` runs the demo, `make test` the tests; both create .venv and install what they need on first use.
+# `make run` runs the demo, `make test` the tests, `make check` the fast loop; all create .venv and install what they
+# need on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
