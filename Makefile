@@ -26,13 +26,13 @@ lint: $(STAMP)
 
 # mypy checks the package as it is installed: mlmirror is mapped from proxy/, kernels/ and protos/ (package-dir),
 # which mypy cannot follow in the source tree, so a tree of links in $(TYPECHECK)/mlmirror stands for the package.
-# Its report names the repository's files.
+# MYPYPATH makes that tree the base of module names; the report names the repository's files.
 TYPECHECK := $(VENV)/typecheck
 PACKAGE_ENTRIES = $(wildcard proxy/*.py proxy/py.typed) $(filter-out proxy/__pycache__,$(patsubst %/,%,$(wildcard proxy/*/)))
 typecheck: $(STAMP)
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mlmirror
 	ln -s $(addprefix $(CURDIR)/,$(PACKAGE_ENTRIES) kernels protos) $(TYPECHECK)/mlmirror/
-	$(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror tests loadtest > $(TYPECHECK)/report; \
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror tests loadtest > $(TYPECHECK)/report; \
 	  status=$$?; sed -e 's|^$(TYPECHECK)/mlmirror/kernels/|kernels/|' -e 's|^$(TYPECHECK)/mlmirror/protos/|protos/|' \
 	  -e 's|^$(TYPECHECK)/mlmirror/|proxy/|' $(TYPECHECK)/report; exit $$status
 
