@@ -73,7 +73,7 @@ class System:
 def measure(system: System, body: Path, load: Load) -> None:
     """One round of ``load`` on ``system``, sending ``body`` (a framed ModelInfer request)."""
     run_h2load(system.port, MODEL_INFER, body, calls=load.warmup, connections=load.connections, streams=4)
-    clocks = {label: ProcessCPU(pid) for label, pid in system.pids.items()}
+    clocks = {label: ProcessCPU(pid, tree=True) for label, pid in system.pids.items()}
     before = {label: clock.seconds() for label, clock in clocks.items()}
     fixed = run_h2load(system.port, MODEL_INFER, body, calls=load.calls, connections=load.connections, rate=load.rate)
     for label, clock in clocks.items():

@@ -218,15 +218,15 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
     async with model_server("production") as production, model_server("candidate") as candidate:
         config, listen, admin = group_config(tmp_path, production, candidate)
         async with process_group(config, admin, tmp_path / "group.log") as group:
-            body = await admin_get(admin, "/status")
-            pids = [w["pid"] for w in json.loads(body)["workers"]]
-            assert len(pids_alive(pids)) == 2
+            state = json.loads(await admin_get(admin, "/status"))
+            pids = [state["observer"]["pid"], *(w["pid"] for w in state["workers"])]
+            assert len(pids_alive(pids)) == 3
             folders = await asyncio.to_thread(socket_folders)
             group.kill()  # no chance to stop them
             await asyncio.to_thread(group.wait)
-            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
+            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned children to stop")
             assert folders  # the group's socket folder existed ...
-            assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the workers removed it
+            assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the children removed it
 
 
 async def test_a_second_stop_signal_kills_the_workers_and_exits_at_once(tmp_path):
