@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -52,6 +52,10 @@ def test_the_wheel_holds_one_typed_package_with_kernels_and_protos(wheel: Path):
     ):
         assert expected in names
     assert not [name for name in names if "__pycache__" in name or name.startswith("mlmirror/tests")]
+    # Every subpackage of the source is in the wheel (pyproject.toml lists them one by one).
+    for folder, package in (("proxy", "mlmirror"), ("kernels", "mlmirror/kernels"), ("protos", "mlmirror/protos")):
+        for init in (REPO / folder).rglob("__init__.py"):
+            assert str(PurePosixPath(package, init.relative_to(REPO / folder).as_posix())) in names
 
 
 def test_the_unpacked_wheel_runs_and_compiles_its_protos(wheel: Path, tmp_path: Path):
