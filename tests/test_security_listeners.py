@@ -110,6 +110,7 @@ async def test_a_default_observer_listens_on_loopback_only():
     assert observer_warnings(config, config.listen)[0].startswith("observer mode listens on 127.0.0.1:8500 by default")
 
 
+@pytest.mark.process  # the certificates come from openssl
 async def test_an_observer_behind_mtls_refuses_a_stream_without_a_client_certificate(certs: Path):
     config = "listen: 0.0.0.0:0\n" + mtls(certs) + OBSERVER
     assert observer_warnings(parse_config(config), "0.0.0.0:0") == []
@@ -125,6 +126,7 @@ async def test_an_observer_behind_mtls_refuses_a_stream_without_a_client_certifi
     assert "accepts streams from anyone" in observer_warnings(networked, networked.listen)[0]
 
 
+@pytest.mark.process  # the certificates come from openssl
 async def test_feedback_over_mtls_takes_only_the_listed_client_certificates(certs: Path):
     config = f"""
 listen: 0.0.0.0:0
