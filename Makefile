@@ -1,10 +1,11 @@
-# `make run` runs the demo, `make test` the tests; both create .venv and install what they need on first use.
+# `make run` runs the demo, `make test` the tests, `make check` the fast loop; all create .venv and install what they
+# need on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos fuzz clean
+.PHONY: run test lint typecheck check bench chaos fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,23 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+# mypy checks the package as it is installed: mlmirror is mapped from proxy/, kernels/ and protos/ (package-dir),
+# which mypy cannot follow in the source tree, so a tree of links in $(TYPECHECK)/mlmirror stands for the package.
+# MYPYPATH makes that tree the base of module names; the report names the repository's files.
+TYPECHECK := $(VENV)/typecheck
+PACKAGE_ENTRIES = $(wildcard proxy/*.py proxy/py.typed) $(filter-out proxy/__pycache__,$(patsubst %/,%,$(wildcard proxy/*/)))
+typecheck: $(STAMP)
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mlmirror
+	ln -s $(addprefix $(CURDIR)/,$(PACKAGE_ENTRIES) kernels protos) $(TYPECHECK)/mlmirror/
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy --cache-dir $(VENV)/mypy-cache $(TYPECHECK)/mlmirror tests loadtest > $(TYPECHECK)/report; \
+	  status=$$?; sed -e 's|^$(TYPECHECK)/mlmirror/kernels/|kernels/|' -e 's|^$(TYPECHECK)/mlmirror/protos/|protos/|' \
+	  -e 's|^$(TYPECHECK)/mlmirror/|proxy/|' $(TYPECHECK)/report; exit $$status
+
+# The fast loop: lint, types and the tests that start no process (those are marked slow or process), in about a minute.
+check: lint
+	$(BIN)/python -m pytest -q -m "not slow and not process"
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_proxy
@@ -38,4 +56,4 @@ fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_config.py -atheris_runs=$(FUZZ_RUNS) $(VENV)/fuzz-corpus/config
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -56,6 +56,12 @@ class DriftMethod:
 
 _BOTH = frozenset({"numeric", "categorical"})
 
+
+def _w1(reference: np.ndarray, current: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    assert positions is not None  # needs_positions: scored only with them
+    return wasserstein(reference, current, positions)
+
+
 DRIFT_METHODS: Mapping[str, DriftMethod] = MappingProxyType(
     {
         m.name: m
@@ -78,7 +84,7 @@ DRIFT_METHODS: Mapping[str, DriftMethod] = MappingProxyType(
                 "kl", lambda r, c, _: kl(r, c), False, 0.1, True, True, _BOTH, "KL divergence of current from reference"
             ),
             DriftMethod(
-                "w1", lambda r, c, p: wasserstein(r, c, p), False, 0.1, True, False, frozenset({"numeric"}),
+                "w1", _w1, False, 0.1, True, False, frozenset({"numeric"}),
                 "Wasserstein-1, in the feature's units (set its threshold)", needs_positions=True,
             ),
         )

@@ -50,6 +50,7 @@ import time
 import warnings
 from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 import numpy as np
 from mlmirror import kernels
@@ -64,7 +65,7 @@ PEER_TARGET = 300.0
 SCIPY_TARGET = 100.0
 
 
-def _best(run: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None) -> float:
+def _best(run: Callable[..., object], repeat: int, setup: Callable[[], tuple] | None = None) -> float:
     """Best of ``repeat`` timed calls of ``run(*setup())`` after one warm-up call; ``setup`` is not timed."""
     prepare = setup or (lambda: ())
     run(*prepare())
@@ -98,23 +99,23 @@ class _Evidently:
         self._value_drift, self._preset = ValueDrift, DataDriftPreset
         self._get_stattest, self._numerical = get_stattest, ColumnType.Numerical
 
-    def datasets(self) -> tuple[object, object]:
+    def datasets(self) -> tuple[Any, Any]:
         return (
             self._dataset.from_pandas(self.reference, data_definition=self._definition),
             self._dataset.from_pandas(self.current, data_definition=self._definition),
         )
 
-    def preset(self, methods: tuple[str | None, ...]) -> object:
+    def preset(self, methods: tuple[str | None, ...]) -> Any:
         return self._report([self._preset(method=m) for m in methods])
 
-    def value_drift(self, methods: tuple[str | None, ...]) -> object:
+    def value_drift(self, methods: tuple[str | None, ...]) -> Any:
         return self._report([self._value_drift(column=c, method=m) for m in methods for c in self.columns])
 
     @staticmethod
-    def run(report: object, reference: object, current: object) -> object:
+    def run(report: Any, reference: Any, current: Any) -> Any:
         return report.run(current_data=current, reference_data=reference)
 
-    def values(self, snapshot: object) -> dict[str, np.ndarray]:
+    def values(self, snapshot: Any) -> dict[str, np.ndarray]:
         """Per-feature values by the method name that each ValueDrift metric reports."""
         found: dict[str, dict[str, float]] = {}
         for metric in snapshot.dict()["metrics"]:
@@ -151,21 +152,21 @@ class _NannyML:
         self.rows = current.shape[0]
         self._calculator = nannyml.UnivariateDriftCalculator
 
-    def fitted(self, methods: tuple[str, ...]) -> object:
+    def fitted(self, methods: tuple[str, ...]) -> Any:
         calculator = self._calculator(column_names=self.columns, continuous_methods=list(methods), chunk_size=self.rows)
         with warnings.catch_warnings():  # "the resulting number of chunks is too low": one chunk is the point here
             warnings.simplefilter("ignore", UserWarning)
             return calculator.fit(self.reference)
 
-    def calculate(self, calculator: object) -> object:
+    def calculate(self, calculator: Any) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return calculator.calculate(self.current)
 
-    def fit_calculate(self, methods: tuple[str, ...]) -> object:
+    def fit_calculate(self, methods: tuple[str, ...]) -> Any:
         return self.calculate(self.fitted(methods))
 
-    def values(self, result: object, methods: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def values(self, result: Any, methods: tuple[str, ...]) -> dict[str, np.ndarray]:
         frame = result.filter(period="analysis").to_df()
         if len(frame) != 1:
             raise RuntimeError(f"expected one analysis chunk, got {len(frame)}")
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace, command: str) -> str:
     )
 
     ev = _Evidently(reference, current)
-    ev_cases: list[tuple[str, str, str, Callable[[], object]]] = [
+    ev_cases: list[tuple[str, str, str, Callable[..., object]]] = [
         ("preset", "Evidently Report: DataDriftPreset()", "default stattest", lambda: ev.preset((None,))),
         ("preset4", "Evidently Report: 4 x DataDriftPreset(method=...)", four, lambda: ev.preset(EVIDENTLY_METHODS)),
         ("drift", "Evidently Report: ValueDrift per column", "default stattest", lambda: ev.value_drift((None,))),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import grpc
 
@@ -42,5 +43,10 @@ def _compile(proto_file: str) -> tuple[ModuleType, ModuleType]:
             sys.path.remove(_PACKAGE_PARENT)
 
 
+# Any: the modules exist only once compiled, so a type checker knows none of their classes.
+inference_pb2: Any
+inference_pb2_grpc: Any
+feedback_pb2: Any
+feedback_pb2_grpc: Any
 inference_pb2, inference_pb2_grpc = _compile("grpc_predict_v2.proto")
 feedback_pb2, feedback_pb2_grpc = _compile("feedback.proto")

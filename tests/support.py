@@ -235,7 +235,7 @@ async def through_proxy(config_yaml: str, **kwargs) -> AsyncIterator[tuple[Proxy
         yield proxy, channel
 
 
-async def wait_until(condition: Callable[[], bool], within: float = 10.0, what: str = "condition") -> None:
+async def wait_until(condition: Callable[..., object], within: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + within
     while not condition():
         if time.monotonic() > deadline:

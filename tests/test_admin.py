@@ -48,6 +48,7 @@ async def get(proxy, path: str, method: str = "GET") -> tuple[int, str]:
     return await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}{path}", method)
 
 
+@pytest.mark.process
 async def test_metrics_expose_the_documented_families_and_pass_promtool():
     async with (
         EchoServer("p") as primary,
@@ -177,6 +178,7 @@ async def test_the_admin_endpoint_can_be_turned_off(admin: str):
         assert proxy.admin_port is None
 
 
+@pytest.mark.process
 async def test_an_admin_token_guards_every_endpoint_but_the_probes(tmp_path):
     (tmp_path / "token").write_text("s3cret-token\n")
     async with EchoServer("p") as primary:

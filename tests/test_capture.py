@@ -343,6 +343,7 @@ async def test_a_capture_directory_that_cannot_be_created_refuses_the_start(tmp_
 # --- profiles from captures -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 async def test_a_profile_built_from_a_capture_equals_one_built_from_the_same_rows(tmp_path: Path):
     rng = np.random.default_rng(7)
     batches = [rng.normal(size=(int(rng.integers(1, 4)), 3)).astype("<f4") for _ in range(150)]

@@ -439,6 +439,7 @@ def test_status_code_names_are_case_insensitive():
     assert config.routes[0].fallback_on == {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 
 
+@pytest.mark.process
 def test_check_config_command_exits_nonzero_with_the_location(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstreams:\n  a: {address: 127.0.0.1:1, timeout: fast}\nroutes: [{match: {}, primary: a}]\n")

@@ -343,8 +343,8 @@ def test_bad_calls_are_counted_by_reason_and_never_raise():
     engine = DriftEngine("iris", Drift(window=10, capture=10, bins=4))
 
     def labelled(x: np.ndarray, labels: Sequence[int] | None = None) -> bytes:
-        labels = np.zeros(len(x), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        return response(("label", "INT64", labels))
+        values = np.zeros(len(x), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        return response(("label", "INT64", values))
 
     good = rng.standard_normal((10, 4))
     good[0] = [np.nan, np.inf, -np.inf, 0.0]  # non-finite values are counted, not errors
@@ -551,6 +551,7 @@ async def test_a_profile_without_a_configured_feature_stops_the_start(tmp_path: 
 # --- 8. end to end ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 async def test_drift_through_the_proxy_shows_in_status_metrics_and_the_cli():
     rng = np.random.default_rng(10)
     async with model_server("production") as port:

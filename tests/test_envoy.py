@@ -19,6 +19,8 @@ from loadtest.envoy import DATAPLANE, FRONT_PROXY, envoy_binary, load, on_ports
 from loadtest.ports import free_port
 from tests.support import envoy_running, model_server, running_proxy
 
+pytestmark = pytest.mark.process  # starts Envoy
+
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -55,7 +57,7 @@ async def test_envoy_balances_across_instances_and_drops_a_draining_one(tmp_path
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                     infer = channel.unary_unary(MODEL_INFER)
 
-                    async def send(n: int) -> list[str]:
+                    async def send(n: int) -> list[str | bytes]:
                         calls = [infer(infer_request(sample_features(rng, 1)), timeout=5) for _ in range(n)]
                         served = []
                         for call in calls:

@@ -21,6 +21,8 @@ from loadtest.envoy import DATAPLANE, load, on_ports
 from loadtest.ports import free_port
 from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
 
+pytestmark = pytest.mark.process  # starts Envoy
+
 
 def iris_outputs(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
     """A fixed linear 'model': label = argmax of three scores of the petal length."""

@@ -26,6 +26,8 @@ from loadtest.ports import free_port
 from loadtest.processes import stop_process
 from tests.support import REPO, model_server, running_proxy, wait_until
 
+pytestmark = pytest.mark.process  # starts Prometheus
+
 FLEET_RULES = REPO / "deploy" / "prometheus" / "mlmirror-fleet-rules.yml"
 
 

@@ -153,6 +153,7 @@ def exposition(calls: float, inflight: float, lag: float, buckets: list[float]) 
     return generate_latest(registry).decode()
 
 
+@pytest.mark.process
 def test_merged_metrics_sum_counters_and_histograms_and_keep_each_processs_gauges():
     workers = {"0": exposition(10, 2, 0.001, [0.05, 0.5]), "1": exposition(5, 3, 0.002, [2.0])}
     hub_registry = CollectorRegistry()

@@ -74,7 +74,7 @@ class ServeProcess:
         return self.process.returncode, stderr
 
 
-async def call(channel: grpc.aio.Channel, payload: bytes, **kwargs) -> tuple[grpc.StatusCode, str]:
+async def call(channel: grpc.aio.Channel, payload: bytes, **kwargs) -> tuple[grpc.StatusCode, str | bytes]:
     """(status, served_by) of one unary echo call."""
     rpc = channel.unary_unary(UNARY)(payload, **kwargs)
     try:

@@ -30,6 +30,7 @@ def loadtest(*args: str) -> subprocess.CompletedProcess:
                           timeout=120, check=False)  # fmt: skip
 
 
+@pytest.mark.process
 def test_a_run_writes_a_ghz_format_report_and_compare_tabulates_it(tmp_path: Path):
     port = free_port()
     server = subprocess.Popen(
@@ -72,6 +73,7 @@ def test_a_run_writes_a_ghz_format_report_and_compare_tabulates_it(tmp_path: Pat
     assert cells[:4] == ["direct-test", "mlmirror-asyncio", "300", "300"]
 
 
+@pytest.mark.process
 def test_an_unreachable_host_is_reported_as_errors_and_a_bad_config_clearly(tmp_path: Path):
     config = json.loads((REPO / "loadtest" / "ghz" / "direct.json").read_text())
     config.update(host="127.0.0.1:1", total=5, rps=0, timeout="1s")

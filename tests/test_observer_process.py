@@ -44,7 +44,7 @@ def handoff_counts(text: str) -> tuple[float, float, float]:
     return sent, dropped, received
 
 
-async def served_by(listen: int, rng: np.random.Generator, calls: int = 6) -> set[str]:
+async def served_by(listen: int, rng: np.random.Generator, calls: int = 6) -> set[str | bytes]:
     served = set()
     for _ in range(calls):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}",

@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from mlmirror import kernels
 from mlmirror.observing.drift.reference import Reference
 
 from tests.support import REPO
+
+pytestmark = pytest.mark.process  # starts the CLI
 
 
 def build(*args: str) -> subprocess.CompletedProcess:

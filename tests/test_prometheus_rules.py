@@ -30,12 +30,14 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=False, timeout=120)
 
 
+@pytest.mark.process
 def test_the_rules_are_valid():
     checked = promtool("check", "rules", str(RULES))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 17 rules found" in checked.stdout
 
 
+@pytest.mark.process
 def test_the_rules_pass_their_unit_tests():
     tested = promtool("test", "rules", str(RULE_TESTS))
     assert tested.returncode == 0, tested.stdout + tested.stderr
@@ -100,6 +102,7 @@ async def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_liv
     assert missing == [], f"the rules or the dashboard use metrics that mlmirror does not export: {missing}"
 
 
+@pytest.mark.process
 def test_the_dashboard_queries_are_valid_promql(tmp_path):
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]

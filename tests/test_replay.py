@@ -114,7 +114,7 @@ def gate_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def junit_cases(report: Path) -> dict[str, ET.Element]:
+def junit_cases(report: Path) -> dict[str | None, ET.Element]:
     root = ET.parse(report / "junit.xml").getroot()
     return {case.get("name"): case for case in root.iter("testcase")}
 

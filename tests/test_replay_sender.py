@@ -118,6 +118,7 @@ async def test_an_unreachable_target_is_a_replay_error():
         await send_calls([call(b"x")], dead, SendOptions(connect_timeout=0.5))
 
 
+@pytest.mark.process  # the certificates come from openssl
 async def test_mutual_tls_to_the_target(certs: Path):  # noqa: F811 - the fixture
     echo = await _tls_echo(certs, client_certs=True)
     try:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -109,6 +110,7 @@ async def test_a_default_observer_listens_on_loopback_only():
     assert observer_warnings(config, config.listen)[0].startswith("observer mode listens on 127.0.0.1:8500 by default")
 
 
+@pytest.mark.process  # the certificates come from openssl
 async def test_an_observer_behind_mtls_refuses_a_stream_without_a_client_certificate(certs: Path):
     config = "listen: 0.0.0.0:0\n" + mtls(certs) + OBSERVER
     assert observer_warnings(parse_config(config), "0.0.0.0:0") == []
@@ -124,6 +126,7 @@ async def test_an_observer_behind_mtls_refuses_a_stream_without_a_client_certifi
     assert "accepts streams from anyone" in observer_warnings(networked, networked.listen)[0]
 
 
+@pytest.mark.process  # the certificates come from openssl
 async def test_feedback_over_mtls_takes_only_the_listed_client_certificates(certs: Path):
     config = f"""
 listen: 0.0.0.0:0
@@ -144,7 +147,7 @@ routes: [{{match: {{}}, primary: production}}]
                 await channel.unary_unary(REPORT)(request.SerializeToString(), timeout=10)
             assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
             # the stranger may still call the health service: only Feedback is guarded
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # its stubs package declares no methods
             assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status >= 0
         assert proxy._entrances.rejected.labels("certificate")._value.get() == 1
         assert proxy.feedback.unknown == 2

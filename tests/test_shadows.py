@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import pytest
 from mlmirror.demo.models import MODELS, serve_model
 from mlmirror.demo.traffic import infer_request
 from mlmirror.protocol.names import REQUEST_ID, SHADOW
@@ -439,6 +440,7 @@ async def test_the_verdict_follows_the_evidence_both_ways():
             assert status["promotable"]
 
 
+@pytest.mark.process
 async def test_promote_under_traffic_fails_no_call():
     rng = np.random.default_rng(6)
     async with (
@@ -642,6 +644,7 @@ async def test_reload_keeps_unchanged_shadows_and_their_statistics():
             assert shadow_status(proxy, "default", "t")["mirrored"] == {}
 
 
+@pytest.mark.process
 async def test_shadow_metrics_are_exported_and_pass_promtool():
     import shutil
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.support import ECHO, EchoServer, _EchoHandler, running_proxy
 
+pytestmark = pytest.mark.process  # starts openssl
+
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)

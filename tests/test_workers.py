@@ -114,7 +114,7 @@ async def served_by(listen: int, n: int, rng: np.random.Generator) -> list[str]:
         ) as channel:
             call = channel.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=10)
             await call
-            served.append(dict(await call.trailing_metadata())["x-mlmirror-served-by"])
+            served.append(str(dict(await call.trailing_metadata())["x-mlmirror-served-by"]))
     return served
 
 

@@ -21,9 +21,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from mlmirror.config import parse_config
+from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.runtime.proxy import Proxy
 
 from ..ports import free_port, wait_for_port
@@ -52,7 +54,7 @@ class Result:
     fault: list[Outcome]
     scrape: Scrape | None
     explanation: str = ""
-    facts: dict[str, object] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def calls(self) -> int:
@@ -299,7 +301,7 @@ async def drift_raising(calls: int, rate: float) -> Result:
     async with serve_faulty("production") as (_, primary_port), serve_faulty("candidate") as (_, candidate):
         text = config_yaml(primary_port, shadows={"candidate": candidate}, drift=True)
         async with _proxy(text) as (proxy, channel):
-            engine = proxy.parts.get("iris", "drift").engine
+            engine: DriftEngine = proxy.parts.get("iris", "drift").engine
             real_offer = engine.offer
             offers = [0]
 
@@ -313,8 +315,8 @@ async def drift_raising(calls: int, rate: float) -> Result:
                 raise RuntimeError("injected: drift engine worker")
 
             async def inject() -> None:
-                engine.offer = offer
-                engine._process = process
+                engine.offer = offer  # type: ignore[method-assign]  # the fault: this engine's methods replaced
+                engine._process = process  # type: ignore[method-assign]
 
             baseline, fault = await _phases(channel, calls, rate, inject)
             del engine.offer, engine._process  # the class's methods again

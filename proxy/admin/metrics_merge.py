@@ -66,8 +66,8 @@ def merge_expositions(hub: str, workers: Mapping[str, str]) -> bytes:
                 else:
                     totals[key] = totals.get(key, 0.0) + sample.value
     for name, totals in sums.items():
-        for (sample_name, labels), value in totals.items():
-            merged[name].samples.append(Sample(sample_name, dict(labels), value))
+        for (sample_name, label_pairs), value in totals.items():
+            merged[name].samples.append(Sample(sample_name, dict(label_pairs), value))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(merged.values()))
     return generate_latest(registry)

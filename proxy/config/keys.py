@@ -125,11 +125,11 @@ def _section(annotation: Any) -> tuple[type | None, str | None]:
         return _section(args[0])
     if origin is not None and issubclass(origin, Mapping):
         inner = args[1]
-        return (inner if dataclasses.is_dataclass(inner) else None), "mapping"
+        return (inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None), "mapping"
     if origin in (tuple, frozenset) and args:
         inner = args[0]
-        return (inner if dataclasses.is_dataclass(inner) else None), "list"
-    if dataclasses.is_dataclass(annotation):
+        return (inner if isinstance(inner, type) and dataclasses.is_dataclass(inner) else None), "list"
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return annotation, None
     return None, None
 

@@ -56,7 +56,7 @@ def parse_yaml(text: str, file: str) -> Located:
     except RecursionError:
         raise ConfigError("invalid YAML: nested too deeply", file=file) from None
     if node is None:  # an empty document: an empty mapping on line 1 (errors about it need a line)
-        start = yaml.error.Mark(file, 0, 0, 0, None, None)
+        start = yaml.error.Mark(file, 0, 0, 0, None, 0)
         node = yaml.MappingNode("tag:yaml.org,2002:map", [], start_mark=start, end_mark=start)
     _check_aliases(node, file)
     return Located(file=file, key="", node=node)

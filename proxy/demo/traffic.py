@@ -91,7 +91,7 @@ async def run_traffic(
     pool = [sample_features(rng, 1) for _ in range(256)]
     drifted = [sample_features(rng, 1, shift=1.0) for _ in range(256)]
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = channel.unary_unary(MODEL_INFER)
+        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
         tasks: set[asyncio.Task[None]] = set()
         interval = 1.0 / rate
         next_at = time.perf_counter()

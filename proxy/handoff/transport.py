@@ -22,6 +22,7 @@ import marshal
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from mlmirror.handoff.tap import CallRecord
@@ -56,7 +57,8 @@ def unpack(fields: tuple) -> CallRecord:
     )  # fmt: skip
 
 
-def _frame(value: object) -> bytes:
+def _frame(value: Any) -> bytes:
+    """``value`` (plain values ``marshal`` writes) behind its length in 4 bytes, big-endian."""
     payload = marshal.dumps(value)
     return len(payload).to_bytes(4, "big") + payload
 

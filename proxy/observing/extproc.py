@@ -92,7 +92,11 @@ class GrpcFrames:
 class StreamOutcomes(Protocol):
     """Where the assembler's verdict on each stream is counted (a prometheus-client counter by outcome)."""
 
-    def labels(self, outcome: str) -> object: ...
+    def labels(self, outcome: str) -> _Count: ...
+
+
+class _Count(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
 
 class CallAssembler:

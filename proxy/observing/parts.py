@@ -16,6 +16,7 @@ So a refused reload changes nothing.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -113,7 +114,7 @@ class RouteParts:
 
     def collectors(self) -> list[Collector]:
         """One collector per kind, reading the live parts at scrape time."""
-        return [kind.collector(lambda key=kind.key: list(self._parts[key].values())) for kind in self.kinds]
+        return [kind.collector(functools.partial(self.of_kind, kind.key)) for kind in self.kinds]
 
     def rebuild(self, routes: Iterable[Route], targets: Mapping[str, UpstreamTarget]) -> None:
         """Parts for ``routes`` (see the module docstring). Raises ``StartError`` with nothing changed."""

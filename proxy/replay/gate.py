@@ -18,6 +18,7 @@ is better); ``quality.output`` defaults to ``compare.output``, else production's
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,10 +107,10 @@ def parse_gate(text: str, file: str = "<string>") -> Gate:
     return Gate(promotion=Promotion(**promotion), compare=compare, drift=drift, quality=quality, source=file)
 
 
-def _one_of(node: Located, choices: object, what: str) -> str:
+def _one_of(node: Located, choices: Collection[str], what: str) -> str:
     value = node.string()
-    if value not in choices:  # type: ignore[operator]
-        raise node.error(f"unknown {what} {value!r} (one of {', '.join(choices)})")  # type: ignore[call-overload]
+    if value not in choices:
+        raise node.error(f"unknown {what} {value!r} (one of {', '.join(choices)})")
     return value
 
 

@@ -14,6 +14,7 @@ import math
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 from mlmirror.replay.captured import CaptureContents
 from mlmirror.replay.criteria import Criterion, format_number
@@ -50,7 +51,7 @@ class ReplayReport:
     def to_json(self) -> dict[str, object]:
         s = self.scores.summary
         c = self.capture
-        return _clean({
+        return cast("dict[str, object]", _clean({  # a dict in, a dict out
             "verdict": "pass" if self.passed else "fail",
             "target": self.target,
             "seconds": self.seconds,
@@ -79,7 +80,7 @@ class ReplayReport:
             "quality": None if self.quality is None else asdict(self.quality),
             "criteria": [{**asdict(k), "status": k.status} for k in self.criteria],
             "worst": [asdict(w) for w in self.scores.worst],
-        })  # fmt: skip
+        }))  # fmt: skip
 
 
 def write_reports(report: ReplayReport, directory: Path) -> list[Path]:
@@ -104,8 +105,11 @@ def markdown(report: ReplayReport) -> str:
         "| criterion | value | threshold | result |",
         "|---|---|---|---|",
     ]
-    for c in report.criteria:
-        lines.append(f"| {c.name} | {format_number(c.value)} | {format_number(c.threshold)} | {c.status} |")
+    for criterion in report.criteria:
+        lines.append(
+            f"| {criterion.name} | {format_number(criterion.value)} | {format_number(criterion.threshold)} "
+            f"| {criterion.status} |"
+        )
     lines += ["", *(f"- **{c.name}**: {c.detail}" for c in report.criteria)]
     codes = report.scores.candidate_codes
     if set(codes) - {"OK"}:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -42,7 +42,7 @@ from mlmirror.runtime.role import ALONE, Role
 from mlmirror.runtime.signals import serve_until_stopped
 from mlmirror.runtime.status import proxy_status
 from mlmirror.runtime.upstreams import UpstreamPool
-from mlmirror.serving.handler import ProxyHandler
+from mlmirror.serving.handler import ProxyHandler, TableSource
 from mlmirror.serving.sampling import RequestIds
 from mlmirror.serving.table import RouteTable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -92,7 +92,7 @@ class Proxy:
         )  # fmt: skip
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()
-        self._handler = ProxyHandler(self)
+        self._handler = ProxyHandler(cast(TableSource, self))  # serves only once start() has loaded a table
         self._health = health.aio.HealthServicer()
         self._upstreams = UpstreamPool(self.metrics, config.max_message_size, self._refresh_serving_status)
         self._background: set[asyncio.Task[None]] = set()
@@ -166,7 +166,9 @@ class Proxy:
         if self.role.hub:
             return Listener(feedback, self._health)
         if config.mode == "observer":
-            return Listener(feedback, self._health, ext_proc=ext_proc_observer(self, self.metrics, config))
+            return Listener(
+                feedback, self._health, ext_proc=ext_proc_observer(cast(TableSource, self), self.metrics, config)
+            )
         return Listener(feedback, self._health, relay=self._handler)
 
     async def _check_parts(self) -> None:
@@ -205,6 +207,7 @@ class Proxy:
         nothing changed when a part refuses the config."""
         targets = self._upstreams.targets_for(config, current)
         new = [target for target in targets.values() if target not in current.values()]
+        observers: dict[str, Sequence[Observer]]
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
             observers = {
@@ -383,7 +386,7 @@ class Proxy:
             return Response.text(refused[1], refused[0])
         return outcomes_answer(request.body, self.feedback.report)
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
         """Everything ``/status`` shows, JSON-ready."""
         return proxy_status(self)
 

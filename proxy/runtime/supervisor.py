@@ -206,6 +206,8 @@ class Supervisor:
         status = json.loads(body) if code == 200 else next((s for s in own if s is not None), None)
         if status is None:
             status = {"routes": [], "upstreams": {}}
+        calls: dict[str, dict[str, int]]  # route -> code -> calls, summed over the workers
+        requests: dict[str, dict[str, int]]  # upstream -> code -> requests
         workers, calls, requests, inflight, ready = [], {}, {}, 0, True
         for worker, state, (_, text) in zip(self.workers, own, answers, strict=True):
             entry: dict[str, object] = {"index": worker.index, "pid": worker.pid, "restarts": worker.restarts}

@@ -17,7 +17,7 @@ import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from mlmirror.handoff.tap import CallRecord
@@ -106,7 +106,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     def __init__(self, source: TableSource) -> None:
         self._source = source
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
@@ -119,8 +119,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
         """Forget cached handlers (call types may have changed with a reload)."""
         self._handlers = {}
 
-    def _build(self, method: str) -> grpc.RpcMethodHandler:
+    def _build(self, method: str) -> grpc.RpcMethodHandler[bytes, bytes]:
         call_type = self._source.table.call_type(method)
+        handler: grpc.RpcMethodHandler[bytes, bytes]
         if call_type == "unary_unary":
             handler = grpc.unary_unary_rpc_method_handler(functools.partial(self._unary_unary, method))
         elif call_type == "unary_stream":
@@ -326,7 +327,7 @@ async def _exhausted(
     last_error: grpc.aio.AioRpcError | None,
     last_target: str,
     trailers: _Metadata = (),
-) -> None:
+) -> NoReturn:
     """No upstream answered: relay the last upstream error, or say why none was tried."""
     chain.finish("none")
     if last_error is not None:
@@ -346,7 +347,7 @@ async def _relay_error(
     code: grpc.StatusCode,
     details: str | None,
     trailing: Any,
-) -> None:
+) -> NoReturn:
     """End the client's call with ``code``; never returns (``abort`` raises)."""
     route.metrics.answered(code.name)
     await context.abort(code, details or "", (*(trailing or ()), (SERVED_BY, served_by)))
@@ -381,7 +382,7 @@ def _cancelled(chain: _Chain, call: Any, target: UpstreamTarget, role: str, star
     chain.route.metrics.answered(code.name)
 
 
-async def _unrouted(table: RouteTable, method: str, model: str | None, context: grpc.aio.ServicerContext) -> None:
+async def _unrouted(table: RouteTable, method: str, model: str | None, context: grpc.aio.ServicerContext) -> NoReturn:
     table.metrics.unrouted_calls.inc()
     what = f"method {method}" + (f" and model {model!r}" if model else "")
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"mlmirror: no route for {what}")

@@ -45,7 +45,9 @@ class StaticResponder:
                     encode_bytes_elements(values) if tensor.datatype == "BYTES" else values.tobytes()
                 )
             else:
-                getattr(output.contents, DATATYPES[tensor.datatype].contents_field).extend(values.tolist())
+                field = DATATYPES[tensor.datatype].contents_field
+                assert field is not None  # not raw: every output has a typed field
+                getattr(output.contents, field).extend(values.tolist())
         return response.SerializeToString()
 
 

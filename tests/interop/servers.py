@@ -151,7 +151,7 @@ def mlserver_repository(folder: Path, models: dict[str, tuple[Path, str, list[di
         target = folder / name
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(joblib, target / "model.joblib")
-        settings = {"name": name, "implementation": "mlserver_sklearn.SKLearnModel",
+        settings: dict[str, object] = {"name": name, "implementation": "mlserver_sklearn.SKLearnModel",
                     "parameters": {"uri": "./model.joblib", "version": version}}  # fmt: skip
         if inputs is not None:
             settings["inputs"] = inputs

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from mlmirror import kernels
@@ -33,7 +34,7 @@ from mlmirror.protocol.kserve import TensorError, request_inputs, response_outpu
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.serving.sampling import sampled
 
-__all__ = ["DriftEngine", "SeriesResult", "WindowResult"]
+__all__ = ["DriftEngine", "EngineSnapshot", "SeriesResult", "WindowResult"]
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +453,7 @@ class DriftEngine:
 
     # --- what the outside sees ------------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> EngineSnapshot:
         with self._lock:
             latest = dict(self.latest)
             history = list(self.history)
@@ -468,6 +469,17 @@ class DriftEngine:
             "sliding": sliding,
             "counts": counts,
         }
+
+
+class EngineSnapshot(TypedDict):
+    """A consistent copy of an engine's results (``DriftEngine.snapshot``); keys (model, version)."""
+
+    latest: dict[tuple[str, str], WindowResult]
+    history: list[WindowResult]
+    windows: dict[tuple[str, str], int]
+    decode_errors: dict[str, int]
+    sliding: dict[tuple[str, str], WindowResult]
+    counts: dict[tuple[str, str], WindowCounts]
 
 
 def _sum_counts(windows: list[WindowCounts]) -> WindowCounts:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 async def model_inputs(channel: grpc.aio.Channel, model: str, deadline: float = 2.0) -> dict[str, tuple[str, list]]:
     """{input name: (datatype, shape)} from ``ModelMetadata``; raises grpc.aio.AioRpcError or ValueError."""
-    call = channel.unary_unary(MODEL_METADATA)
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_METADATA)
     answer = await call(inference_pb2.ModelMetadataRequest(name=model).SerializeToString(), timeout=deadline)
     try:
         metadata = inference_pb2.ModelMetadataResponse.FromString(answer)

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlmirror import kernels
@@ -89,7 +90,7 @@ class Reference:
             kernels.update_categorical(window.categorical[j], codes[:, None])
         window.rows += rows.numeric.shape[0]
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "version": self.version,
@@ -110,7 +111,8 @@ class Reference:
             "series": [[s.name, s.kind, s.tensor, s.column, s.categorical, s.width] for s in self.schema.series],
             "vocabularies": [[_jsonable(k) for k in v] for v in self.vocabularies],
         }
-        arrays = {f"categorical_{j}": c for j, c in enumerate(self.counts.categorical)}
+        # Any: numpy's stub reads a ** argument as possibly its allow_pickle flag
+        arrays: dict[str, Any] = {f"categorical_{j}": c for j, c in enumerate(self.counts.categorical)}
         with open(path, "wb") as out:
             np.savez(out, header=np.array(json.dumps(header)), edges=self.edges, numeric=self.counts.numeric, **arrays)
 

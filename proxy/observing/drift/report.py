@@ -118,8 +118,8 @@ class DriftCollector(Collector):
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
                 pending.add_metric([engine.route], truth["pending"])
-                for result, n in truth["results"].items():
-                    outcomes.add_metric([engine.route, result], n)
+                for outcome, n in truth["results"].items():
+                    outcomes.add_metric([engine.route, outcome], n)
                 for window in truth["latest"].values():
                     key = [engine.route, window.model, window.version]
                     quality_rows.add_metric(key, window.rows)

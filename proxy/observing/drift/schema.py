@@ -58,7 +58,8 @@ class Schema:
         """The values of every series in one call; raises ``TensorError`` (with a reason) when they are not there."""
         tensors = {("feature", t.name): t for t in inputs} | {("output", t.name): t for t in outputs}
         n: int | None = None
-        numeric, categorical = [], []
+        numeric: list[np.ndarray] = []
+        categorical: list[np.ndarray] = []
         for series in (*self.numeric, *self.categorical):
             tensor = tensors.get((series.kind, series.tensor))
             if tensor is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import grpc
@@ -56,7 +56,7 @@ def rejection_counter(registry: CollectorRegistry) -> Counter:
     return counter
 
 
-def certificate_names(auth_context: Mapping[str, Sequence[bytes]]) -> frozenset[str]:
+def certificate_names(auth_context: Mapping[str, Iterable[bytes]]) -> frozenset[str]:
     """The names a verified client certificate goes by: subject, common name, SANs (from gRPC's auth context)."""
     names: set[str] = set()
     for key in _CERTIFICATE_KEYS:

@@ -40,7 +40,7 @@ def _handler(behaviour: Behaviour, gate: FeedbackGate | None) -> grpc.GenericRpc
             await gate.admit(context)
             return await inner(request, context)
 
-    method = grpc.unary_unary_rpc_method_handler(behaviour)
+    method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(behaviour)
     return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
 
 
@@ -113,7 +113,9 @@ class FeedbackRelay:
 
     def __init__(self, target: str) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._call = self._channel.unary_unary(f"/{FEEDBACK_SERVICE}/ReportOutcome")
+        self._call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
+            f"/{FEEDBACK_SERVICE}/ReportOutcome"
+        )
 
     def handler(self, gate: FeedbackGate | None = None) -> grpc.GenericRpcHandler:
         """The relaying ``mlmirror.v1.Feedback`` service; calls pass ``gate`` first when given."""
@@ -139,7 +141,7 @@ def parse_outcomes_json(body: bytes) -> list[Outcome]:
     items = document.get("outcomes") if isinstance(document, dict) else None
     if not isinstance(items, list):
         raise ValueError('expected {"outcomes": [{"request_id": ..., "labels": [...] or "values": [...]}, ...]}')
-    outcomes = []
+    outcomes: list[Outcome] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
             raise ValueError(f"outcomes[{i}]: needs a string request_id")

@@ -22,12 +22,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from mlmirror.config import GroundTruth
 from mlmirror.protocol.kserve import Tensor, TensorError
 
-__all__ = ["OUTCOME_RESULTS", "GroundTruthStore", "QualityResult"]
+__all__ = ["OUTCOME_RESULTS", "GroundTruthStore", "OutcomeSnapshot", "QualityResult"]
 
 OUTCOME_RESULTS = ("matched", "unknown", "late", "duplicate", "invalid")
 
@@ -144,7 +145,7 @@ class GroundTruthStore:
             return {"mae": float(np.mean(np.abs(error))), "rmse": float(math.sqrt(np.mean(error**2)))}
         return classification_metrics(predicted, actual)
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> OutcomeSnapshot:
         with self._lock:
             return {
                 "latest": dict(self.latest),
@@ -153,6 +154,16 @@ class GroundTruthStore:
                 "pending": len(self._pending),
                 "open_rows": {k: sum(len(p) for p, _ in w) for k, w in self._windows.items()},
             }
+
+
+class OutcomeSnapshot(TypedDict):
+    """A consistent copy of a store's state (``GroundTruthStore.snapshot``); keys (model, version)."""
+
+    latest: dict[tuple[str, str], QualityResult]
+    history: list[QualityResult]
+    results: dict[str, int]  # outcome -> reports
+    pending: int  # predictions waiting for their outcome
+    open_rows: dict[tuple[str, str], int]  # rows in the window not yet closed
 
 
 def classification_metrics(predicted: Sequence[str], actual: Sequence[str]) -> dict[str, float]:

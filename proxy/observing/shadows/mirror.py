@@ -284,8 +284,11 @@ class RouteMirror:
         pending, self._pending = self._pending, []
         self._scheduled = False
         for record in pending:
-            production_ok = record.response is not None and record.role == "primary"
-            production = ProductionAnswer(record.method, record.response) if production_ok else None
+            production = (
+                ProductionAnswer(record.method, record.response)
+                if record.response is not None and record.role == "primary"
+                else None
+            )
             redacted = RedactedRequest(record.method, record.request, self.redact) if self.redact else None
             for shadow in self.shadows:
                 shadow.consider(record, production, redacted)
