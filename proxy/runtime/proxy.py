@@ -250,7 +250,7 @@ class Proxy:
         statistics); the others get a new one, and mirrors no longer configured are closed."""
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
-            handoff = {route.name: self.role.handoff for route in config.routes if watched(route)}
+            handoff = {route.name: self.role.handoff.door(route) for route in config.routes if watched(route)}
             targets = self._build_targets(config, current)
             return RouteTable(config, targets, self.metrics, self.tap, {}, self.ids, handoff)
         _make_capture_dirs(config)  # first, with the drift profiles: either may refuse the config

@@ -96,7 +96,13 @@ class Supervisor:
         Gauge("mlmirror_workers", "Worker processes running now.", registry=self.metrics.registry).set_function(
             lambda: sum(1 for w in self.workers if w.process is not None and w.process.poll() is None)
         )
-        self._receiver = HandoffReceiver(self.folder / HANDOFF_SOCKET, self._deliver, self._greeted, self._received)
+        malformed = Counter(
+            "mlmirror_handoff_malformed", "Damaged hand-off frames the hub received, by worker.", ["worker"],
+            registry=self.metrics.registry,
+        )  # fmt: skip
+        self._receiver = HandoffReceiver(
+            self.folder / HANDOFF_SOCKET, self._deliver, self._greeted, self._received, malformed
+        )
         self._routes: tuple[RouteTable | None, dict[str, RouteRuntime]] = (None, {})
         self._admin: AdminServer | None = None
         self._token = admin_token(self.config)
