@@ -9,10 +9,12 @@ A record is a fixed 48-byte head (little-endian ``_HEAD``) followed by its varia
 
     u32 request length · u32 response length (0xFFFFFFFF: no response) · u32 metadata length
     u16 route · u16 method · u16 served_by · u16 request_id lengths · u8 status code · u8 role length
-    u16 reserved (0) · f64 started (Unix seconds) · f64 latency (s) · f64 upstream latency (s)
+    u16 flags · f64 started (Unix seconds) · f64 latency (s) · f64 upstream latency (s)
     route · method · served_by · role · request_id (UTF-8) · metadata · request · response (bytes)
 
-Metadata entries are ``u8 kind (0 text, 1 bytes) · u16 key length · u32 value length · key · value``. Strings are
+Metadata comes in one of two forms, told by bit 0 of the head's flags: when every value is text without a NUL
+character (gRPC's ASCII metadata always is), keys and values joined by NUL, in one UTF-8 string (flag set); else
+entries ``u8 kind (0 text, 1 bytes) · u16 key length · u32 value length · key · value``. Strings are
 UTF-8 with ``surrogatepass``, so any Python ``str`` survives. The request and response bytes are copied once, into
 the frame; nothing is pickled or marshalled per call.
 
@@ -39,6 +41,8 @@ _HEAD = struct.Struct("<IIIHHHHBBHddd")
 _ENTRY = struct.Struct("<BHI")
 _COUNT = struct.Struct("<I")
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
+_JOINED = 1  # flags: metadata in the joined-text form
 _NAMES_CACHED = 1024  # distinct route/method/upstream/role names kept encoded
 
 
@@ -92,7 +96,16 @@ class _Names:
 _names = _Names()
 
 
-def _metadata(metadata) -> bytes:
+def _metadata(metadata) -> tuple[bytes, int]:
+    """(encoded metadata, flags)."""
+    if not metadata:
+        return b"", _JOINED
+    try:
+        text = "\0".join([part for item in metadata for part in item])
+    except TypeError:  # a binary value
+        text = None
+    if text is not None and text.count("\0") == 2 * len(metadata) - 1:
+        return text.encode("utf-8", "surrogatepass"), _JOINED
     parts = []
     for key, value in metadata:
         key_bytes = _names(key)
@@ -105,32 +118,34 @@ def _metadata(metadata) -> bytes:
         parts.append(_ENTRY.pack(kind, len(key_bytes), len(value_bytes)))
         parts.append(key_bytes)
         parts.append(value_bytes)
-    return b"".join(parts)
+    return b"".join(parts), 0
 
 
 def encode_batch(records: Iterable[CallRecord]) -> tuple[bytes, int, int]:
     """(one batch frame with its length prefix, records in it, records left out). A record that cannot be
     written (a name longer than 65,535 bytes, a value of the wrong type) is left out, never raised."""
     parts: list[bytes] = []
+    append = parts.append
+    names, pack, numbers = _names, _HEAD.pack, _NUMBERS
     count = skipped = 0
     for record in records:
         try:
-            route, method = _names(record.route), _names(record.method)
-            served_by, role = _names(record.served_by), _names(record.role)
+            route, method = names(record.route), names(record.method)
+            served_by, role = names(record.served_by), names(record.role)
             request_id = record.request_id.encode("utf-8", "surrogatepass")
-            metadata = _metadata(record.metadata) if record.metadata else b""
-            response = record.response
-            head = _HEAD.pack(
-                len(record.request), _NO_RESPONSE if response is None else len(response), len(metadata),
-                len(route), len(method), len(served_by), len(request_id), record.code.value[0], len(role), 0,
+            metadata, flags = _metadata(record.metadata)
+            request, response = record.request, record.response
+            head = pack(
+                len(request), _NO_RESPONSE if response is None else len(response), len(metadata), len(route),
+                len(method), len(served_by), len(request_id), numbers[record.code], len(role), flags,
                 record.started, record.latency, record.upstream_latency,
             )  # fmt: skip
-        except (struct.error, AttributeError, TypeError, ValueError):
+        except (struct.error, AttributeError, KeyError, TypeError, ValueError):
             skipped += 1
             continue
-        parts += (head, route, method, served_by, role, request_id, metadata, record.request)
+        parts += (head, route, method, served_by, role, request_id, metadata, request)
         if response is not None:
-            parts.append(response)
+            append(response)
         count += 1
     payload = b"".join(parts)
     return (len(payload) + 5).to_bytes(4, "big") + BATCH + _COUNT.pack(count) + payload, count, skipped
@@ -139,20 +154,19 @@ def encode_batch(records: Iterable[CallRecord]) -> tuple[bytes, int, int]:
 def decode_batch(payload: bytes | memoryview) -> list[CallRecord]:
     """The records of a batch payload (the bytes after the kind). Raises FrameError at the first damaged record,
     with the records before it."""
-    view = memoryview(payload)
+    data = bytes(payload)
     records: list[CallRecord] = []
-    if len(view) < 4:
+    if len(data) < 4:
         raise FrameError("a batch without its count", records, 1)
-    (count,) = _COUNT.unpack_from(view, 0)
-    at = 4
-    end = len(view)
-    head_size = _HEAD.size
+    (count,) = _COUNT.unpack_from(data, 0)
+    at, end = 4, len(data)
+    head_size, unpack, names = _HEAD.size, _HEAD.unpack_from, _texts
     try:
         for _ in range(count):
             if at + head_size > end:
                 raise ValueError("truncated record head")
-            (request_len, response_len, metadata_len, route_len, method_len, served_len, id_len, code, role_len, _,
-             started, latency, upstream) = _HEAD.unpack_from(view, at)  # fmt: skip
+            (request_len, response_len, metadata_len, route_len, method_len, served_len, id_len, code, role_len,
+             flags, started, latency, upstream) = unpack(data, at)  # fmt: skip
             at += head_size
             status = _CODES.get(code)
             if status is None:
@@ -162,19 +176,14 @@ def decode_batch(payload: bytes | memoryview) -> list[CallRecord]:
                     + (response_len if has_response else 0))  # fmt: skip
             if at + size > end:
                 raise ValueError("truncated record")
-            texts = []
-            for length in (route_len, method_len, served_len, role_len, id_len):
-                texts.append(str(view[at : at + length], "utf-8", "surrogatepass"))
-                at += length
-            metadata = _read_metadata(view[at : at + metadata_len])
-            at += metadata_len
-            request = bytes(view[at : at + request_len])
-            at += request_len
-            response = None
-            if has_response:
-                response = bytes(view[at : at + response_len])
-                at += response_len
-            route, method, served_by, role, request_id = texts
+            route = names(data[at : (at := at + route_len)])
+            method = names(data[at : (at := at + method_len)])
+            served_by = names(data[at : (at := at + served_len)])
+            role = names(data[at : (at := at + role_len)])
+            request_id = data[at : (at := at + id_len)].decode("utf-8", "surrogatepass")
+            metadata = _read_metadata(data[at : (at := at + metadata_len)], flags & _JOINED)
+            request = data[at : (at := at + request_len)]
+            response = data[at : (at := at + response_len)] if has_response else None
             record = CallRecord(
                 route=route, method=method, request=request, response=response, code=status, served_by=served_by,
                 role=role, request_id=request_id, metadata=metadata, started=started, latency=latency,
@@ -189,19 +198,44 @@ def decode_batch(payload: bytes | memoryview) -> list[CallRecord]:
     return records
 
 
-def _read_metadata(view: memoryview) -> tuple[tuple[str, str | bytes], ...]:
+class _Texts:
+    """The strings of the few names every record repeats, decoded once (the inverse of ``_Names``)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, str] = {}
+
+    def __call__(self, raw: bytes) -> str:
+        text = self._cache.get(raw)
+        if text is None:
+            if len(self._cache) >= _NAMES_CACHED:
+                self._cache.clear()
+            text = self._cache[raw] = raw.decode("utf-8", "surrogatepass")
+        return text
+
+
+_texts = _Texts()
+
+
+def _read_metadata(raw: bytes, joined: int) -> tuple[tuple[str, str | bytes], ...]:
+    if joined:
+        if not raw:
+            return ()
+        parts = raw.decode("utf-8", "surrogatepass").split("\0")
+        if len(parts) % 2:
+            raise ValueError("joined metadata with a key and no value")
+        return tuple(zip(parts[::2], parts[1::2], strict=True))
     entries: list[tuple[str, str | bytes]] = []
-    at, end = 0, len(view)
+    at, end = 0, len(raw)
     while at < end:
         if at + _ENTRY.size > end:
             raise ValueError("truncated metadata entry")
-        kind, key_len, value_len = _ENTRY.unpack_from(view, at)
+        kind, key_len, value_len = _ENTRY.unpack_from(raw, at)
         at += _ENTRY.size
         if kind > 1 or at + key_len + value_len > end:
             raise ValueError("damaged metadata entry")
-        key = str(view[at : at + key_len], "utf-8", "surrogatepass")
-        at += key_len
-        raw = bytes(view[at : at + value_len])
-        at += value_len
-        entries.append((key, raw.decode("utf-8", "surrogatepass") if kind == 0 else raw))
+        key = _texts(raw[at : (at := at + key_len)])
+        value = raw[at : (at := at + value_len)]
+        entries.append((key, value.decode("utf-8", "surrogatepass") if kind == 0 else value))
     return tuple(entries)
