@@ -122,6 +122,22 @@ async def test_envoy_carries_the_calls_mirrors_them_and_the_observer_sees_drift(
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_the_observer_labels_each_call_with_the_cluster_envoy_says_served_it(tmp_path):
+    rng = np.random.default_rng(7)
+    async with (
+        FunctionModel(iris_outputs) as production,
+        FunctionModel(iris_outputs) as shadow,
+        # The observer's own name for the model differs from Envoy's cluster: who served must come from Envoy.
+        running_proxy(observer_config(production).replace("{production:", "{model-a:").replace(
+            "primary: production", "primary: model-a")) as observer,
+        dataplane(tmp_path, production.port, shadow.port, observer.grpc_port) as channel,
+    ):  # fmt: skip
+        await send(channel, rng, 50)
+        attempts = observer.metrics.routes["iris"].attempts
+        await wait_until(lambda: sum(attempts.values()) == 50, what="50 observed calls")
+        assert attempts == {("production", "primary", "OK"): 50}
+
+
 async def test_the_observed_share_is_set_at_run_time_and_mirroring_goes_on(tmp_path):
     rng = np.random.default_rng(4)
     envoy_admin = free_port()
