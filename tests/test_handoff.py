@@ -8,6 +8,7 @@ import contextlib
 import math
 import shutil
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -22,7 +23,7 @@ from mlmirror.serving.sampling import sampled
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import wait_until
+from tests.support import REPO, wait_until
 
 
 def record(i: int = 0, response: bytes | None = b"answer", code: grpc.StatusCode = grpc.StatusCode.OK) -> CallRecord:
@@ -288,6 +289,16 @@ async def test_calls_no_consumer_samples_never_cross_the_door(tmp_path):
     finally:
         await sender.close()
         await receiver.close()
+
+
+def test_bench_door_prints_the_serving_side_cost_of_both_formats():
+    done = subprocess.run([sys.executable, "-m", "loadtest.bench_door", "--calls", "400", "--repeat", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}  # fmt: skip
+    assert set(rows) >= {"before", "after", "after, sampled 10%"}
+    assert math.isfinite(float(rows["after"][0].split(" ")[0]))  # µs per handed-off call (noise may make it < 0)
 
 
 def exposition(calls: float, inflight: float, lag: float, buckets: list[float]) -> str:
