@@ -56,7 +56,8 @@ def ext_proc_variant(config: dict, changes: dict) -> dict:
     return config
 
 
-def _observer_config(path: Path, listen: int, admin: int, production: int) -> None:
+def _observer_config(path: Path, listen: int, admin: int, production: int, drift: bool = True) -> None:
+    watch = "\n    drift: {window: 1000, capture: 1000}" if drift else ""
     path.write_text(f"""mode: observer
 listen: 127.0.0.1:{listen}
 admin: 127.0.0.1:{admin}
@@ -64,8 +65,7 @@ upstreams: {{production: 127.0.0.1:{production}}}
 routes:
   - name: iris
     match: {{model: iris}}
-    primary: production
-    drift: {{window: 1000, capture: 1000}}
+    primary: production{watch}
 """)
 
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, command: str) -> str:
         folder = Path(tmp)
         body = request_file(folder, args.batch)
         production, observer, admin = free_port(), free_port(), free_port()
-        _observer_config(folder / "observer.yaml", observer, admin, production)
+        _observer_config(folder / "observer.yaml", observer, admin, production, not args.no_drift)
         dataplane = load(DATAPLANE)
         with (
             python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{production}", "--model",
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace, command: str) -> str:
         f"`{command}`",
         "",
         f"ModelInfer, {args.batch} row(s) of 4 FP32 features; {args.calls} calls per round at {args.rate:g} calls/s "
-        f"over 4 connections; {args.rounds} interleaved rounds; Envoy --concurrency 1; the observer runs the drift "
-        "engine. Medians over rounds (range).",
+        f"over 4 connections; {args.rounds} interleaved rounds; Envoy --concurrency 1; the observer "
+        f"{'only counts calls' if args.no_drift else 'runs the drift engine'}. Medians over rounds (range).",
         "",
         "| ext_proc variant | observer CPU per observed call (µs) | Envoy CPU per call (µs) | streams per call |",
         "|---|---:|---:|---:|",
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
+    parser.add_argument("--no-drift", action="store_true", help="the observer only counts (no drift engine)")
     args = parser.parse_args(argv)
     command = "python -m loadtest.bench_extproc " + " ".join(argv if argv is not None else sys.argv[1:])
     print(run(args, command.strip()))
