@@ -3,7 +3,8 @@
     MlmirrorError
     ├── ConfigError        a configuration file is missing, unreadable or invalid; carries file, line and key
     ├── StartError         the proxy could not start: an address to bind is taken, a TLS file is unreadable
-    └── AdminError         a request to the admin endpoint failed (CLI side)
+    ├── AdminError         a request to the admin endpoint failed (CLI side)
+    └── ReplayError        a replay could not run: unreadable capture, unreachable target, bad gate file
 
 gRPC errors from upstreams are not exceptions here: the handler relays them to the client as statuses
 (see ``mlmirror.serving.handler``), and translates ``grpc.aio.AioRpcError`` in one place only.
@@ -11,7 +12,7 @@ gRPC errors from upstreams are not exceptions here: the handler relays them to t
 
 from __future__ import annotations
 
-__all__ = ["AdminError", "ConfigError", "MlmirrorError", "StartError"]
+__all__ = ["AdminError", "ConfigError", "MlmirrorError", "ReplayError", "StartError"]
 
 
 class MlmirrorError(Exception):
@@ -46,3 +47,7 @@ class StartError(MlmirrorError):
 
 class AdminError(MlmirrorError):
     """The admin endpoint could not be reached or refused a request."""
+
+
+class ReplayError(MlmirrorError):
+    """``mlmirror replay`` could not run (exit 2): the message says what could not be read or reached."""

@@ -456,3 +456,42 @@ def test_check_config_command_exits_nonzero_with_the_location(tmp_path):
     )
     assert good.returncode == 0, good.stderr
     assert "ok: listen 0.0.0.0:8500" in good.stdout
+
+
+LONG_PATH = "x" * 5000  # longer than any file name the system takes: stat fails with ENAMETOOLONG
+ROUTE = "routes: [{match: {}, primary: a}]\n"
+UPSTREAM = "upstreams: {a: 127.0.0.1:1}\n"
+
+#: Every kind of key naming a path checked on disk: (document with PATH in it, line, key).
+PATH_KEYS = {
+    "capture.path": (UPSTREAM + "routes: [{match: {}, primary: a, capture: {path: PATH}}]\n", 2,
+                     "routes[0].capture.path"),
+    "drift.profile": (UPSTREAM + "routes: [{match: {}, primary: a, drift: {profile: PATH}}]\n", 2,
+                      "routes[0].drift.profile"),
+    "admin_token_file": ("admin_token_file: PATH\n" + UPSTREAM + ROUTE, 1, "admin_token_file"),
+    "upstream tls.ca": ("upstreams: {a: {address: 127.0.0.1:2, tls: {ca: PATH}}}\n" + ROUTE, 1,
+                        "upstreams.a.tls.ca"),
+    "listener tls.cert": ("tls: {cert: PATH, key: PATH}\n" + UPSTREAM + ROUTE, 1, "tls.cert"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "reason"), [(LONG_PATH, "File name too long"), ("caps\\0dir", "NUL character")])
+@pytest.mark.parametrize(("text", "line", "key"), PATH_KEYS.values(), ids=PATH_KEYS.keys())
+def test_a_path_the_system_refuses_is_a_located_error(path: str, reason: str, text: str, line: int, key: str):
+    error = _error(text.replace("PATH", f'"{path}"'))
+    assert (error.line, error.key) == (line, key)
+    assert reason in error.reason
+    assert len(str(error)) < 400  # the path is cut short in the message
+
+
+def test_the_package_exports_the_same_names_as_before_the_schema_split():
+    import mlmirror.config as config
+
+    assert sorted(config.__all__) == sorted(
+        ["CALL_TYPES", "CAPTURE_INCLUDE", "CLASSIFICATION_MODES", "DEFAULT_FALLBACK_CODES", "DEMOTE_TO",
+         "DRIFT_METHODS", "MODEL_INFER", "MODES", "Attribution", "Capture", "CircuitPolicy", "Compare", "Config",
+         "Drift", "DriftFeature", "GroundTruth", "HealthCheck", "Keepalive", "Multivariate", "Promotion", "Route",
+         "RouteMatch", "Shadow", "StaticResponse", "StaticTensor", "TlsClient", "TlsServer", "Upstream",
+         "load_config", "parse_config"]
+    )  # fmt: skip
+    assert all(getattr(config, name) is not None for name in config.__all__)

@@ -9,6 +9,7 @@ mlmirror shadows                    a running proxy's shadows and their promotio
 mlmirror promote ROUTE SHADOW       make a shadow the primary of its route (no call fails)
 mlmirror drift                      a running proxy's drift windows, as tables
 mlmirror profile build --data F --out P   a drift reference profile from a data file or a capture
+mlmirror replay --capture P --target H:P  replay captured calls against a candidate and gate the release (exit 0/1/2)
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--names", help="comma-separated series names for .npy/.npz columns")
     build.set_defaults(run=_profile_build)
 
+    _replay_parser(sub)
+
     for name, helptext, run in (
         ("status", "print a running proxy's /status", _status),
         ("reload", "ask a running proxy to reload its config file", _reload),
@@ -130,6 +133,53 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("shadow", help="shadow name")
             command.add_argument("--force", action="store_true", help="promote even when the verdict says no")
     return parser
+
+
+def _replay_parser(sub: argparse._SubParsersAction) -> None:
+    replay = sub.add_parser(
+        "replay",
+        help="replay captured calls against a candidate and gate the release",
+        description="Exit 0: the gate passes; 1: it fails; 2: the replay could not run.",
+    )
+    replay.add_argument("--capture", required=True, action="append", metavar="PATH",
+                        help="capture file or directory (rotated files included); may be repeated")  # fmt: skip
+    replay.add_argument("--target", required=True, metavar="HOST:PORT", help="the candidate's KServe V2 gRPC address")
+    replay.add_argument("--gate", metavar="FILE", help="gate YAML (default: the promotion defaults; docs/REPLAY.md)")
+    replay.add_argument("--report", metavar="DIR", help="write report.md, junit.xml and report.json here")
+    replay.add_argument("--concurrency", type=_positive, default=8, metavar="N", help="calls in flight (default 8)")
+    replay.add_argument("--rate", type=float, default=0.0, metavar="R", help="calls per second (default 0: no limit)")
+    replay.add_argument("--limit", type=_positive, metavar="N", help="replay at most the first N usable calls")
+    replay.add_argument("--timeout", type=_duration, default=10.0, metavar="DURATION", help="per call (default 10s)")
+    replay.add_argument("--connect-timeout", type=_duration, default=10.0, metavar="DURATION",
+                        help="to reach the target before giving up with exit 2 (default 10s)")  # fmt: skip
+    replay.add_argument("--model", metavar="NAME", help="send the calls to this KServe model name instead")
+    replay.add_argument("--tls", action="store_true", help="TLS to the target (system roots unless --tls-ca)")
+    replay.add_argument("--tls-ca", metavar="PEM", help="CA bundle for the target's certificate (implies --tls)")
+    replay.add_argument("--tls-cert", metavar="PEM", help="client certificate for mTLS (implies --tls)")
+    replay.add_argument("--tls-key", metavar="PEM", help="client key for mTLS (implies --tls)")
+    replay.add_argument("--tls-server-name", metavar="NAME", help="name to verify the certificate against")
+    replay.set_defaults(run=_replay)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlmirror.config import TlsClient
+    from mlmirror.replay.run import COULD_NOT_RUN, ReplayJob, run_replay
+    from mlmirror.replay.sender import SendOptions
+
+    if not args.rate >= 0:
+        print("mlmirror replay: could not run: --rate must be 0 or more calls per second", file=sys.stderr)
+        return COULD_NOT_RUN
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    tls = TlsClient(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    send = SendOptions(concurrency=args.concurrency, rate=args.rate, timeout=args.timeout,
+                       connect_timeout=args.connect_timeout, tls=tls if args.tls or any(tls_files) else None,
+                       model=args.model)  # fmt: skip
+    job = ReplayJob(captures=tuple(Path(p) for p in args.capture), target=args.target,
+                    gate=Path(args.gate) if args.gate else None, report=Path(args.report) if args.report else None,
+                    limit=args.limit, send=send)  # fmt: skip
+    return run_replay(job)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,10 +1,73 @@
 """Configuration: the YAML file read once into frozen objects (``Config``, ``Route`` ...), every error located.
 
-The public surface is re-exported here, so callers need not know how the schema and its readers are split.
+The schema (``schema``, ``schema_observing``: the dataclasses, their defaults and each key's description) is apart
+from the readers (``reader``, ``read_route``, ``read_observers``: YAML to dataclasses, ``file:line: key: reason``
+errors). The public surface is re-exported here, so callers need not know how they are split.
 """
 
-from mlmirror.config.model import *  # noqa: F403 - the public surface is model's __all__
-from mlmirror.config.model import MODEL_INFER
-from mlmirror.config.model import __all__ as _model_all
+from mlmirror.config.reader import load_config, parse_config
+from mlmirror.config.schema import (
+    CALL_TYPES,
+    CLASSIFICATION_MODES,
+    DEFAULT_FALLBACK_CODES,
+    DEMOTE_TO,
+    MODEL_INFER,
+    MODES,
+    CircuitPolicy,
+    Compare,
+    Config,
+    HealthCheck,
+    Keepalive,
+    Promotion,
+    Route,
+    RouteMatch,
+    Shadow,
+    StaticResponse,
+    StaticTensor,
+    TlsClient,
+    TlsServer,
+    Upstream,
+)
+from mlmirror.config.schema_observing import (
+    CAPTURE_INCLUDE,
+    DRIFT_METHODS,
+    Attribution,
+    Capture,
+    Drift,
+    DriftFeature,
+    GroundTruth,
+    Multivariate,
+)
 
-__all__ = [*_model_all, "MODEL_INFER"]
+__all__ = [
+    "CALL_TYPES",
+    "CAPTURE_INCLUDE",
+    "CLASSIFICATION_MODES",
+    "DEFAULT_FALLBACK_CODES",
+    "DEMOTE_TO",
+    "DRIFT_METHODS",
+    "MODEL_INFER",
+    "MODES",
+    "Attribution",
+    "Capture",
+    "CircuitPolicy",
+    "Compare",
+    "Config",
+    "Drift",
+    "DriftFeature",
+    "GroundTruth",
+    "HealthCheck",
+    "Keepalive",
+    "Multivariate",
+    "Promotion",
+    "Route",
+    "RouteMatch",
+    "Shadow",
+    "StaticResponse",
+    "StaticTensor",
+    "TlsClient",
+    "TlsServer",
+    "Upstream",
+    "load_config",
+    "parse_config",
+]

@@ -79,7 +79,8 @@ class Proxy:
         #: closed writers whose thread may still be writing what was queued (joined on stop)
         self._retired_captures: list[CaptureWriter] = []
         self.feedback = FeedbackService(
-            lambda: [e.ground_truth for e in self._drift.values() if e.ground_truth is not None]
+            lambda: [e.ground_truth for e in self._drift.values() if e.ground_truth is not None],
+            lambda: list(self._captures.values()),  # captured calls get their outcomes appended
         )
         self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []

@@ -14,6 +14,10 @@ A line holds (absent keys are ``include``'s choice; ``null`` is "not known"):
 - ``redacted``: the inputs redacted (proxy/observing/redact.py). The request bytes are the redacted ones, and a redacted
   input appears as ``{name, datatype, shape, "redacted": true}`` without data: no value of it is ever written.
 
+An outcome reported later for a captured call (``ReportOutcome``, ``POST /outcomes``) is appended as an *outcome
+record*: ``{"record": "outcome", "time", "route", "request_id", "values": [numbers], "labels": [text]}`` (``time``:
+Unix seconds it was reported; non-finite values as the strings above). Call records have no ``record`` key.
+
 Numbers and bytes are encoded in pieces (``CHUNK`` elements per ``json.dumps``, ``B64_CHUNK`` bytes per base64
 call) and never joined into one large string, so that the writer thread hands the GIL back to the event loop while
 it encodes a large tensor.
@@ -25,7 +29,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +41,15 @@ from mlmirror.protocol.codec import DATATYPES
 from mlmirror.protocol.kserve import Tensor, TensorError, request_inputs, response_outputs
 from mlmirror.protocol.wire import read_string_field
 
-__all__ = ["CHUNK", "captured_inputs", "encode_record"]
+__all__ = ["CHUNK", "OUTCOME", "captured_inputs", "encode_outcome", "encode_record"]
 
 #: Elements encoded per ``json.dumps`` call (about 2 ms of holding the GIL on a slow core).
 CHUNK = 2048
 #: Bytes per base64 call (a multiple of 3, so that the pieces concatenate into one base64 text).
 B64_CHUNK = 3 * 2**16
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+#: The ``record`` value of an outcome record.
+OUTCOME = "outcome"
 
 
 def encode_record(record: CallRecord, spec: Capture, redact: tuple[str, ...] = ()) -> bytes:
@@ -79,6 +85,16 @@ def encode_record(record: CallRecord, spec: Capture, redact: tuple[str, ...] = (
             parts += _tensors("outputs", lambda: response_outputs(response)[1], ())
     parts.append("}\n")
     return b"".join(part.encode() for part in parts)  # small pieces: no long hold of the GIL on a large record
+
+
+def encode_outcome(
+    route: str, request_id: str, values: Sequence[float], labels: Sequence[str], reported: float
+) -> bytes:
+    """An outcome record as one line of JSON (UTF-8, ending in a newline); ``reported`` is Unix seconds."""
+    numbers = [v if math.isfinite(v) else _NON_FINITE.get(v, "NaN") for v in map(float, values)]
+    record = {"record": OUTCOME, "time": reported, "route": route, "request_id": request_id,
+              "values": numbers, "labels": [str(label) for label in labels]}  # fmt: skip
+    return (json.dumps(record) + "\n").encode()
 
 
 def _base64(data: bytes) -> list[str]:
@@ -143,7 +159,7 @@ def captured_inputs(path: Path) -> list[tuple[str, np.ndarray]]:
     names: list[str] | None = None
     columns: dict[str, list[np.ndarray]] = {}
     for file, line, entry in _entries(files):
-        if not isinstance(entry.get("inputs"), list):
+        if entry.get("record") == OUTCOME or not isinstance(entry.get("inputs"), list):
             continue
         try:
             tensors = {t["name"]: _array(t) for t in entry["inputs"] if not t.get("redacted")}

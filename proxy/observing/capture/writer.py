@@ -12,22 +12,30 @@ Records are dropped and counted by reason, never raised:
 - ``write_error``: the disk refused (full, permissions); the next record tries a new file;
 - ``closed``: offered after a reload or stop closed the writer.
 
-Memory held: at most ``queue_size`` records (their request and response bytes). ``close()`` returns at once; the
-thread then writes what is queued, flushes, closes its file and ends. A writer replacing another on the same
-directory (a reload) waits for that one's thread first, so files are never written by two threads.
+Outcomes reported later (``offer_outcome``, from the feedback path, on the event loop) are appended as outcome
+records (see record.py) for the calls this writer captured: it remembers the ids of the last ``REMEMBERED_IDS``
+calls it queued, and forgets an id once its outcome is queued (a repeated outcome is not written twice). Outcomes
+go through the same queue and drop reasons as calls.
+
+Memory held: at most ``queue_size`` records (their request and response bytes), and ``REMEMBERED_IDS`` ids.
+``close()`` returns at once; the thread then writes what is queued, flushes, closes its file and ends. A writer
+replacing another on the same directory (a reload) waits for that one's thread first, so files are never written by
+two threads.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from mlmirror.config import Capture
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.observing.capture.record import encode_record
+from mlmirror.observing.capture.record import encode_outcome, encode_record
 from mlmirror.observing.capture.rotating import RotatingFiles, TooLargeError
 from mlmirror.protocol.kserve import TensorError
 from mlmirror.serving.sampling import sampled
@@ -41,15 +49,28 @@ log = logging.getLogger(__name__)
 POLL = 0.05  # seconds between the writer's looks at the queue
 DROP_REASONS = ("queue_full", "too_large", "unredactable", "write_error", "closed")
 FILE_PREFIX = "capture"
+#: Ids of captured calls remembered for their outcomes (about 160 bytes each: 16 MB per route at most).
+REMEMBERED_IDS = 100_000
+
+
+class OutcomeRecord(NamedTuple):
+    """An outcome waiting to be written: ``reported`` is Unix seconds."""
+
+    request_id: str
+    values: tuple[float, ...]
+    labels: tuple[str, ...]
+    reported: float
 
 
 class CaptureStats:
     """What a route's captures did; kept across reloads so that the exported counters never go back."""
 
-    __slots__ = ("bytes", "disk_bytes", "drops", "files", "files_deleted", "records")
+    __slots__ = ("bytes", "disk_bytes", "drops", "files", "files_deleted", "outcomes", "records")
 
     def __init__(self) -> None:
         self.records = 0
+        #: outcome records written
+        self.outcomes = 0
         self.bytes = 0
         self.files = 0
         self.files_deleted = 0
@@ -75,7 +96,9 @@ class CaptureWriter:
         self.redact = redact
         self.stats = stats if stats is not None else CaptureStats()
         self._after = tuple(after)
-        self._queue: deque[CallRecord] = deque()
+        self._queue: deque[CallRecord | OutcomeRecord] = deque()
+        #: ids of the calls queued, oldest first, waiting for their outcomes
+        self._ids: OrderedDict[str, None] = OrderedDict()
         self._closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,6 +116,23 @@ class CaptureWriter:
             self.stats.drops["queue_full"] += 1
         else:
             self._queue.append(record)
+            if record.request_id:
+                self._ids[record.request_id] = None
+                if len(self._ids) > REMEMBERED_IDS:
+                    self._ids.popitem(last=False)
+
+    def offer_outcome(self, request_id: str, values: Sequence[float], labels: Sequence[str]) -> bool:
+        """Constant time: queue an outcome record when this writer captured ``request_id`` (and has not written
+        its outcome yet); False when it did not."""
+        if self._ids.pop(request_id, False) is False:
+            return False
+        if self._closed:
+            self.stats.drops["closed"] += 1
+        elif len(self._queue) >= self.spec.queue_size:
+            self.stats.drops["queue_full"] += 1
+        else:
+            self._queue.append(OutcomeRecord(request_id, tuple(values), tuple(labels), time.time()))
+        return True
 
     @property
     def queued(self) -> int:
@@ -129,6 +169,7 @@ class CaptureWriter:
             "include": self.spec.include,
             "redacted": list(self.redact),
             "records": s.records,
+            "outcomes": s.outcomes,
             "bytes": s.bytes,
             "files": s.files,
             "files_deleted": s.files_deleted,
@@ -166,9 +207,13 @@ class CaptureWriter:
         s.bytes += files.bytes_written - written
         s.disk_bytes = files.disk_bytes
 
-    def _write(self, files: RotatingFiles, record: CallRecord) -> None:
+    def _write(self, files: RotatingFiles, record: CallRecord | OutcomeRecord) -> None:
+        outcome = isinstance(record, OutcomeRecord)
         try:
-            line = encode_record(record, self.spec, self.redact)
+            if isinstance(record, OutcomeRecord):
+                line = encode_outcome(self.route, *record)
+            else:
+                line = encode_record(record, self.spec, self.redact)
         except TensorError as exc:
             self._failed("unredactable", exc)
             return
@@ -183,7 +228,10 @@ class CaptureWriter:
         except OSError as exc:
             self._failed("write_error", exc)
             return
-        self.stats.records += 1
+        if outcome:
+            self.stats.outcomes += 1
+        else:
+            self.stats.records += 1
 
     def _failed(self, reason: str, exc: Exception) -> None:
         self.stats.drops[reason] = self.stats.drops.get(reason, 0) + 1
@@ -203,6 +251,9 @@ class CaptureCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         route = ["route"]
         records = CounterMetricFamily("mlmirror_capture_records", "Calls written to capture files.", labels=route)
+        outcomes = CounterMetricFamily(
+            "mlmirror_capture_outcomes", "Outcome records appended to capture files.", labels=route
+        )
         written = CounterMetricFamily("mlmirror_capture_bytes", "Bytes written to capture files.", labels=route)
         files = CounterMetricFamily("mlmirror_capture_files", "Capture files started.", labels=route)
         deleted = CounterMetricFamily(
@@ -219,6 +270,7 @@ class CaptureCollector(Collector):
         for writer in self._writers():
             s, name = writer.stats, [writer.route]
             records.add_metric(name, s.records)
+            outcomes.add_metric(name, s.outcomes)
             written.add_metric(name, s.bytes)
             files.add_metric(name, s.files)
             deleted.add_metric(name, s.files_deleted)
@@ -226,4 +278,4 @@ class CaptureCollector(Collector):
                 dropped.add_metric([writer.route, reason], n)
             queued.add_metric(name, writer.queued)
             disk.add_metric(name, s.disk_bytes)
-        yield from (records, written, files, deleted, dropped, queued, disk)
+        yield from (records, outcomes, written, files, deleted, dropped, queued, disk)

@@ -2,13 +2,15 @@
 ``POST /outcomes`` (admin HTTP, JSON). Each outcome goes to the route whose ground-truth store knows its request id.
 
 JSON body: ``{"outcomes": [{"request_id": "...", "labels": ["setosa"]}, {"request_id": "...", "values": [3.2]}]}``;
-the answer counts them by result, as ``ReportOutcomeResponse`` does.
+the answer counts them by result, as ``ReportOutcomeResponse`` does. Each outcome is also offered to the routes'
+captures, which append it to their files when they captured the call (see proxy/observing/capture/writer.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -20,21 +22,33 @@ __all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json"]
 Outcome = tuple[str, Sequence[float], Sequence[str]]
 
 
+class OutcomeSink(Protocol):
+    """Something that keeps outcomes besides the ground-truth stores (a route's capture)."""
+
+    def offer_outcome(self, request_id: str, values: Sequence[float], labels: Sequence[str]) -> bool: ...
+
+
 class FeedbackService:
     """Joins outcomes with predictions. ``stores()`` gives the current routes' ground-truth stores.
 
     The gRPC method takes raw bytes and parses them itself, so that a malformed request gets INVALID_ARGUMENT with
     the reason rather than gRPC's generic UNKNOWN."""
 
-    def __init__(self, stores: Callable[[], Iterable[GroundTruthStore]]) -> None:
+    def __init__(
+        self, stores: Callable[[], Iterable[GroundTruthStore]], sinks: Callable[[], Iterable[OutcomeSink]] = tuple
+    ) -> None:
         self._stores = stores
+        self._sinks = sinks
         #: outcomes no route knew (counted apart: they belong to no route)
         self.unknown = 0
 
     def report(self, outcomes: Iterable[Outcome]) -> dict[str, int]:
         counts = dict.fromkeys(OUTCOME_RESULTS, 0)
         stores = list(self._stores())
+        sinks = list(self._sinks())
         for request_id, values, labels in outcomes:
+            for sink in sinks:
+                sink.offer_outcome(request_id, values, labels)
             store = next((s for s in stores if s.knows(request_id)), None)
             if store is None:
                 self.unknown += 1

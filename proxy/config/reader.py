@@ -1,0 +1,154 @@
+"""Reading a configuration: YAML in, the schema's frozen dataclasses out, every check done with the file, line and
+key at fault (``file:line: key: reason``).
+
+``load_config(path)`` reads a file, ``parse_config(text, file)`` a string. Durations take a unit (``2s``,
+``150ms``), sizes may (``4MiB``). This module reads the top level and the upstreams; routes are read by
+``mlmirror.config.read_route``, their observers by ``mlmirror.config.read_observers``. docs/CONFIGURATION.md lists
+every key; ``examples/mlmirror.yaml`` shows them in use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+from mlmirror.config.keys import yaml_names
+from mlmirror.config.read_route import check_routes, read_route
+from mlmirror.config.schema import (
+    CALL_TYPES,
+    CircuitPolicy,
+    Config,
+    HealthCheck,
+    Keepalive,
+    TlsClient,
+    TlsServer,
+    Upstream,
+)
+from mlmirror.config.values import Reader, existing_file, is_scalar, read_section, schema_reader, shown
+from mlmirror.config.yamlsource import Located, parse_yaml
+from mlmirror.errors import ConfigError
+
+__all__ = ["load_config", "parse_config"]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML configuration file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=file) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=file) from None
+    return parse_config(text, file)
+
+
+def parse_config(text: str, file: str = "<string>") -> Config:
+    """Validate a YAML configuration given as text; ``file`` names it in errors (and relative paths in it are taken
+    from its directory; from the working directory for ``<string>``)."""
+    root = parse_yaml(text, file)
+    base = Path(file).parent if file != "<string>" else Path.cwd()
+    shed_lag = schema_reader(Config, "mirror_shed_lag")
+    readers: dict[str, Reader] = {  # the other keys are read as the schema declares them
+        "admin": _admin_address,
+        "admin_token_file": lambda n: _token_file(n, base),
+        "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else shed_lag(n),
+        "tls": lambda n: _tls_server(n, base),
+        "method_types": lambda n: MappingProxyType(_method_types(n)),
+        "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
+        "routes": lambda n: n,  # read below, once the upstreams are known
+    }
+    values, keys = read_section(root, Config, readers, required=("upstreams", "routes"))
+    upstreams = values["upstreams"]
+    routes = tuple(read_route(i, node, upstreams, base) for i, node in enumerate(keys["routes"].sequence()))
+    if not routes:
+        raise keys["routes"].error("at least one route is required")
+    check_routes(routes, keys["routes"])
+    return Config(source=file, **{**values, "routes": routes})
+
+
+def _token_file(node: Located, base: Path) -> str:
+    """A file holding the admin bearer token (read at start, stripped); it must exist and not be empty."""
+    path = existing_file(node, base)
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise node.error(f"cannot read the admin token file {shown(path)}: {exc}") from None
+    if not token:
+        raise node.error(f"the admin token file {shown(path)} is empty")
+    return path
+
+
+def _admin_address(node: Located) -> str | None:
+    """The admin address; ``off``, ``false`` or null disable the admin endpoint."""
+    if node.is_null() or node.scalar() in (False, "off"):
+        return None
+    return node.address()
+
+
+def _method_types(node: Located) -> dict[str, str]:
+    types = {}
+    for method, item in node.dictionary().items():
+        parts = method.split("/")
+        if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or "*" in method:
+            raise item.error("method_types keys must be full method names such as /pkg.Service/Method")
+        kind = item.string()
+        if kind not in CALL_TYPES:
+            raise item.error(f"unknown call type {kind!r} (one of {', '.join(CALL_TYPES)})")
+        types[method] = kind
+    return types
+
+
+def _upstreams(node: Located, base: Path) -> dict[str, Upstream]:
+    upstreams = {name: _upstream(name, item, base) for name, item in node.dictionary().items()}
+    if not upstreams:
+        raise node.error("at least one upstream is required")
+    return upstreams
+
+
+def _upstream(name: str, node: Located, base: Path) -> Upstream:
+    if is_scalar(node) and not node.is_null():
+        # Shorthand: `name: host:port`.
+        return Upstream(name=name, address=node.target())
+    readers: dict[str, Reader] = {
+        "keepalive": lambda n: Keepalive(**read_section(n, Keepalive)[0]),
+        "tls": lambda n: _tls_client(n, base),
+        "circuit": _circuit,
+        "health_check": _health_check,
+    }
+    values, _ = read_section(node, Upstream, readers, required=("address",))
+    return Upstream(name=name, **values)
+
+
+def _circuit(node: Located) -> CircuitPolicy:
+    values, keys = read_section(node, CircuitPolicy)
+    policy = CircuitPolicy(**values)
+    if policy.max_ejection < policy.ejection:
+        raise keys.get("max_ejection", node).error(
+            f"max_ejection ({policy.max_ejection:g}s) must be at least ejection ({policy.ejection:g}s)"
+        )
+    return policy
+
+
+def _health_check(node: Located) -> HealthCheck:
+    values, _ = read_section(node, HealthCheck, {"service": lambda n: "" if n.is_null() else str(n.scalar())})
+    return HealthCheck(**values)
+
+
+def _tls_client(node: Located, base: Path) -> TlsClient:
+    def file(n: Located) -> str:
+        return existing_file(n, base)
+
+    given = node.mapping(yaml_names(TlsClient))
+    if ("cert" in given) != ("key" in given):
+        raise node.error("cert and key go together (client certificate for mTLS)")
+    values, _ = read_section(node, TlsClient, {"ca": file, "cert": file, "key": file})
+    return TlsClient(**values)
+
+
+def _tls_server(node: Located, base: Path) -> TlsServer:
+    def file(n: Located) -> str:
+        return existing_file(n, base)
+
+    values, _ = read_section(node, TlsServer, {"cert": file, "key": file, "client_ca": file}, required=("cert", "key"))
+    return TlsServer(**values)
