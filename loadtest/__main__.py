@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .h2load import ProcessCPU
 
-        cpu = ProcessCPU(args.pid) if args.pid else None
+        cpu = ProcessCPU(args.pid, tree=True) if args.pid else None
         before = cpu.seconds() if cpu else 0.0
         try:
             result = run(args.config, progress=not args.quiet, use_ghz=not args.no_ghz)

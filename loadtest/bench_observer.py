@@ -1,6 +1,6 @@
 """Benchmark: what watching costs production, for a lone proxy and for the hub shape (workers + an observing hub).
 
-    python -m loadtest.bench_observer [--rounds 3] [--calls 8000] [--hub-workers 2] [--profile DIR]
+    python -m loadtest.bench_observer [--rounds 3] [--calls 8000] [--hub-workers 1] [--profile DIR]
 
 One route (``iris`` -> the demo ``production`` model server, KServe V2 tensors: ``--batch`` rows of 4 FP32
 features in, FP32 probabilities and INT64 labels out) behind mlmirror in five configurations:
@@ -8,9 +8,9 @@ features in, FP32 probabilities and INT64 labels out) behind mlmirror in five co
 - nothing watched; 1 shadow at 100% (the ``candidate`` model, compared); drift only (windows of 1000 calls);
   1 shadow + drift; 1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
 
-Each configuration runs in two shapes: a lone proxy (``mlmirror serve``), and ``serve --workers N`` (``--hub-workers``,
-default 2: ``--workers 1`` is a lone proxy in this version), where the workers relay and hand watched calls over the
-door to the hub, which makes the copies and runs the drift engine. The shadow model servers (candidate and hung) run
+Each configuration runs in two shapes: a lone proxy (``mlmirror serve --single-process``), and ``serve --workers N``
+(``--hub-workers``, default 1), where N serving workers relay and hand watched calls over the door to the observing
+process, which makes the copies and runs the drift engine. The shadow model servers (candidate and hung) run
 at ``nice -n 19``; production and h2load at normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
@@ -19,7 +19,7 @@ warm-up, ``--calls`` at the fixed load over 4 connections (production p99; CPU p
 the share of those calls the observers saw: drift engine calls counted, shadow copies answered OK), then
 ``--saturation-calls`` closed loop (throughput). Ratios are against nothing watched of the same shape, medians of
 per-round ratios (range). "serving CPU" is the processes that relay (the lone proxy; the workers), "tree CPU" every
-mlmirror process (with the supervisor/hub).
+mlmirror process (the lone proxy; the supervisor, the workers and the observing process).
 
 ``--profile DIR``: after the rounds, py-spy (pip install py-spy) records every mlmirror process of "1 shadow + drift"
 in each shape for one more fixed-load run; the hottest functions (own time) of each are printed, the raw stacks
@@ -149,12 +149,14 @@ def _fmt(values: list[float], spec: str, unit: str = "") -> str:
     return f"{statistics.median(values):{spec}}{unit} ({min(values):{spec}}-{max(values):{spec}})"
 
 
-def _shape_rows(shape: str, systems: list[System], observed: Observed, serving: list[str]) -> list[str]:
+def _shape_rows(
+    shape: str, systems: list[System], observed: Observed, serving: list[str], tree: list[str]
+) -> list[str]:
     def p99(system: System) -> list[float]:
         return [float(np.percentile(s, 99)) * 1e3 for s in system.latencies_s]
 
-    def cpu(system: System, labels: list[str] | None) -> list[float]:
-        chosen = [k for k in system.cpu_us if labels is None or k in labels]
+    def cpu(system: System, labels: list[str]) -> list[float]:
+        chosen = [k for k in system.cpu_us if k in labels]
         return [sum(values) for values in zip(*(system.cpu_us[k] for k in chosen), strict=True)]
 
     base = systems[0]
@@ -165,7 +167,7 @@ def _shape_rows(shape: str, systems: list[System], observed: Observed, serving: 
             "saturation": (system.saturated, base.saturated, ".0f"),
             "p99": (p99(system), p99(base), ".2f"),
             "serving": (cpu(system, serving), cpu(base, serving), ".0f"),
-            "tree": (cpu(system, None), cpu(base, None), ".0f"),
+            "tree": (cpu(system, tree), cpu(base, tree), ".0f"),
         }
         parts = [shape, name]
         met = []
@@ -188,7 +190,7 @@ def _shape_rows(shape: str, systems: list[System], observed: Observed, serving: 
 
 
 def run(args: argparse.Namespace, command: str) -> str:
-    shapes = {"lone proxy": [], f"--workers {args.hub_workers}": ["--workers", str(args.hub_workers)]}
+    shapes = {"lone proxy": ["--single-process"], f"--workers {args.hub_workers}": ["--workers", str(args.hub_workers)]}
     rows: list[str] = []
     notes: list[str] = []
     all_systems: list[System] = []
@@ -208,6 +210,7 @@ def run(args: argparse.Namespace, command: str) -> str:
             for port in backends.values():
                 wait_for_port(port)
             for shape, flags in shapes.items():
+                grouped = flags[0] == "--workers"
                 systems: list[System] = []
                 admins: dict[str, int] = {}
                 with contextlib.ExitStack() as stack:
@@ -218,11 +221,12 @@ def run(args: argparse.Namespace, command: str) -> str:
                         process = stack.enter_context(python_process("-m", "mlmirror", "serve", "--config",
                                                                      str(path), *flags))  # fmt: skip
                         wait_for_port(listen, 60)
-                        pids = _group_pids(admin, process.pid) if flags else {"proxy": process.pid}
+                        # measure() counts each pid with its descendants: the supervisor's "tree" is the whole group
+                        pids = {"tree": process.pid, **_group_pids(admin)} if grouped else {"proxy": process.pid}
                         system = System(f"{shape} | {name}", listen, pids)
                         admins[system.name] = admin
                         systems.append(system)
-                    serving = ["proxy"] if not flags else [k for k in systems[0].pids if k.startswith("worker")]
+                    serving = [k for k in systems[0].pids if k == "proxy" or k.startswith("worker")]
                     run_h2load(systems[0].port, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
                     unwatched = run_h2load(systems[0].port, MODEL_INFER, body, calls=args.saturation_calls,
                                            connections=4, streams=8).rate  # fmt: skip
@@ -232,11 +236,12 @@ def run(args: argparse.Namespace, command: str) -> str:
                     observed = Observed(admins, args.calls)
                     rounds(systems, body, Load(args.warmup, args.calls, rate, args.saturation_calls), args.rounds,
                            observed)  # fmt: skip
-                    rows += _shape_rows(shape, systems, observed, serving)
+                    rows += _shape_rows(shape, systems, observed, serving, ["tree" if grouped else "proxy"])
                     if args.profile is not None:
                         both = next(s for s in systems if s.name.endswith(BOTH))
                         seconds = args.calls / rate
-                        spies = _profile(both.pids, seconds, args.profile, shape.replace(" ", "_"))
+                        spied = {k: v for k, v in both.pids.items() if k != "tree"}  # the supervisor only serves admin
+                        spies = _profile(spied, seconds, args.profile, shape.replace(" ", "_"))
                         time.sleep(1.0)
                         run_h2load(both.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=rate)
                         for label, spy in spies.items():
@@ -271,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     add_load_arguments(parser, saturation_calls=10000)
     parser.set_defaults(batch=8)  # FP32 [8, 4] requests
     parser.add_argument("--load", type=float, default=0.5, help="fixed load, share of unwatched saturation")
-    parser.add_argument("--hub-workers", type=int, default=2, help="workers of the hub shape (default 2)")
+    parser.add_argument("--hub-workers", type=int, default=1, help="serving workers of the hub shape (default 1)")
     parser.add_argument("--profile", type=Path, help="py-spy the processes of '1 shadow + drift'; raw stacks here")
     args = parser.parse_args(argv)
-    if args.hub_workers < 2:
-        parser.error("--hub-workers must be >= 2 (serve --workers 1 is a lone proxy)")
+    if args.hub_workers < 1:
+        parser.error("--hub-workers must be >= 1")
     if not 0 < args.load <= 1:
         parser.error("--load must be in (0, 1]")
     command = "python -m loadtest.bench_observer " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -55,7 +55,7 @@ class System:
 
 def _measure(system: System, body: Path, args: argparse.Namespace) -> None:
     run_h2load(system.port, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
-    cpu = ProcessCPU(system.pid) if system.pid else None
+    cpu = ProcessCPU(system.pid, tree=True) if system.pid else None
     before = cpu.seconds() if cpu else 0.0
     fixed = run_h2load(system.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=args.rate)
     if cpu:

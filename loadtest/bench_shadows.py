@@ -138,7 +138,7 @@ def _config(path: Path, setup: Setup, backends: dict[str, int], hung_breaker: bo
 def _measure(setup: Setup, body: Path, args: argparse.Namespace, rate: float) -> None:
     if args.warmup:
         run_h2load(setup.port, MODEL_INFER, body, calls=args.warmup, connections=4, rate=rate)
-    cpu = ProcessCPU(setup.pid)
+    cpu = ProcessCPU(setup.pid, tree=True)
     before = cpu.seconds()
     fixed = run_h2load(setup.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=rate)
     setup.cpu_us.append((cpu.seconds() - before) / fixed.calls * 1e6)

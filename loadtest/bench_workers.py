@@ -1,18 +1,19 @@
-"""Benchmark: one mlmirror process against ``serve --workers 2``, without and with observers (one shadow + drift).
+"""Benchmark: ``serve --single-process`` against ``serve --workers 2``, without and with observers (shadow + drift).
 
     python -m loadtest.bench_workers [--rate 400] [--calls 8000] [--saturation-calls 12000] [--rounds 3]
 
 Four groups in front of the same demo ``production`` model server (and ``candidate`` shadow model server):
 
-- one process, plain relay; ``--workers 2``, plain relay;
+- one process (``--single-process``), plain relay; ``--workers 2``, plain relay;
 - one process with one shadow at 100% (compared) and the drift engine (windows of 1000 calls); ``--workers 2``
-  with the same routes, where the workers hand the calls to the hub, which makes the copies and runs the engine.
+  with the same routes, where the workers hand the calls to the observing process, which makes the copies and runs
+  the engine.
 
 Per round and group (rounds interleave the groups): warm-up, ``--calls`` at ``--rate`` calls/s over 8 connections
-(production latency, and CPU time per call of every process of the group: the lone process, or the supervisor/hub
-and each worker), then ``--saturation-calls`` as fast as answers come over 16 connections x 4 streams (throughput;
-16 connections so that the kernel's SO_REUSEPORT hash spreads them over both workers). Every process — h2load,
-model servers, proxies — shares this machine's cores, so throughput at saturation is bounded by the whole
+(production latency, and CPU time per call of every process of the group: the lone process, or the observing
+process and each worker), then ``--saturation-calls`` as fast as answers come over 16 connections x 4 streams
+(throughput; 16 connections so that the kernel's SO_REUSEPORT hash spreads them over both workers). Every process —
+h2load, model servers, proxies — shares this machine's cores, so throughput at saturation is bounded by the whole
 machine, not by mlmirror alone; the CPU per call is what says where the work went.
 """
 
@@ -54,15 +55,17 @@ routes:
 """)
 
 
-def _group_pids(admin: int, supervisor: int, within: float = 60.0) -> dict[str, int]:
-    """Label -> pid of every process of a ``--workers`` group, once its admin lists them all ready."""
+def _group_pids(admin: int, within: float = 60.0) -> dict[str, int]:
+    """Label -> pid of the serving workers and the observing process of a group, once its admin lists them ready
+    (the supervisor, which only serves the admin endpoint, is left out)."""
     deadline = time.monotonic() + within
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as response:
                 status = json.load(response)
             if status.get("ready"):
-                return {"hub": supervisor, **{f"worker {w['index']}": w["pid"] for w in status["workers"]}}
+                return {"observer": status["observer"]["pid"],
+                        **{f"worker {w['index']}": w["pid"] for w in status["workers"]}}  # fmt: skip
         except OSError:
             pass
         if time.monotonic() > deadline:
@@ -87,11 +90,12 @@ def run(args: argparse.Namespace, command: str) -> str:
                 listen, admin = ports[name]
                 config = folder / f"{len(systems)}.yaml"
                 _config(config, listen, admin, backends["production"], backends["candidate"], "shadow" in name)
-                workers = ["--workers", "2"] if name.startswith("--workers") else []
+                workers = ["--workers", "2"] if name.startswith("--workers") else ["--single-process"]
                 process = stack.enter_context(python_process("-m", "mlmirror", "serve", "--config", str(config),
                                                              *workers))  # fmt: skip
                 wait_for_port(listen, 60)
-                pids = _group_pids(admin, process.pid) if workers else {"mlmirror": process.pid}
+                grouped = workers[0] == "--workers"
+                pids = _group_pids(admin) if grouped else {"mlmirror": process.pid}
                 systems.append(System(name, listen, pids))
             load = Load(args.warmup, args.calls, args.rate, args.saturation_calls, connections=8,
                         saturation_connections=16, streams=4)  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LoadResult", "ProcessCPU", "grpc_frame", "run_h2load"]
+__all__ = ["LoadResult", "ProcessCPU", "descendants", "grpc_frame", "run_h2load"]
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -90,13 +90,39 @@ def run_h2load(
 
 
 class ProcessCPU:
-    """CPU time (user + system, all threads) a process has used, from ``/proc/<pid>/stat``, in seconds."""
+    """CPU time (user + system, all threads) a process has used, from ``/proc/<pid>/stat``, in seconds; with
+    ``tree``, that of its running descendants too (``mlmirror serve`` is a supervisor with children)."""
 
     _TICKS = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, pid: int) -> None:
-        self.path = Path(f"/proc/{pid}/stat")
+    def __init__(self, pid: int, *, tree: bool = False) -> None:
+        self.pid = pid
+        self.tree = tree
 
     def seconds(self) -> float:
-        fields = self.path.read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._TICKS
+        pids = descendants(self.pid) if self.tree else [self.pid]
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it exited in between
+            total += int(fields[11]) + int(fields[12])
+        return total / self._TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every running process below it (from the parent pids in ``/proc/*/stat``)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            child, parent = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(parent, []).append(child)
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        queue.extend(parents.get(current, ()))
+    return found

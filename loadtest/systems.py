@@ -77,7 +77,7 @@ def measure(system: System, body: Path, load: Load, around_fixed: Callable[[Syst
     run_h2load(system.port, MODEL_INFER, body, calls=load.warmup, connections=load.connections, streams=4)
     if around_fixed is not None:
         around_fixed(system, "before")
-    clocks = {label: ProcessCPU(pid) for label, pid in system.pids.items()}
+    clocks = {label: ProcessCPU(pid, tree=True) for label, pid in system.pids.items()}
     before = {label: clock.seconds() for label, clock in clocks.items()}
     fixed = run_h2load(system.port, MODEL_INFER, body, calls=load.calls, connections=load.connections, rate=load.rate)
     for label, clock in clocks.items():

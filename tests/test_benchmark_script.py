@@ -79,7 +79,7 @@ def test_bench_workers_compares_one_process_with_two_workers():
     assert list(table) == ["1 process", "--workers 2", "1 process, shadow + drift", "--workers 2, shadow + drift"]
     for name, row in table.items():
         assert row[3] == "200", (name, row)  # every fixed-rate call answered OK
-    assert "hub" in table["--workers 2, shadow + drift"][8]  # CPU per process of the group
+    assert "observer" in table["--workers 2, shadow + drift"][8]  # CPU per process of the group
     assert "worker 1" in table["--workers 2"][8]
     scaling = [row for row in rows if "→" in row[0]]
     assert len(scaling) == 2

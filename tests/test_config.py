@@ -485,12 +485,14 @@ def test_a_path_the_system_refuses_is_a_located_error(path: str, reason: str, te
 
 
 def test_the_package_exports_the_same_names_as_before_the_schema_split():
+    """The names exported before the split (plus ``Observer``, the observing process's section, added since)."""
     import mlmirror.config as config
 
     assert sorted(config.__all__) == sorted(
         ["CALL_TYPES", "CAPTURE_INCLUDE", "CLASSIFICATION_MODES", "DEFAULT_FALLBACK_CODES", "DEMOTE_TO",
          "DRIFT_METHODS", "MODEL_INFER", "MODES", "Attribution", "Capture", "CircuitPolicy", "Compare", "Config",
-         "Drift", "DriftFeature", "GroundTruth", "HealthCheck", "Keepalive", "Multivariate", "Promotion", "Route",
+         "Drift", "DriftFeature", "GroundTruth", "HealthCheck", "Keepalive", "Multivariate", "Observer", "Promotion",
+         "Route",
          "RouteMatch", "Shadow", "StaticResponse", "StaticTensor", "TlsClient", "TlsServer", "Upstream",
          "load_config", "parse_config"]
     )  # fmt: skip

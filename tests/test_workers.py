@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -115,9 +114,10 @@ async def polled(fetch: Callable[[], dict], done: Callable[[dict], bool], what: 
         await asyncio.sleep(0.2)
 
 
-def socket_folders() -> set[Path]:
-    """The hand-off folders of running groups (the supervisor makes one in the temporary directory)."""
-    return {p for p in Path(tempfile.gettempdir()).glob("mlmirror-*") if (p / "handoff.sock").exists()}
+def socket_folder(pid: int) -> Path:
+    """The hand-off folder of the group a child process belongs to (from its ``--folder`` argument)."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return Path(args[args.index("--folder") + 1])
 
 
 def pids_alive(pids: list[int]) -> list[int]:
@@ -218,15 +218,15 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
     async with model_server("production") as production, model_server("candidate") as candidate:
         config, listen, admin = group_config(tmp_path, production, candidate)
         async with process_group(config, admin, tmp_path / "group.log") as group:
-            body = await admin_get(admin, "/status")
-            pids = [w["pid"] for w in json.loads(body)["workers"]]
-            assert len(pids_alive(pids)) == 2
-            folders = await asyncio.to_thread(socket_folders)
+            state = json.loads(await admin_get(admin, "/status"))
+            pids = [state["observer"]["pid"], *(w["pid"] for w in state["workers"])]
+            assert len(pids_alive(pids)) == 3
+            folder = socket_folder(state["observer"]["pid"])
+            assert (folder / "handoff.sock").exists()  # the group's socket folder exists ...
             group.kill()  # no chance to stop them
             await asyncio.to_thread(group.wait)
-            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned workers to stop")
-            assert folders  # the group's socket folder existed ...
-            assert not await asyncio.to_thread(lambda: any(p.exists() for p in folders))  # ... the workers removed it
+            await wait_until(lambda: not pids_alive(pids), within=30, what="orphaned children to stop")
+            assert not folder.exists()  # ... and the orphaned children removed it
 
 
 async def test_a_second_stop_signal_kills_the_workers_and_exits_at_once(tmp_path):

@@ -17,7 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-__all__ = ["SUMMED_GAUGES", "merge_expositions"]
+__all__ = ["SHARED_COUNTERS", "SUMMED_GAUGES", "merge_expositions"]
+
+#: Counters of events every process of the group sees at once (a reload reaches each of them): the group's value is
+#: the largest, not the sum.
+SHARED_COUNTERS = frozenset({"mlmirror_config_reloads"})
 
 #: Gauges whose sum over processes is the group's value.
 SUMMED_GAUGES = frozenset(
@@ -57,7 +61,7 @@ def merge_expositions(hub: str, workers: Mapping[str, str]) -> bytes:
             totals = sums[family.name]
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                if family.type == "info":  # the same facts in every process
+                if family.type == "info" or family.name in SHARED_COUNTERS:  # the same in every process
                     totals[key] = max(totals.get(key, 0.0), sample.value)
                 else:
                     totals[key] = totals.get(key, 0.0) + sample.value

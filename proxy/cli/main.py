@@ -82,8 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", required=True, help="YAML configuration file")
     serve.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     serve.add_argument("--workers", type=_positive, default=1, metavar="N",
-                       help="worker processes sharing the port, plus one hub for shadows and drift (default 1: "
-                       "one process does everything)")  # fmt: skip
+                       help="serving worker processes sharing the port (default 1); one observing process beside "
+                       "them makes the shadow copies and measures drift")  # fmt: skip
+    serve.add_argument(
+        "--single-process",
+        action="store_true",
+        help="one process serves and observes (for debugging; watching then costs serving CPU)",
+    )
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
@@ -186,8 +191,8 @@ def _serve(args: argparse.Namespace) -> int:
     from mlmirror.eventloop import run
     from mlmirror.runtime.proxy import Proxy
 
-    if args.workers > 1:
-        from mlmirror.runtime.workers import Supervisor
+    if not args.single_process:
+        from mlmirror.runtime.supervisor import Supervisor
 
         async def supervise() -> None:
             supervisor = Supervisor(args.config, args.workers, use_uvloop=not args.no_uvloop,

@@ -20,6 +20,7 @@ from mlmirror.config.schema import (
     Config,
     HealthCheck,
     Keepalive,
+    Observer,
     TlsClient,
     TlsServer,
     Upstream,
@@ -54,6 +55,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         "admin_token_file": lambda n: _token_file(n, base),
         "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else shed_lag(n),
         "tls": lambda n: _tls_server(n, base),
+        "observer": lambda n: Observer(**read_section(n, Observer)[0]),
         "method_types": lambda n: MappingProxyType(_method_types(n)),
         "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
         "routes": lambda n: n,  # read below, once the upstreams are known

@@ -31,6 +31,7 @@ __all__ = [
     "Config",
     "HealthCheck",
     "Keepalive",
+    "Observer",
     "Promotion",
     "Route",
     "RouteMatch",
@@ -72,6 +73,16 @@ class TlsServer:
     cert: str = setting(doc="the listener's certificate (PEM)", kind="file")
     key: str = setting(doc="its private key (PEM)", kind="file")
     client_ca: str | None = setting(None, "require client certificates signed by this CA (mTLS)", kind="file")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observer:
+    """The observing process of ``mlmirror serve``: shadows, drift, ground truth and capture, apart from serving."""
+
+    nice: int = setting(
+        10, "how much lower its CPU priority is than the serving workers' (`nice`): serving first", minimum=0,
+        maximum=19,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,6 +330,7 @@ class Config:
         minimum=0,
     )  # fmt: skip
     shutdown_grace: float = setting(15.0, "how long in-flight calls may take to finish after SIGTERM", kind="duration")
+    observer: Observer = setting(factory=Observer, doc="the observing process (`mlmirror serve`)")
     mirror_shed_lag: float | None = setting(
         0.05, "when the event loop wakes up later than this, shadow copies are dropped (`shed`) until it recovers; "
         "`off` disables", kind="duration", minimum=0.001,

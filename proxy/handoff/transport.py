@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,8 +86,19 @@ class HandoffSender:
         return RouteDoor(self, handoff_percent(route))
 
     async def connect(self) -> None:
-        """Open the socket to the hub (raises OSError when no hub listens there)."""
-        self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+        """Open the socket to the hub (raises OSError when no hub listens there, or its backlog is full).
+
+        The connect itself is made here, not by the event loop: a Unix-socket connect either completes at once or
+        fails at once (EAGAIN when the listener's backlog is full), so there is nothing to wait for, and an event
+        loop's own connect path must not be left waiting on a listener that is not there."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=sock)
 
     def hello(self, **facts: object) -> None:
         """Tell the hub who this worker is (index, pid, admin port ...): JSON values."""
@@ -98,6 +110,35 @@ class HandoffSender:
         assert self._reader is not None
         while await self._reader.read(4096):
             pass
+
+    async def keep_connected(self, hello: dict[str, object], retry: tuple[float, float] = (0.05, 1.0)) -> None:
+        """Stay connected to the hub for ever (until cancelled): when it goes away (the observing process is
+        restarted), connect again every ``retry[0]`` seconds, doubling to ``retry[1]``, and say ``hello`` on each
+        connection. Calls offered meanwhile are counted ``disconnected``."""
+        delay = retry[0]
+        while True:
+            if self._writer is None or self._writer.is_closing():
+                try:
+                    await self.connect()
+                except OSError as exc:
+                    log.debug("hand-off: cannot connect to %s yet: %r", self.path, exc)
+                    self._writer = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, retry[1])
+                    continue
+                delay = retry[0]
+                log.info("hand-off: connected to the observing process")
+            self.hello(**hello)
+            try:
+                await self.hub_gone()
+            except OSError:
+                pass
+            except Exception:
+                log.exception("hand-off: reading from the observing process failed")
+            log.warning("hand-off: the observing process went away; connecting again")
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.close()
 
     def offer(self, record: CallRecord) -> None:
         batch = self._batch

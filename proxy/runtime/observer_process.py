@@ -1,0 +1,148 @@
+"""The observing process of ``mlmirror serve``: shadows, drift, ground truth and capture, apart from serving.
+
+Started by the supervisor (proxy/runtime/supervisor.py), it runs at a lower CPU priority (``observer.nice``) a
+``Proxy`` in the hub role (proxy/runtime/role.py): the serving workers hand it their answered calls over a Unix socket
+(proxy/handoff/transport.py) and relay Feedback calls to its listener (a Unix socket too); it makes the shadow copies,
+compares them, measures drift and joins ground truth. Its admin endpoint is internal (loopback, any free port), for
+the supervisor, which merges it with the workers'. It stops on SIGTERM (the supervisor stops it after the workers
+have drained) or when the supervisor goes away (its lifeline closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from mlmirror.config import Config, load_config
+from mlmirror.errors import ConfigError, StartError
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.handoff.transport import HandoffReceiver
+from mlmirror.metrics import Metrics
+from mlmirror.runtime.children import announce, lifeline_closed
+from mlmirror.runtime.proxy import Proxy
+from mlmirror.runtime.role import Role
+from mlmirror.serving.table import RouteRuntime, RouteTable
+from prometheus_client import Counter
+
+__all__ = ["FEEDBACK_SOCKET", "HANDOFF_SOCKET", "main", "run_observer"]
+
+log = logging.getLogger(__name__)
+
+HANDOFF_SOCKET = "handoff.sock"
+FEEDBACK_SOCKET = "feedback.sock"
+
+
+class Deliveries:
+    """Hands each received call to its route's observers in the hub's current route table (never raises: the tap
+    counts observer errors). Calls of a route the hub no longer has are counted ``unrouted``."""
+
+    def __init__(self, hub_table: object, unrouted: Counter) -> None:
+        self._hub = hub_table
+        self._unrouted = unrouted
+        self._cached: tuple[RouteTable | None, dict[str, RouteRuntime]] = (None, {})
+
+    def __call__(self, record: CallRecord) -> None:
+        table = self._hub.table  # type: ignore[attr-defined]
+        cached, routes = self._cached
+        if cached is not table:
+            routes = {route.name: route for route in table.routes} if table is not None else {}
+            self._cached = (table, routes)
+        route = routes.get(record.route)
+        if route is not None and route.tap:
+            route.tap.offer(record)
+        else:
+            self._unrouted.inc()
+
+
+def _lower_priority(config: Config) -> None:
+    """Serving first: raise this process's niceness by ``observer.nice`` (a no-op at 0)."""
+    if config.observer.nice:
+        try:
+            os.nice(config.observer.nice)
+        except OSError as exc:
+            log.warning("observer: cannot lower its CPU priority by %d: %s", config.observer.nice, exc)
+
+
+async def run_observer(config_path: str, folder: Path, hello_fd: int, lifeline_fd: int) -> None:
+    """Serve as the observing process until SIGTERM or until the supervisor goes away."""
+    config = load_config(config_path)
+    _lower_priority(config)
+    metrics = Metrics()
+    received = Counter(
+        "mlmirror_handoff_received", "Answered calls the observing process received from each worker.", ["worker"],
+        registry=metrics.registry,
+    )  # fmt: skip
+    unrouted = Counter(
+        "mlmirror_handoff_unrouted",
+        "Received calls whose route the observing process does not have (a reload in between).",
+        registry=metrics.registry,
+    )
+    hub = Proxy(
+        config,
+        metrics=metrics,
+        role=Role("hub", listen=f"unix:{folder / FEEDBACK_SOCKET}", admin="127.0.0.1:0"),
+    )
+    await hub.start()
+    socket = folder / HANDOFF_SOCKET
+    with contextlib.suppress(FileNotFoundError):
+        socket.unlink()  # a previous observer's, if it was killed
+    malformed = Counter(
+        "mlmirror_handoff_malformed", "Damaged hand-off frames the observing process read, by worker.", ["worker"],
+        registry=metrics.registry,
+    )  # fmt: skip
+    receiver = HandoffReceiver(socket, Deliveries(hub, unrouted), lambda hello: None, received, malformed)
+    try:
+        await receiver.start()
+    except OSError as exc:
+        await hub.stop(grace=0)
+        raise StartError(f"cannot listen for the hand-off on {socket}: {exc}") from None
+    announce(hello_fd, pid=os.getpid(), admin_port=hub.admin_port)
+
+    orphaned = asyncio.Event()
+
+    async def stop_when_the_supervisor_goes() -> None:
+        await lifeline_closed(lifeline_fd)
+        log.error("observer: the supervisor went away; stopping")
+        orphaned.set()
+        await hub.stop(grace=0)
+
+    watcher = asyncio.get_running_loop().create_task(stop_when_the_supervisor_goes())
+    try:
+        await hub.run_until_signalled()
+    finally:
+        watcher.cancel()
+        await receiver.close()
+        if orphaned.is_set():
+            shutil.rmtree(folder, ignore_errors=True)  # nobody else is left to remove the sockets
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the observing process (started by the supervisor, not by hand)."""
+    from mlmirror.eventloop import run
+
+    parser = argparse.ArgumentParser(prog="python -m mlmirror.runtime.observer_process",
+                                     description="mlmirror's observing process")  # fmt: skip
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--folder", type=Path, required=True, help="the supervisor's socket folder")
+    parser.add_argument("--hello-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s observer %(levelname)s %(name)s: %(message)s")
+    try:
+        run(run_observer(args.config, args.folder, args.hello_fd, args.lifeline_fd), use_uvloop=not args.no_uvloop)
+    except (StartError, ConfigError, OSError) as exc:
+        log.error("observer cannot start: %s", exc)
+        announce(args.hello_fd, error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""The observing process of ``mlmirror serve`` (the default shape: a supervisor, one serving worker, one observer),
+as real processes: calls never fail while the observer is killed, hung or restarted; every handed-off call is
+accounted for; SIGTERM drains serving before observing; reloads and promotions reach both sides and survive a
+restart of either."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import grpc
+import numpy as np
+import pytest
+from mlmirror.demo.models import sample_features
+from mlmirror.demo.traffic import infer_request
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.ports import free_port
+from tests.support import ECHO, EchoServer, http_get, model_server, wait_until
+from tests.test_workers import MODEL_INFER, admin_get, group_config, pids_alive, polled, process_group, send
+
+pytestmark = pytest.mark.slow
+
+
+def status_of(admin: int) -> dict:
+    code, body = http_get(f"http://127.0.0.1:{admin}/status")
+    assert code == 200, body
+    return json.loads(body)
+
+
+def samples_of(text: str) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
+def handoff_counts(text: str) -> tuple[float, float, float]:
+    """(sent by the workers, dropped by the workers for any reason, received by the observer) in a /metrics text."""
+    samples = samples_of(text)
+    sent = sum(v for (name, _), v in samples.items() if name == "mlmirror_handoff_sent_total")
+    dropped = sum(v for (name, _), v in samples.items() if name == "mlmirror_handoff_dropped_total")
+    received = sum(v for (name, _), v in samples.items() if name == "mlmirror_handoff_received_total")
+    return sent, dropped, received
+
+
+async def served_by(listen: int, rng: np.random.Generator, calls: int = 6) -> set[str]:
+    served = set()
+    for _ in range(calls):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}",
+                                             options=[("grpc.use_local_subchannel_pool", 1)]) as channel:  # fmt: skip
+            call = channel.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=10)
+            await call
+            served.add(dict(await call.trailing_metadata())["x-mlmirror-served-by"])
+    return served
+
+
+async def watched_again(listen: int, admin: int, rng: np.random.Generator, within: float = 60.0) -> dict:
+    """Send calls until the observer's shadow window has some (the worker reconnects after a restart)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        await send(listen, 20, rng, "again", channels=2)
+        state = await asyncio.to_thread(status_of, admin)
+        if state["observer"]["up"] and state["routes"][0]["shadows"][0]["window"]["calls"] > 0:
+            return state
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the observer saw no call within {within}s: {state}")
+        await asyncio.sleep(0.2)
+
+
+async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(tmp_path):
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = group_config(tmp_path, production, candidate)
+        async with process_group(config, admin, tmp_path / "group.log", workers=1):
+            rng = np.random.default_rng(7)
+            state = await asyncio.to_thread(status_of, admin)
+            assert state["observer"]["up"]
+            assert state["observer"]["nice"] == 10
+            first = state["observer"]["pid"]
+            assert os.getpriority(os.PRIO_PROCESS, first) >= 10  # it runs below the serving worker
+            assert os.getpriority(os.PRIO_PROCESS, state["workers"][0]["pid"]) < 10
+            await send(listen, 100, rng, "before")
+
+            stop = asyncio.Event()
+            sent = 0
+
+            async def steady() -> None:  # calls all along; send() raises if a single one fails
+                nonlocal sent
+                while not stop.is_set():
+                    await send(listen, 20, rng, f"steady-{sent}", channels=4)
+                    sent += 20
+
+            load = asyncio.ensure_future(steady())
+            os.kill(first, signal.SIGKILL)
+            back = await polled(
+                lambda: status_of(admin),
+                lambda s: s["observer"]["restarts"] == 1 and s["observer"]["up"],
+                "the observer back",
+            )
+            second = back["observer"]["pid"]
+            assert second != first
+            os.kill(second, signal.SIGSTOP)  # hung: the worker's hand-off fills, serving goes on
+            try:
+                await send(listen, 200, rng, "while-hung")
+                code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/readyz")
+                assert code == 200, body  # serving needs no observer
+            finally:
+                os.kill(second, signal.SIGCONT)
+            stop.set()
+            await load  # no call failed
+            assert sent > 0
+            # The restarted observer watches again: once the worker's hand-off has reconnected (within a second or
+            # so), the shadow sees the calls.
+            final = await watched_again(listen, admin, rng)
+            assert final["observer"]["restarts"] == 1
+            assert "drift windows" in final["observer"]["lost_on_restart"]
+
+
+async def test_every_handed_off_call_is_accounted_for_when_the_observer_hangs(tmp_path):
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = group_config(tmp_path, production, candidate)
+        async with process_group(config, admin, tmp_path / "group.log", workers=1):
+            rng = np.random.default_rng(11)
+            observer = (await asyncio.to_thread(status_of, admin))["observer"]["pid"]
+            os.kill(observer, signal.SIGSTOP)
+            try:
+                await send(listen, 300, rng, "hung")
+                # While it hangs, the worker has handed each call over or dropped it, by reason: nothing vanishes.
+                sent, dropped, _ = handoff_counts(await admin_get(admin, "/metrics"))
+                assert sent + dropped == 300
+            finally:
+                os.kill(observer, signal.SIGCONT)
+            await send(listen, 100, rng, "resumed")
+
+            def settled() -> dict:
+                sent, dropped, received = handoff_counts(http_get(f"http://127.0.0.1:{admin}/metrics")[1])
+                return {"sent": sent, "dropped": dropped, "received": received}
+
+            counts = await polled(settled, lambda c: c["received"] == c["sent"], "the observer to catch up")
+            assert counts["sent"] + counts["dropped"] == 400  # observed + dropped by reason; none pending now
+
+
+async def test_sigterm_drains_serving_first_then_observing(tmp_path):
+    async with EchoServer("slow") as echo:
+        echo.sleep = 2.0
+        listen, admin = free_port(), free_port()
+        config = tmp_path / "mlmirror.yaml"
+        config.write_text(f"""
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+shutdown_grace: 20s
+method_types: {{{ECHO}Unary: unary_unary}}
+upstreams: {{echo: {echo.address}, shadow: {echo.address}}}
+routes: [{{match: {{}}, primary: echo, shadows: [{{upstream: shadow}}]}}]
+""")
+        log = tmp_path / "group.log"
+        async with process_group(config, admin, log, workers=1) as group:
+            state = await asyncio.to_thread(status_of, admin)
+            pids = [state["observer"]["pid"], state["workers"][0]["pid"]]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
+                call = channel.unary_unary(ECHO + "Unary")(b"x", timeout=30)
+                await wait_until(lambda: len(echo.received) >= 1, what="the call to be in flight")
+                group.send_signal(signal.SIGTERM)
+                assert await call == b"slow:x"  # the accepted call finished
+            assert await asyncio.to_thread(group.wait, 60) == 0
+        assert pids_alive(pids) == []
+        lines = log.read_text().splitlines()
+        worker_stopped = next(i for i, line in enumerate(lines) if "worker 0 " in line and line.endswith(": stopped"))
+        observer_stopped = next(i for i, line in enumerate(lines) if "observer " in line and line.endswith(": stopped"))
+        assert worker_stopped < observer_stopped
+
+
+async def test_a_promotion_reaches_both_sides_and_survives_restarts(tmp_path):
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = group_config(tmp_path, production, candidate)
+        async with process_group(config, admin, tmp_path / "group.log", workers=1):
+            rng = np.random.default_rng(5)
+            base = f"http://127.0.0.1:{admin}"
+            code, body = await asyncio.to_thread(http_get, f"{base}/promote?route=iris&shadow=candidate&force=1",
+                                                 "POST")  # fmt: skip
+            assert code == 200, body
+            assert await served_by(listen, rng) == {"candidate"}
+            state = await asyncio.to_thread(status_of, admin)
+            assert state["routes"][0]["primary"] == "candidate"  # the observer's table
+
+            os.kill(state["observer"]["pid"], signal.SIGKILL)
+
+            def promoted_observer_back(s: dict) -> bool:
+                return (
+                    s["observer"]["restarts"] == 1 and s["observer"]["up"] and s["routes"][0]["primary"] == "candidate"
+                )
+
+            back = await polled(lambda: status_of(admin), promoted_observer_back, "the observer back, promoted")
+            os.kill(back["workers"][0]["pid"], signal.SIGKILL)
+            await polled(lambda: status_of(admin), lambda s: s["workers"][0]["restarts"] == 1 and s["ready"],
+                         "the worker back")  # fmt: skip
+            assert await served_by(listen, rng) == {"candidate"}  # the restarted worker serves the promoted primary
+
+            # A reload from the file reaches both sides and ends the promotion everywhere.
+            code, body = await asyncio.to_thread(http_get, f"{base}/reload", "POST")
+            assert code == 200, body
+            assert "observer: 200" in body
+            assert "worker 0: 200" in body
+            assert await served_by(listen, rng) == {"production"}
+            state = await asyncio.to_thread(status_of, admin)
+            assert state["routes"][0]["primary"] == "production"
+
+
+async def test_the_supervisor_takes_the_reloaded_shutdown_grace(tmp_path):
+    async with EchoServer("slow") as echo:
+        echo.sleep = 9.0  # longer than the first grace (1 s, plus the supervisor's 5 s), within the reloaded one
+        listen, admin = free_port(), free_port()
+        config = tmp_path / "mlmirror.yaml"
+        text = f"""
+listen: 127.0.0.1:{listen}
+admin: 127.0.0.1:{admin}
+shutdown_grace: GRACE
+method_types: {{{ECHO}Unary: unary_unary}}
+upstreams: {{echo: {echo.address}}}
+routes: [{{match: {{}}, primary: echo}}]
+"""
+        config.write_text(text.replace("GRACE", "1s"))
+        async with process_group(config, admin, tmp_path / "group.log", workers=1) as group:
+            config.write_text(text.replace("GRACE", "60s"))
+            code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/reload", "POST")
+            assert code == 200, body
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:
+                call = channel.unary_unary(ECHO + "Unary")(b"x", timeout=60)
+                await wait_until(lambda: len(echo.received) >= 1, what="the call to be in flight")
+                group.send_signal(signal.SIGTERM)
+                assert await call == b"slow:x"  # not killed after the old grace
+            assert await asyncio.to_thread(group.wait, 90) == 0
