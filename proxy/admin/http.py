@@ -97,10 +97,16 @@ def json_number(value: float) -> float | None:
 class AdminServer:
     """Serves ``routes``: (HTTP method, path) → async handler."""
 
-    def __init__(self, address: str, routes: Mapping[tuple[str, str], Handler], *, token: str | None = None) -> None:
+    def __init__(
+        self, address: str, routes: Mapping[tuple[str, str], Handler], *, token: str | None = None,
+        self_checked: frozenset[str] = frozenset(),
+    ) -> None:  # fmt: skip
+        """``token``: the admin bearer token every path but ``OPEN_PATHS`` and ``self_checked`` needs; the handlers
+        of ``self_checked`` paths check credentials themselves (``/outcomes`` also takes the feedback token)."""
         self.address = address
         self._routes = dict(routes)
         self._token = token
+        self._unchecked = OPEN_PATHS | self_checked
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -135,7 +141,7 @@ class AdminServer:
             writer.close()
 
     async def _dispatch(self, request: Request) -> Response:
-        if self._token is not None and request.path not in OPEN_PATHS and not self._authorized(request):
+        if self._token is not None and request.path not in self._unchecked and not self._authorized(request):
             return Response(
                 401, b"unauthorized: send Authorization: Bearer <admin token>\n", "text/plain; charset=utf-8",
                 (("WWW-Authenticate", 'Bearer realm="mlmirror"'),),

@@ -6,12 +6,14 @@ capture and redaction are read by ``mlmirror.config.read_observers``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from mlmirror.config.keys import yaml_names
 from mlmirror.config.read_observers import read_capture, read_drift, read_redact
 from mlmirror.config.schema import (
+    CREDENTIAL_METADATA,
     DEFAULT_FALLBACK_CODES,
     Compare,
     Promotion,
@@ -27,6 +29,8 @@ from mlmirror.config.yamlsource import Located
 from mlmirror.protocol.codec import DATATYPES, to_numpy
 
 __all__ = ["check_routes", "read_route"]
+
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 
 
 def read_route(index: int, node: Located, upstreams: Mapping[str, Upstream], base: Path) -> Route:
@@ -88,8 +92,10 @@ def _default_route_name(index: int, match: RouteMatch) -> str:
 def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tuple[Shadow, ...]:
     shadows: list[Shadow] = []
     for item in node.sequence():
-        values, keys = read_section(item, Shadow, {"upstream": known}, required=("upstream",))
+        readers = {"upstream": known, "strip_metadata": _metadata_keys, "forward_metadata": _metadata_keys}
+        values, keys = read_section(item, Shadow, readers, required=("upstream",))
         shadow = Shadow(**{"name": values["upstream"], **values})
+        _check_forwarded(shadow, keys)
         if shadow.upstream == primary:
             raise keys["upstream"].error(f"upstream {primary!r} is this route's primary; a shadow must be another")
         if any(other.name == shadow.name for other in shadows):
@@ -98,6 +104,31 @@ def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tu
             raise keys["control"].error("a route has at most one control shadow")
         shadows.append(shadow)
     return tuple(shadows)
+
+
+def _metadata_keys(node: Located) -> tuple[str, ...]:
+    """A list of request metadata keys (header names), lower-cased as gRPC sends them."""
+    keys: list[str] = []
+    for item in node.sequence():
+        key = item.string().lower()
+        if not _METADATA_KEY.fullmatch(key):
+            raise item.error(f"bad metadata key {key!r}: a header name of letters, digits, '-', '_' and '.'")
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
+
+
+def _check_forwarded(shadow: Shadow, keys: Mapping[str, Located]) -> None:
+    """``forward_metadata`` only allows back what would be dropped, and contradicts no ``strip_metadata`` entry."""
+    for i, key in enumerate(shadow.forward_metadata):
+        item = keys["forward_metadata"].sequence()[i]
+        if key in shadow.strip_metadata:
+            raise item.error(f"{key!r} is also in strip_metadata: a copy cannot both drop and carry it")
+        if key not in CREDENTIAL_METADATA:
+            raise item.error(
+                f"{key!r} is not dropped, so there is nothing to allow back: copies carry every header but "
+                f"{', '.join(CREDENTIAL_METADATA)} and strip_metadata's"
+            )
 
 
 def _compare(node: Located) -> Compare:

@@ -12,12 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
+from mlmirror.config.addresses import is_loopback
 from mlmirror.config.keys import yaml_names
 from mlmirror.config.read_route import check_routes, read_route
 from mlmirror.config.schema import (
     CALL_TYPES,
+    OBSERVER_LISTEN,
     CircuitPolicy,
     Config,
+    Feedback,
     HealthCheck,
     Keepalive,
     Observer,
@@ -52,7 +55,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     shed_lag = schema_reader(Config, "mirror_shed_lag")
     readers: dict[str, Reader] = {  # the other keys are read as the schema declares them
         "admin": _admin_address,
-        "admin_token_file": lambda n: _token_file(n, base),
+        "admin_token_file": lambda n: _token_file(n, base, "admin token file"),
+        "feedback": lambda n: _feedback(n, base),
         "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else shed_lag(n),
         "tls": lambda n: _tls_server(n, base),
         "observer": lambda n: Observer(**read_section(n, Observer)[0]),
@@ -61,6 +65,9 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         "routes": lambda n: n,  # read below, once the upstreams are known
     }
     values, keys = read_section(root, Config, readers, required=("upstreams", "routes"))
+    if values.get("mode") == "observer" and "listen" not in keys:
+        values["listen"] = OBSERVER_LISTEN  # Envoy runs beside it; a networked Envoy needs listen and mTLS
+    _check_feedback(values, keys)
     upstreams = values["upstreams"]
     routes = tuple(read_route(i, node, upstreams, base) for i, node in enumerate(keys["routes"].sequence()))
     if not routes:
@@ -69,16 +76,44 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     return Config(source=file, **{**values, "routes": routes})
 
 
-def _token_file(node: Located, base: Path) -> str:
-    """A file holding the admin bearer token (read at start, stripped); it must exist and not be empty."""
+def _token_file(node: Located, base: Path, what: str) -> str:
+    """A file holding a bearer token (read at start, stripped); it must exist and not be empty."""
     path = existing_file(node, base)
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise node.error(f"cannot read the admin token file {shown(path)}: {exc}") from None
+        raise node.error(f"cannot read the {what} {shown(path)}: {exc}") from None
     if not token:
-        raise node.error(f"the admin token file {shown(path)} is empty")
+        raise node.error(f"the {what} {shown(path)} is empty")
     return path
+
+
+def _feedback(node: Located, base: Path) -> Feedback:
+    def clients(n: Located) -> tuple[str, ...]:
+        names = tuple(item.string() for item in n.sequence())
+        if any(not name.strip() for name in names):
+            raise n.error("a client certificate name cannot be empty")
+        return names
+
+    readers: dict[str, Reader] = {"token_file": lambda n: _token_file(n, base, "feedback token file"),
+                                  "clients": clients}  # fmt: skip
+    values, keys = read_section(node, Feedback, readers)
+    feedback = Feedback(**values)
+    if feedback.listen is not None and not is_loopback(feedback.listen) and feedback.token_file is None:
+        raise keys["listen"].error(
+            f"{feedback.listen} is not loopback: Feedback there needs a credential (set feedback.token_file), or "
+            "listen on 127.0.0.1"
+        )
+    return feedback
+
+
+def _check_feedback(values: dict, keys: dict[str, Located]) -> None:
+    """``feedback.clients`` names client certificates: the listener must ask for them (``tls.client_ca``)."""
+    feedback, tls = values.get("feedback"), values.get("tls")
+    if feedback is not None and feedback.clients and (tls is None or tls.client_ca is None):
+        clients = keys["feedback"].dictionary()["clients"]
+        raise clients.error("feedback.clients names client certificates, but the listener asks for none: set "
+                            "tls.client_ca (mTLS)")  # fmt: skip
 
 
 def _admin_address(node: Located) -> str | None:

@@ -22,6 +22,7 @@ __all__ = [
     "CALL_TYPES",
     "CLASSIFICATION_MODES",
     "DEFAULT_FALLBACK_CODES",
+    "CREDENTIAL_METADATA",
     "DEMOTE_TO",
     "HEALTH_CHECK_KINDS",
     "MODEL_INFER",
@@ -29,6 +30,7 @@ __all__ = [
     "CircuitPolicy",
     "Compare",
     "Config",
+    "Feedback",
     "HealthCheck",
     "Keepalive",
     "Observer",
@@ -52,6 +54,10 @@ CLASSIFICATION_MODES = ("none", "argmax", "label")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 DEMOTE_TO = ("shadow", "fallback", "none")
 MODES = ("proxy", "observer")
+#: Request metadata that shadow copies never carry unless a shadow's ``forward_metadata`` names it: credentials.
+CREDENTIAL_METADATA = ("authorization", "cookie", "proxy-authorization", "x-api-key")
+#: Where the ext_proc observer listens when ``mode: observer`` gives no ``listen``: Envoy runs beside it.
+OBSERVER_LISTEN = "127.0.0.1:8500"
 #: Default largest message, in bytes, on the listener, to upstreams and to shadows.
 MAX_MESSAGE_SIZE = 4 * 2**20
 
@@ -82,6 +88,30 @@ class Observer:
     nice: int = setting(
         10, "how much lower its CPU priority is than the serving workers' (`nice`): serving first", minimum=0,
         maximum=19,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Feedback:
+    """Who may report outcomes (``mlmirror.v1.Feedback/ReportOutcome``, ``POST /outcomes``): docs/SECURITY.md.
+
+    On a listener that is not loopback, a call needs a credential: ``authorization: Bearer <token>`` with the token
+    of ``token_file`` (gRPC metadata or HTTP header), or a client certificate (mTLS, ``tls.client_ca``) whose
+    subject, common name or a SAN is in ``clients``. With neither, Feedback is served only on a loopback listener,
+    or on ``listen``, a loopback address of its own.
+    """
+
+    token_file: str | None = setting(
+        None, "a file holding the bearer token a Feedback call must send (`authorization: Bearer <token>`, over "
+        "gRPC and on `POST /outcomes`); read at start", kind="file",
+    )  # fmt: skip
+    clients: tuple[str, ...] = setting(
+        (), "client certificates (mTLS on the listener: needs `tls.client_ca`) allowed to report, by subject "
+        "(`CN=labeler,O=ml`), common name or SAN (`spiffe://...`, a DNS name)",
+    )  # fmt: skip
+    listen: str | None = setting(
+        None, "a listener of its own for Feedback only (plain gRPC): loopback, or any address with `token_file`",
+        kind="address", shown="none",
     )  # fmt: skip
 
 
@@ -224,6 +254,18 @@ class Shadow:
         False, "a second instance of the production model: its disagreement is the noise baseline (at most one per "
         "route; never promoted)",
     )  # fmt: skip
+    strip_metadata: tuple[str, ...] = setting(
+        (), "request metadata (header names) copies never carry, besides the credentials always dropped: "
+        + ", ".join(f"`{name}`" for name in CREDENTIAL_METADATA),
+    )  # fmt: skip
+    forward_metadata: tuple[str, ...] = setting(
+        (), "dropped metadata copies carry all the same (say `authorization`, for a shadow that checks it)"
+    )  # fmt: skip
+
+    @property
+    def stripped_metadata(self) -> frozenset[str]:
+        """The request metadata keys (lower-case) a copy to this shadow goes without."""
+        return frozenset((*CREDENTIAL_METADATA, *self.strip_metadata)) - frozenset(self.forward_metadata)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -315,7 +357,10 @@ class Config:
         "proxy", "`proxy`: clients call mlmirror, which forwards; `observer`: Envoy carries the calls and streams "
         "them to mlmirror's listener over ext_proc, and mlmirror only watches", choices=MODES, what="mode",
     )  # fmt: skip
-    listen: str = setting("0.0.0.0:8500", "gRPC listener (`host:port`, IPv6 as `[::1]:8500`)", kind="address")
+    listen: str = setting(
+        "0.0.0.0:8500", "gRPC listener (`host:port`, IPv6 as `[::1]:8500`)", kind="address",
+        shown=f"`0.0.0.0:8500`; `{OBSERVER_LISTEN}` in observer mode",
+    )  # fmt: skip
     admin: str | None = setting("127.0.0.1:9500", "admin HTTP endpoint; `off` or `null` disables it", kind="address")
     admin_token_file: str | None = setting(
         None, "a file holding a bearer token: every admin endpoint but `/healthz` and `/readyz` then wants "
@@ -331,6 +376,7 @@ class Config:
     )  # fmt: skip
     shutdown_grace: float = setting(15.0, "how long in-flight calls may take to finish after SIGTERM", kind="duration")
     observer: Observer = setting(factory=Observer, doc="the observing process (`mlmirror serve`)")
+    feedback: Feedback = setting(factory=Feedback, doc="who may report outcomes (`ReportOutcome`, `POST /outcomes`)")
     mirror_shed_lag: float | None = setting(
         0.05, "when the event loop wakes up later than this, shadow copies are dropped (`shed`) until it recovers; "
         "`off` disables", kind="duration", minimum=0.001,

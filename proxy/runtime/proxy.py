@@ -35,8 +35,11 @@ from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.drift.metadata_check import model_inputs, profile_mismatches
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, drift_status
+from mlmirror.observing.exposure import observer_warnings
 from mlmirror.observing.extproc import EXT_PROC_SERVICE, ExtProcObserver
+from mlmirror.observing.groundtruth.access import FeedbackEntrances
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService, parse_outcomes_json
+from mlmirror.observing.shadows.headers import HandoffFilter
 from mlmirror.observing.shadows.mirror import RouteMirror, ShadowMirror
 from mlmirror.observing.shadows.promotion import PromotionError, promoted_config
 from mlmirror.observing.shadows.report import ShadowCollector, shadow_status
@@ -85,6 +88,10 @@ class Proxy:
         self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []
         self._first_config = config
+        self._entrances = FeedbackEntrances(
+            config, self.metrics.registry, listen=self.listen_address, tls=bool(config.tls and config.tls.client_ca),
+            admin=self.admin_address, admin_token=admin_token(config), internal=role.hub,
+        )  # fmt: skip
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()
         self._handler = ProxyHandler(self)
@@ -118,9 +125,14 @@ class Proxy:
         self.lag.start()
         try:
             self._server = await self._start_listener(config)
+            try:
+                await self._entrances.start((self._feedback_relay or self.feedback).handler, shared=self.role.worker)
+            except OSError as exc:
+                raise StartError(f"cannot serve feedback.listen: {exc}") from None
             admin = self.admin_address
             if admin is not None:
-                self._admin = AdminServer(admin, endpoints(self), token=admin_token(config))
+                self._admin = AdminServer(admin, endpoints(self), token=admin_token(config),
+                                          self_checked=frozenset({"/outcomes"}))  # fmt: skip
                 try:
                     await self._admin.start()
                 except OSError as exc:
@@ -139,6 +151,8 @@ class Proxy:
         self.metrics.config_reloads.labels("failure")
         self.metrics.config_last_reload_success.set(self.started_at)
         await self._refresh_serving_status()
+        for warning in [] if self.role.hub else observer_warnings(config, self.listen_address):
+            log.warning("%s", warning)
         log.info(
             "mlmirror %s%s: gRPC on %s (port %d)%s, admin on %s; %d routes, %d upstreams; event loop %s",
             __version__,
@@ -174,7 +188,7 @@ class Proxy:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         feedback = self._feedback_relay or self.feedback
-        server.add_generic_rpc_handlers((feedback.handler(),))
+        server.add_generic_rpc_handlers((feedback.handler(self._entrances.listener),))
         if self.role.hub:
             served = FEEDBACK_SERVICE
         elif config.mode == "observer":
@@ -251,7 +265,9 @@ class Proxy:
         statistics); the others get a new one, and mirrors no longer configured are closed."""
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
-            handoff = {route.name: self.role.handoff.door(route) for route in config.routes if watched(route)}
+            # sampled at the door first, then only the metadata some shadow carries (HandoffFilter)
+            handoff = {route.name: HandoffFilter(self.role.handoff.door(route), route) for route in config.routes
+                       if watched(route)}  # fmt: skip
             targets = self._build_targets(config, current)
             return RouteTable(config, targets, self.metrics, self.tap, {}, self.ids, handoff)
         _make_capture_dirs(config)  # first, with the drift profiles: either may refuse the config
@@ -380,7 +396,7 @@ class Proxy:
         are logged and ignored."""
         old = self.table
         assert old is not None
-        for setting in ("mode", "listen", "admin", "tls", "max_message_size"):
+        for setting in ("mode", "listen", "admin", "tls", "max_message_size", "feedback"):
             if getattr(config, setting) != getattr(old.config, setting):
                 log.warning("reload: %s changed; it takes effect only after a restart", setting)
         table = self._build_table(config, old.targets)
@@ -460,6 +476,7 @@ class Proxy:
             await target.close()
         if self._admin is not None:
             await self._admin.close()
+        await self._entrances.stop()
         if self._feedback_relay is not None:
             await self._feedback_relay.close()
         log.info("stopped")
@@ -515,6 +532,9 @@ class Proxy:
     async def handle_outcomes(self, request: Request) -> Response:
         """``POST /outcomes``: ground truth as JSON (see proxy/observing/groundtruth/feedback.py); answers the counts
         by result."""
+        refused = self._entrances.refuse_http(request.headers)
+        if refused is not None:
+            return Response.text(refused[1], refused[0])
         try:
             outcomes = parse_outcomes_json(request.body)
         except ValueError as exc:

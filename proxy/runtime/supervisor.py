@@ -34,6 +34,7 @@ from mlmirror.admin.http import AdminServer, Request, Response, answer_promotion
 from mlmirror.admin.metrics_merge import merge_expositions
 from mlmirror.config import Config, load_config
 from mlmirror.errors import ConfigError, StartError
+from mlmirror.observing.groundtruth.access import FeedbackGate, rejection_counter
 from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameError
 from mlmirror.runtime.children import Child
 from mlmirror.runtime.proxy import admin_token
@@ -74,6 +75,9 @@ class Supervisor:
         Gauge("mlmirror_observer_up", "1 while the observing process runs and answers, else 0.",
               registry=self.registry).set_function(lambda: 1 if self.observer.up else 0)  # fmt: skip
         self._token = admin_token(self.config)
+        self._outcomes = None if self.config.admin is None else FeedbackGate.for_admin(
+            self.config, self.config.admin, self._token, rejection_counter(self.registry)
+        )  # fmt: skip
         self._promotions: list[tuple[str, str]] = []  # applied since the last reload, in order
         self._admin: AdminServer | None = None
         self._stopping = False
@@ -92,7 +96,8 @@ class Supervisor:
             await self._start_children([self.observer])
             await self._start_children(self.workers)
             if self.config.admin is not None:
-                self._admin = AdminServer(self.config.admin, endpoints(self), token=self._token)
+                self._admin = AdminServer(self.config.admin, endpoints(self), token=self._token,
+                                          self_checked=frozenset({"/outcomes"}))  # fmt: skip
                 try:
                     await self._admin.start()
                 except OSError as exc:
@@ -290,6 +295,9 @@ class Supervisor:
         return text
 
     async def handle_outcomes(self, request: Request) -> Response:
+        refused = self._outcomes.refuse_http(request.headers) if self._outcomes is not None else None
+        if refused is not None:
+            return Response.text(refused[1], refused[0])
         code, body = await self.observer.ask("POST", "/outcomes", self._token, request.body)
         if code == 0:
             return Response.text(f"the observing process cannot take outcomes now: {body.decode()}", 503)

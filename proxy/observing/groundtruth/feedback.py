@@ -4,22 +4,58 @@
 JSON body: ``{"outcomes": [{"request_id": "...", "labels": ["setosa"]}, {"request_id": "...", "values": [3.2]}]}``;
 the answer counts them by result, as ``ReportOutcomeResponse`` does. Each outcome is also offered to the routes'
 captures, which append it to their files when they captured the call (see proxy/observing/capture/writer.py).
+
+Where a call enters (a listener, ``feedback.listen``) its handler is guarded by a ``FeedbackGate``
+(proxy/observing/groundtruth/access.py): no credential, no outcome. The relay from a worker to the observing process
+is internal and unguarded.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 from mlmirror.observing.groundtruth.outcomes import OUTCOME_RESULTS, GroundTruthStore
 from mlmirror.protos import FEEDBACK_SERVICE, feedback_pb2
 
-__all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json"]
+if TYPE_CHECKING:  # access.py opens feedback.listen with serve_feedback_only
+    from mlmirror.observing.groundtruth.access import FeedbackGate
+
+__all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json", "serve_feedback_only"]
 
 Outcome = tuple[str, Sequence[float], Sequence[str]]
+Behaviour = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
+
+
+def _handler(behaviour: Behaviour, gate: FeedbackGate | None) -> grpc.GenericRpcHandler:
+    """The ``mlmirror.v1.Feedback`` service answering with ``behaviour``, behind ``gate`` when given."""
+    if gate is not None:
+        inner = behaviour
+
+        async def behaviour(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await gate.admit(context)
+            return await inner(request, context)
+
+    method = grpc.unary_unary_rpc_method_handler(behaviour)
+    return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
+
+
+async def serve_feedback_only(
+    address: str, handler: grpc.GenericRpcHandler, *, reuse_port: bool
+) -> tuple[grpc.aio.Server, int]:
+    """A plain gRPC listener (``feedback.listen``) serving only ``handler``; (server, bound port). ``reuse_port``:
+    the serving workers share it. Raises OSError when it cannot bind."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    server.add_generic_rpc_handlers((handler,))
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    await server.start()
+    return server, port
 
 
 class OutcomeSink(Protocol):
@@ -57,10 +93,9 @@ class FeedbackService:
                 counts[store.report(request_id, values, labels)] += 1
         return counts
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The ``mlmirror.v1.Feedback`` service, to add to a server."""
-        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
-        return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
+    def handler(self, gate: FeedbackGate | None = None) -> grpc.GenericRpcHandler:
+        """The ``mlmirror.v1.Feedback`` service, to add to a server; calls pass ``gate`` first when given."""
+        return _handler(self._report_outcome, gate)
 
     async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -79,9 +114,9 @@ class FeedbackRelay:
         self._channel = grpc.aio.insecure_channel(target)
         self._call = self._channel.unary_unary(f"/{FEEDBACK_SERVICE}/ReportOutcome")
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.unary_unary_rpc_method_handler(self._report_outcome)
-        return grpc.method_handlers_generic_handler(FEEDBACK_SERVICE, {"ReportOutcome": method})
+    def handler(self, gate: FeedbackGate | None = None) -> grpc.GenericRpcHandler:
+        """The relaying ``mlmirror.v1.Feedback`` service; calls pass ``gate`` first when given."""
+        return _handler(self._report_outcome, gate)
 
     async def _report_outcome(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         remaining = context.time_remaining()

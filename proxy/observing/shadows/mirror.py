@@ -24,6 +24,10 @@ dropped, or still pending.
 
 The memory a shadow can hold is therefore at most ``(max_inflight + queue_size) * max_message_size`` of requests
 (plus production's answers), whatever the shadow does.
+
+Copies carry the client's metadata without credentials (``authorization``, ``cookie``, ``proxy-authorization``,
+``x-api-key``) and the shadow's ``strip_metadata``, unless its ``forward_metadata`` names them
+(proxy/observing/shadows/headers.py).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from mlmirror.looplag import LoopLag
 from mlmirror.metrics import LATENCY_BUCKETS
 from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
+from mlmirror.observing.shadows.headers import ShadowHeaders
 from mlmirror.observing.shadows.verdict import Outcome, Verdict, Window, WindowSummary, judge
 from mlmirror.protocol.kserve import TensorError
 from mlmirror.serving.resilience import CircuitState
@@ -111,6 +116,7 @@ class ShadowMirror:
         self.promotion = promotion
         self.stats = ShadowStats(promotion.window)
         self._comparator = Comparator(compare)
+        self._headers = ShadowHeaders(route, spec)
         self._lag = lag
         self._queue: deque[tuple[CallRecord, bytes, ProductionAnswer | None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,7 +181,7 @@ class ShadowMirror:
                 return
 
     async def _mirror(self, record: CallRecord, request: bytes, production: ProductionAnswer | None) -> None:
-        metadata = (*record.metadata, (SHADOW, self.name))
+        metadata = (*self._headers(record.metadata), (SHADOW, self.name))
         stub = self.target.stub("unary_unary", record.method)
         call = stub(request, metadata=metadata, timeout=self.spec.timeout)
         started = time.perf_counter()
