@@ -266,7 +266,9 @@ class Proxy:
         statistics); the others get a new one, and mirrors no longer configured are closed."""
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
-            handoff = {route.name: HandoffFilter(self.role.handoff, route) for route in config.routes if watched(route)}
+            # sampled at the door first, then only the metadata some shadow carries (HandoffFilter)
+            handoff = {route.name: HandoffFilter(self.role.handoff.door(route), route) for route in config.routes
+                       if watched(route)}  # fmt: skip
             targets = self._build_targets(config, current)
             return RouteTable(config, targets, self.metrics, self.tap, {}, self.ids, handoff)
         _make_capture_dirs(config)  # first, with the drift profiles: either may refuse the config
