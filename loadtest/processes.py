@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,12 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def python_process(*args: str, log: Path | None = None) -> Iterator[subprocess.Popen]:
-    """``python ARGS`` with the repository as its working directory; its output goes to ``log`` (appended) or
-    nowhere. On exit: SIGTERM, then SIGKILL after 10 s."""
+def python_process(*args: str, log: Path | None = None, nice: int = 0) -> Iterator[subprocess.Popen]:
+    """``python ARGS`` with the repository as its working directory, at CPU priority ``nice`` (0: this process's);
+    its output goes to ``log`` (appended) or nowhere. On exit: SIGTERM, then SIGKILL after 10 s."""
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
-        process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=out)
+        lower = (lambda: os.nice(nice)) if nice else None
+        process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=out, stderr=out, preexec_fn=lower)
         try:
             yield process
         finally:

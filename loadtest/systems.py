@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +70,19 @@ class System:
     sent: int = 0
 
 
-def measure(system: System, body: Path, load: Load) -> None:
-    """One round of ``load`` on ``system``, sending ``body`` (a framed ModelInfer request)."""
+def measure(system: System, body: Path, load: Load, around_fixed: Callable[[System, str], None] | None = None) -> None:
+    """One round of ``load`` on ``system``, sending ``body`` (a framed ModelInfer request). ``around_fixed`` is
+    called with ``"before"`` and ``"after"`` the fixed-rate calls (to read counters over them)."""
     run_h2load(system.port, MODEL_INFER, body, calls=load.warmup, connections=load.connections, streams=4)
+    if around_fixed is not None:
+        around_fixed(system, "before")
     clocks = {label: ProcessCPU(pid, tree=True) for label, pid in system.pids.items()}
     before = {label: clock.seconds() for label, clock in clocks.items()}
     fixed = run_h2load(system.port, MODEL_INFER, body, calls=load.calls, connections=load.connections, rate=load.rate)
     for label, clock in clocks.items():
         system.cpu_us.setdefault(label, []).append((clock.seconds() - before[label]) / max(fixed.calls, 1) * 1e6)
+    if around_fixed is not None:
+        around_fixed(system, "after")
     system.latencies_s.append(fixed.latencies_us / 1e6)
     system.seconds += fixed.seconds
     system.failed += fixed.failed
@@ -104,12 +110,14 @@ def ghz_report(system: System) -> dict:
     return result
 
 
-def rounds(systems: list[System], body: Path, load: Load, count: int) -> None:
+def rounds(
+    systems: list[System], body: Path, load: Load, count: int, around_fixed: Callable[[System, str], None] | None = None
+) -> None:
     """``count`` rounds of ``load`` on every system, in an order rotated each round; progress on stderr."""
     for round_ in range(count):
         shift = round_ % len(systems)
         for system in systems[shift:] + systems[:shift]:
-            measure(system, body, load)
+            measure(system, body, load, around_fixed)
             print(f"round {round_ + 1}/{count}: {system.name} done", file=sys.stderr, flush=True)
 
 

@@ -14,9 +14,11 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
+from mlmirror.observing.extproc import SERVED_BY_UNKNOWN
 from mlmirror.protocol.names import MODEL_INFER
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.bench_extproc import FIVE, VARIANTS, ext_proc_variant
 from loadtest.envoy import DATAPLANE, load, on_ports
 from loadtest.ports import free_port
 from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
@@ -121,6 +123,42 @@ async def test_envoy_carries_the_calls_mirrors_them_and_the_observer_sees_drift(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await direct.unary_unary(MODEL_INFER)(infer_request(sample_features(rng, 1)), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_observer_labels_each_call_with_the_cluster_envoy_says_served_it(tmp_path):
+    rng = np.random.default_rng(7)
+    async with (
+        FunctionModel(iris_outputs) as production,
+        FunctionModel(iris_outputs) as shadow,
+        # The observer's own name for the model differs from Envoy's cluster: who served must come from Envoy.
+        running_proxy(observer_config(production).replace("{production:", "{model-a:").replace(
+            "primary: production", "primary: model-a")) as observer,
+        dataplane(tmp_path, production.port, shadow.port, observer.grpc_port) as channel,
+    ):  # fmt: skip
+        await send(channel, rng, 50)
+        attempts = observer.metrics.routes["iris"].attempts
+        await wait_until(lambda: sum(attempts.values()) == 50, what="50 observed calls")
+        assert attempts == {("production", "primary", "OK"): 50}
+
+
+async def test_with_request_headers_sent_and_no_attributes_who_served_is_the_documented_fallback(tmp_path):
+    rng = np.random.default_rng(8)
+    five_messages = ext_proc_variant(load(DATAPLANE), VARIANTS[FIVE])  # the data plane as it was
+    async with (
+        FunctionModel(iris_outputs) as production,
+        FunctionModel(iris_outputs) as shadow,
+        running_proxy(observer_config(production)) as observer,
+    ):
+        listen = free_port()
+        clusters = {"production": [production.port], "shadow": [shadow.port], "mlmirror_observer": [observer.grpc_port]}
+        async with (
+            envoy_running(on_ports(five_messages, listen, free_port(), clusters), tmp_path),
+            grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel,
+        ):
+            await send(channel, rng, 30)
+            attempts = observer.metrics.routes["iris"].attempts
+            await wait_until(lambda: sum(attempts.values()) == 30, what="30 observed calls")
+        assert attempts == {(SERVED_BY_UNKNOWN, "primary", "OK"): 30}
 
 
 async def test_the_observed_share_is_set_at_run_time_and_mirroring_goes_on(tmp_path):

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext
+from google.protobuf import struct_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 from mlmirror.config import parse_config
@@ -168,3 +169,56 @@ def test_mode_is_proxy_or_observer():
     assert parse_config("mode: observer\n" + base).mode == "observer"
     with pytest.raises(ConfigError, match=r"<string>:1: mode: unknown mode 'sidecar' \(one of proxy, observer\)"):
         parse_config("mode: sidecar\n" + base)
+
+
+def attributes(**facts: str) -> dict[str, struct_pb2.Struct]:
+    """What Envoy sends as ``ProcessingRequest.attributes``: the facts, under the filter's name."""
+    fields = struct_pb2.Struct()
+    for key, value in facts.items():
+        fields.fields[key.replace("client_id", f'request.headers["{REQUEST_ID}"]')].string_value = value
+    return {"envoy.filters.http.ext_proc": fields}
+
+
+def as_dataplane_sends_it(request: bytes, response: bytes, request_facts: dict, response_facts: dict,
+                          status: str = "0") -> CallAssembler:  # fmt: skip
+    """A call as envoy/dataplane.yaml streams it: no request headers; attributes with each side's first message."""
+    assembler = CallAssembler(LIMIT)
+    first = ext.ProcessingRequest(request_body=ext.HttpBody(body=request, end_of_stream=True),
+                                  attributes=attributes(**request_facts))  # fmt: skip
+    assembler.take(first)
+    answer = headers("response_headers", {":status": "200", "content-type": "application/grpc"})
+    for key, value in attributes(**response_facts).items():
+        answer.attributes[key].CopyFrom(value)
+    assembler.take(answer)
+    assembler.take(body("response_body", response))
+    assembler.take(headers("response_trailers", {"grpc-status": status}))
+    return assembler
+
+
+def test_without_request_headers_the_attributes_give_the_method_ids_and_who_served():
+    facts = {"request.path": METHOD, "request.id": "envoy-9", "client_id": "mine"}
+    assembler = as_dataplane_sends_it(grpc_frame(b"q"), grpc_frame(b"r"), facts, {"xds.cluster_name": "prod-b"})
+    assert assembler.outcome() == "observed"
+    assert (assembler.method, assembler.served_by) == (METHOD, "prod-b")
+    assert assembler.client_metadata() == ((REQUEST_ID, "mine"),)
+    del facts["client_id"]
+    assembler = as_dataplane_sends_it(grpc_frame(b"q"), grpc_frame(b"r"), facts, {})
+    assert assembler.client_metadata() == ((REQUEST_ID, "envoy-9"),)  # Envoy's id when the client gave none
+    assert assembler.served_by == ""  # the observer then says SERVED_BY_UNKNOWN
+
+
+def test_without_request_headers_or_a_path_attribute_a_stream_is_malformed():
+    assembler = as_dataplane_sends_it(grpc_frame(b"q"), grpc_frame(b"r"), {"request.id": "e"}, {})
+    assert assembler.outcome() == "malformed"
+
+
+def test_who_served_may_come_as_a_response_header_and_the_attribute_wins():
+    assembler = call(grpc_frame(b"q"), grpc_frame(b"r"))
+    assert assembler.served_by == ""
+    header = CallAssembler(LIMIT)
+    header.take(headers("request_headers", {":path": METHOD}))
+    header.take(headers("response_headers", {":status": "200", "x-mlmirror-served-by": "canary"}))
+    assert header.served_by == "canary"
+    both = as_dataplane_sends_it(grpc_frame(b"q"), grpc_frame(b"r"), {"request.path": METHOD},
+                                 {"xds.cluster_name": "prod-b"})  # fmt: skip
+    assert both.served_by == "prod-b"

@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import shutil
 import subprocess
+import sys
 
 import grpc
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlmirror.admin.metrics_merge import merge_expositions
+from mlmirror.config import parse_config
+from mlmirror.handoff.frames import BATCH, HELLO, FrameError, decode_batch, decode_hello, encode_batch
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.handoff.transport import HandoffReceiver, HandoffSender, pack, unpack
+from mlmirror.handoff.transport import HandoffReceiver, HandoffSender, handoff_percent
+from mlmirror.serving.sampling import sampled
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import wait_until
+from tests.support import REPO, wait_until
 
 
 def record(i: int = 0, response: bytes | None = b"answer", code: grpc.StatusCode = grpc.StatusCode.OK) -> CallRecord:
@@ -29,31 +35,96 @@ def record(i: int = 0, response: bytes | None = b"answer", code: grpc.StatusCode
     )  # fmt: skip
 
 
+METADATA_VALUES = st.text(max_size=8) | st.binary(max_size=8)
+DETERMINISTIC = settings(derandomize=True, max_examples=200, deadline=None)
+
+
+@DETERMINISTIC
 @given(
     request=st.binary(max_size=64),
     response=st.none() | st.binary(max_size=64),
     code=st.sampled_from(list(grpc.StatusCode)),
-    metadata=st.lists(st.tuples(st.text(max_size=8), st.text(max_size=8) | st.binary(max_size=8)), max_size=4),
+    metadata=st.lists(st.tuples(st.text(max_size=8), METADATA_VALUES), max_size=4),
+    request_id=st.text(max_size=20),
+    names=st.tuples(st.text(max_size=10), st.text(max_size=10)),
+    timings=st.tuples(st.floats(allow_nan=False), st.floats(allow_nan=False), st.floats(allow_nan=False)),
 )
-def test_records_survive_packing(request, response, code, metadata):
-    original = record(0, response, code)
-    original = CallRecord(**{**{f: getattr(original, f) for f in CallRecord.__slots__}, "request": request,
-                             "metadata": tuple(metadata)})  # fmt: skip
-    import marshal
+def test_records_survive_a_batch_frame(request, response, code, metadata, request_id, names, timings):
+    fields = {f: getattr(record(0, response, code), f) for f in CallRecord.__slots__}
+    original = CallRecord(**{**fields, "request": request, "metadata": tuple(metadata), "request_id": request_id,
+                             "route": names[0], "served_by": names[1], "started": timings[0], "latency": timings[1],
+                             "upstream_latency": timings[2]})  # fmt: skip
+    frame, count, skipped = encode_batch([original, record(1)])
+    assert (count, skipped) == (2, 0)
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    assert frame[4:5] == BATCH
+    assert decode_batch(frame[5:]) == [original, record(1)]
 
-    assert unpack(marshal.loads(marshal.dumps(pack(original)))) == original
+
+def test_a_nan_latency_survives_a_batch_frame():
+    fields = {f: getattr(record(1), f) for f in CallRecord.__slots__}
+    frame, _, _ = encode_batch([CallRecord(**{**fields, "upstream_latency": math.nan})])
+    assert math.isnan(decode_batch(frame[5:])[0].upstream_latency)
 
 
-def test_metadata_as_grpc_gives_it_is_packed_as_plain_pairs():
+def test_metadata_as_grpc_gives_it_is_carried_as_plain_pairs():
     from collections import namedtuple
 
     Metadatum = namedtuple("Metadatum", ["key", "value"])  # what grpc.aio's invocation_metadata() holds
-    import marshal
-
     fields = {f: getattr(record(1), f) for f in CallRecord.__slots__}
     original = CallRecord(**{**fields, "metadata": (Metadatum("x-tenant", "acme"), Metadatum("t-bin", b"\x01"))})
-    packed = marshal.loads(marshal.dumps(pack(original)))
-    assert unpack(packed).metadata == (("x-tenant", "acme"), ("t-bin", b"\x01"))
+    frame, _, _ = encode_batch([original])
+    assert decode_batch(frame[5:])[0].metadata == (("x-tenant", "acme"), ("t-bin", b"\x01"))
+
+
+def test_a_record_the_format_cannot_carry_is_left_out_not_raised():
+    fields = {f: getattr(record(1), f) for f in CallRecord.__slots__}
+    bad = [CallRecord(**{**fields, "route": "r" * 70_000}), CallRecord(**{**fields, "metadata": (("k", 5),)})]
+    frame, count, skipped = encode_batch([record(0), *bad, record(2)])
+    assert (count, skipped) == (2, 2)
+    assert decode_batch(frame[5:]) == [record(0), record(2)]
+
+
+def good_batch(n: int = 3) -> bytes:
+    """The payload (after the kind byte) of a batch of ``n`` records."""
+    return encode_batch([record(i) for i in range(n)])[0][5:]
+
+
+@DETERMINISTIC
+@given(cut=st.integers(0, len(good_batch()) - 1))
+def test_a_truncated_batch_gives_the_records_before_the_cut(cut):
+    payload = good_batch()
+    with pytest.raises(FrameError) as caught:
+        decode_batch(payload[:cut])
+    whole = [record(i) for i in range(3)]
+    assert caught.value.records == whole[: len(caught.value.records)]
+    assert len(caught.value.records) + caught.value.lost >= 3 or cut < 4
+
+
+@DETERMINISTIC
+@given(garbage=st.binary(max_size=400))
+def test_garbage_never_raises_anything_but_a_frame_error(garbage):
+    try:
+        records, lost = decode_batch(garbage), 0
+    except FrameError as exc:
+        records, lost = exc.records, exc.lost
+        assert lost >= 1
+    assert all(isinstance(r, CallRecord) for r in records)
+    with contextlib.suppress(FrameError):
+        assert isinstance(decode_hello(garbage), dict)
+
+
+@DETERMINISTIC
+@given(at=st.integers(0, len(good_batch()) - 1), byte=st.integers(0, 255))
+def test_a_flipped_byte_gives_records_or_a_frame_error(at, byte):
+    payload = bytearray(good_batch())
+    payload[at] = byte
+    try:
+        records = decode_batch(bytes(payload))
+    except FrameError as exc:
+        records = exc.records
+    assert all(isinstance(r, CallRecord) for r in records)
+    assert len(records) <= int.from_bytes(payload[:4], "little")
 
 
 def dropped_counter() -> Counter:
@@ -122,24 +193,113 @@ async def test_a_hub_that_does_not_read_costs_counted_drops_not_waits(tmp_path):
         await sender.close()
 
 
-async def test_the_hub_closes_a_connection_that_sends_garbage_and_keeps_serving(tmp_path):
-    delivered: list[CallRecord] = []
+async def hub(tmp_path, delivered: list[CallRecord]) -> tuple[HandoffReceiver, Counter]:
+    malformed = Counter("malformed", "test", ["worker"], registry=CollectorRegistry())
     receiver = HandoffReceiver(tmp_path / "h.sock", delivered.append, lambda hello: None,
-                               Counter("r", "t", ["worker"], registry=CollectorRegistry()))  # fmt: skip
+                               Counter("r", "t", ["worker"], registry=CollectorRegistry()), malformed)  # fmt: skip
     await receiver.start()
+    return receiver, malformed
+
+
+def framed(kind: bytes, payload: bytes) -> bytes:
+    return (len(payload) + 1).to_bytes(4, "big") + kind + payload
+
+
+async def test_a_damaged_frame_is_counted_and_the_next_one_read(tmp_path):
+    delivered: list[CallRecord] = []
+    receiver, malformed = await hub(tmp_path, delivered)
     try:
-        for garbage in (b"\x00\x00\x00\x05junk!", (2**31).to_bytes(4, "big")):
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "h.sock"))
+        cut = good_batch(3)[:-7]  # the third record truncated
+        writer.write(framed(HELLO, b'{"index": 2}') + framed(BATCH, cut) + framed(b"Z", b"?") + framed(HELLO, b"[1]"))
+        writer.write(framed(BATCH, b"\x01\x00") + framed(BATCH, good_batch(1)))
+        await wait_until(lambda: len(delivered) == 3, what="the intact records")
+        assert delivered == [record(0), record(1), record(0)]
+        assert receiver.malformed == 4  # the cut batch, the unknown kind, the list hello, the batch without a count
+        assert malformed.labels("2")._value.get() == 4
+        writer.close()
+    finally:
+        await receiver.close()
+
+
+async def test_an_impossible_length_closes_the_connection_and_the_hub_keeps_serving(tmp_path):
+    delivered: list[CallRecord] = []
+    receiver, _ = await hub(tmp_path, delivered)
+    try:
+        for garbage in ((2**31).to_bytes(4, "big"), b"\x00\x00\x00\x00"):
             reader, writer = await asyncio.open_unix_connection(str(tmp_path / "h.sock"))
             writer.write(garbage)
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the hub
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the hub
             writer.close()
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "h.sock"))
+        writer.write(framed(BATCH, good_batch(2))[:-3])  # half a frame, then gone
+        writer.close()
         sender = HandoffSender(tmp_path / "h.sock", dropped_counter())
         await sender.connect()
         sender.offer(record(1))
         await wait_until(lambda: delivered == [record(1)], what="a good worker's record")
+        assert receiver.malformed == 2
         await sender.close()
     finally:
         await receiver.close()
+
+
+ROUTE = """
+upstreams: {{production: 127.0.0.1:1, candidate: 127.0.0.1:2}}
+routes:
+  - name: iris
+    match: {{model: iris}}
+    primary: production
+{extra}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "percent"),
+    [
+        ("    shadows: [{name: c, upstream: candidate, percent: 10}]\n    drift: {percent: 30}", 30.0),
+        ("    shadows: [{name: c, upstream: candidate, percent: 10}]", 10.0),
+        ("    drift: {percent: 100}", 100.0),
+        ("    capture: {path: caps, percent: 2.5}", 2.5),
+        ("", 0.0),
+    ],
+)
+def test_the_door_takes_the_largest_share_any_consumer_wants(extra, percent, tmp_path):
+    route = parse_config(ROUTE.format(extra=extra), str(tmp_path / "c.yaml")).routes[0]
+    assert handoff_percent(route) == percent
+
+
+async def test_calls_no_consumer_samples_never_cross_the_door(tmp_path):
+    delivered: list[CallRecord] = []
+    receiver, _ = await hub(tmp_path, delivered)
+    route = parse_config(ROUTE.format(extra="    drift: {percent: 30}")).routes[0]
+    sender = HandoffSender(tmp_path / "h.sock", dropped_counter())
+    await sender.connect()
+    try:
+        door = sender.door(route)
+        records = [record(i) for i in range(1000)]
+        for each in records:
+            door.offer(each)
+        wanted = [r for r in records if sampled(r.request_id, 30.0)]
+        assert 200 < len(wanted) < 400
+        await wait_until(lambda: len(delivered) == len(wanted), what="the sampled calls")
+        await asyncio.sleep(0.05)
+        assert delivered == wanted
+        assert sender.sent == len(wanted)
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+@pytest.mark.process  # runs the benchmark script
+def test_bench_door_prints_the_serving_side_cost_of_both_formats():
+    done = subprocess.run([sys.executable, "-m", "loadtest.bench_door", "--calls", "400", "--repeat", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}  # fmt: skip
+    assert set(rows) >= {"before", "after", "after, sampled 10%"}
+    assert math.isfinite(float(rows["after"][0].split(" ")[0]))  # µs per handed-off call (noise may make it < 0)
 
 
 def exposition(calls: float, inflight: float, lag: float, buckets: list[float]) -> str:

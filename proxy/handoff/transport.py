@@ -1,16 +1,20 @@
-"""The hand-off between worker processes and the hub (``mlmirror serve --workers N``): answered calls, batched, over
-a Unix socket.
+"""The hand-off between worker processes and the hub (``mlmirror serve --workers N``): answered calls, sampled,
+batched, over a Unix socket.
 
-A worker's tap offers each answered call of a watched route (one with shadows, drift or capture) to its
-``HandoffSender``, which never blocks: records gathered during one event-loop iteration are written as one frame
-in the next, without waiting for the hub to read them. When the socket's send buffer already holds
-``high_water`` bytes (the hub is behind), the batch is dropped and counted (``backpressure``), as is every record
-offered while the hub is not connected (``disconnected``) and, beyond ``max_batch`` records in one iteration,
-``queue_full``. So a slow or dead hub costs a worker a counter, never a call.
+Each watched route of a worker feeds its tap's ``RouteDoor`` (``HandoffSender.door``), which keeps only the calls
+some consumer in the hub will take: the sampling decision is ``sampled(request_id, percent)`` with the largest
+``percent`` of the route's shadows, drift and capture, the same pure function each consumer applies again, so a
+call none of them wants never crosses. ``HandoffSender.offer`` never blocks and never raises: records gathered
+during one event-loop iteration are encoded as one frame (proxy/handoff/frames.py) in the next and written without
+waiting for the hub to read them. When the socket's send buffer already holds ``high_water`` bytes (the hub is
+behind), the batch is dropped and counted (``backpressure``), as is every record offered while the hub is not
+connected (``disconnected``), beyond ``max_batch`` records in one iteration (``queue_full``), and a record the
+format cannot carry (``unserializable``). So a slow or dead hub costs a worker a counter, never a call.
 
-Frames: a 4-byte big-endian length, then ``marshal`` data: a dict (the worker's hello: index, pid, ports) or a
-list of record tuples (``pack``). The socket lives in a directory only this user can open: the hub trusts what its
-own workers send, and no one else can connect.
+The receiver trusts nothing it reads: a damaged batch frame is counted in ``malformed`` (by worker), the records
+before the damage are delivered, and reading goes on with the next frame; only a length prefix beyond
+``MAX_FRAME`` (the stream is out of step) closes the connection. The socket lives in a directory only this user
+can open.
 """
 
 from __future__ import annotations
@@ -18,53 +22,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import marshal
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import grpc
+from mlmirror.config import Route
+from mlmirror.handoff import frames
+from mlmirror.handoff.frames import FrameError
 from mlmirror.handoff.tap import CallRecord
+from mlmirror.serving.sampling import sampled
 from prometheus_client import Counter
 
-__all__ = ["HandoffReceiver", "HandoffSender", "pack", "unpack"]
+__all__ = ["HandoffReceiver", "HandoffSender", "RouteDoor", "handoff_percent"]
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME = 256 * 2**20  # bytes; a larger length prefix means a broken stream
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+def handoff_percent(route: Route) -> float:
+    """The share of ``route``'s calls (0-100) some consumer in the hub takes: the largest percent of its shadows,
+    drift and capture (each samples by the same request-id hash, so their calls are a subset of these)."""
+    percents = [shadow.percent for shadow in route.shadows]
+    percents += [spec.percent for spec in (route.drift, route.capture) if spec is not None]
+    return max(percents, default=0.0)
 
 
-def pack(record: CallRecord) -> tuple:
-    """A record as plain values ``marshal`` can write. (gRPC gives metadata entries as named tuples, which marshal
-    refuses: they become plain pairs.)"""
-    metadata = tuple((str(key), value if isinstance(value, bytes) else str(value)) for key, value in record.metadata)
-    return (
-        record.route, record.method, bytes(record.request), None if record.response is None else bytes(record.response),
-        record.code.value[0], record.served_by, record.role, record.request_id, metadata, record.started,
-        record.latency, record.upstream_latency,
-    )  # fmt: skip
+class RouteDoor:
+    """One route's way to the hub: a tap observer that hands over the calls sampled at ``percent``."""
 
+    __slots__ = ("_offer", "percent")
 
-def unpack(fields: tuple) -> CallRecord:
-    """The record ``pack`` gave ``fields`` for."""
-    route, method, request, response, code, served_by, role, request_id, metadata, started, latency, upstream = fields
-    return CallRecord(
-        route=route, method=method, request=request, response=response, code=_CODES[code], served_by=served_by,
-        role=role, request_id=request_id, metadata=metadata, started=started, latency=latency,
-        upstream_latency=upstream,
-    )  # fmt: skip
+    name = "handoff"
 
+    def __init__(self, sender: HandoffSender, percent: float) -> None:
+        self._offer = sender.offer
+        self.percent = percent
 
-def _frame(value: Any) -> bytes:
-    """``value`` (plain values ``marshal`` writes) behind its length in 4 bytes, big-endian."""
-    payload = marshal.dumps(value)
-    return len(payload).to_bytes(4, "big") + payload
+    def offer(self, record: CallRecord) -> None:
+        if self.percent >= 100.0 or sampled(record.request_id, self.percent):
+            self._offer(record)
 
 
 class HandoffSender:
-    """A worker's end: an observer for the tap (``offer`` never blocks) writing batches to the hub's socket."""
+    """A worker's end: ``offer`` (never blocks) gathers records, one frame per event-loop iteration goes to the
+    hub's socket."""
 
     name = "handoff"
 
@@ -73,13 +73,17 @@ class HandoffSender:
         self._dropped = dropped
         self._max_batch = max_batch
         self._high_water = high_water
-        self._batch: list[tuple] = []
+        self._batch: list[CallRecord] = []
         self._scheduled = False
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self.sent = 0
         for reason in ("queue_full", "backpressure", "disconnected", "unserializable"):
             dropped.labels(reason)
+
+    def door(self, route: Route) -> RouteDoor:
+        """The tap observer for ``route``: hands over the calls its hub consumers sample (``handoff_percent``)."""
+        return RouteDoor(self, handoff_percent(route))
 
     async def connect(self) -> None:
         """Open the socket to the hub (raises OSError when no hub listens there, or its backlog is full).
@@ -97,9 +101,9 @@ class HandoffSender:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=sock)
 
     def hello(self, **facts: object) -> None:
-        """Tell the hub who this worker is (index, pid, admin port ...)."""
+        """Tell the hub who this worker is (index, pid, admin port ...): JSON values."""
         if self._writer is not None:
-            self._writer.write(_frame(dict(facts)))
+            self._writer.write(frames.encode_hello(dict(facts)))
 
     async def hub_gone(self) -> None:
         """Return when the hub closes the connection (it stopped or died)."""
@@ -137,10 +141,11 @@ class HandoffSender:
                 writer.close()
 
     def offer(self, record: CallRecord) -> None:
-        if len(self._batch) >= self._max_batch:
+        batch = self._batch
+        if len(batch) >= self._max_batch:
             self._dropped.labels("queue_full").inc()
             return
-        self._batch.append(pack(record))
+        batch.append(record)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -157,14 +162,13 @@ class HandoffSender:
         elif writer.transport.get_write_buffer_size() > self._high_water:
             self._dropped.labels("backpressure").inc(len(batch))
         else:
-            try:
-                frame = _frame(batch)
-            except (ValueError, TypeError) as exc:  # a value marshal cannot write: a bug, never the call's problem
-                self._dropped.labels("unserializable").inc(len(batch))
-                log.error("hand-off: cannot serialize a batch of %d calls (%s); dropped", len(batch), exc)
-                return
-            writer.write(frame)
-            self.sent += len(batch)
+            frame, count, skipped = frames.encode_batch(batch)
+            if skipped:  # a value the format cannot carry: a bug, never the call's problem
+                self._dropped.labels("unserializable").inc(skipped)
+                log.error("hand-off: %d of %d calls could not be encoded; dropped", skipped, len(batch))
+            if count:
+                writer.write(frame)
+                self.sent += count
 
     async def close(self) -> None:
         """Send what is gathered, then close, waiting at most a second for the bytes to leave."""
@@ -178,7 +182,8 @@ class HandoffSender:
 
 
 class HandoffReceiver:
-    """The hub's end: a Unix socket server; each worker's records go to ``deliver``, its hello to ``greeted``."""
+    """The hub's end: a Unix socket server; each worker's records go to ``deliver``, its hello to ``greeted``.
+    ``received`` counts records by worker; ``malformed`` (optional) counts damaged frames by worker."""
 
     def __init__(
         self,
@@ -186,11 +191,14 @@ class HandoffReceiver:
         deliver: Callable[[CallRecord], None],
         greeted: Callable[[dict], None],
         received: Counter,
+        malformed: Counter | None = None,
     ) -> None:
         self.path = str(path)
         self._deliver = deliver
         self._greeted = greeted
         self._received = received
+        self._malformed = malformed
+        self.malformed = 0  # damaged frames, all workers
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -205,27 +213,47 @@ class HandoffReceiver:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def _damaged(self, worker: str, exc: FrameError) -> None:
+        self.malformed += 1
+        if self._malformed is not None:
+            self._malformed.labels(worker).inc()
+        if self.malformed == 1 or self.malformed % 1000 == 0:
+            log.error("hand-off from worker %s: a damaged frame (%s; %d so far)", worker, exc, self.malformed)
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
         worker = "?"
         try:
             while True:
                 length = int.from_bytes(await reader.readexactly(4), "big")
-                if length > MAX_FRAME:
-                    log.error("hand-off from worker %s: a %d-byte frame; closing the connection", worker, length)
-                    return
-                value = marshal.loads(await reader.readexactly(length))
-                if isinstance(value, dict):
-                    worker = str(value.get("index", "?"))
-                    self._greeted(value)
-                    continue
-                self._received.labels(worker).inc(len(value))
-                for fields in value:
-                    self._deliver(unpack(fields))
+                if length == 0 or length > frames.MAX_FRAME:
+                    self._damaged(worker, FrameError(f"a {length}-byte frame", [], 1))
+                    return  # out of step: nothing after this can be trusted
+                frame = await reader.readexactly(length)
+                kind, payload = frame[:1], memoryview(frame)[1:]
+                if kind == frames.BATCH:
+                    try:
+                        records = frames.decode_batch(payload)
+                    except FrameError as exc:
+                        records = exc.records
+                        self._damaged(worker, exc)
+                    self._received.labels(worker).inc(len(records))
+                    for record in records:
+                        self._deliver(record)
+                elif kind == frames.HELLO:
+                    try:
+                        hello = frames.decode_hello(payload)
+                    except FrameError as exc:
+                        self._damaged(worker, exc)
+                        continue
+                    worker = str(hello.get("index", "?"))
+                    self._greeted(hello)
+                else:
+                    self._damaged(worker, FrameError(f"a frame of unknown kind {kind!r}", [], 1))
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the worker stopped
-        except (ValueError, EOFError, TypeError) as exc:
-            log.error("hand-off from worker %s: unreadable frame (%s); closing the connection", worker, exc)
+            pass  # the worker stopped (or sent half a frame and closed)
+        except Exception:  # a bug here must cost one connection, never the hub
+            log.exception("hand-off from worker %s: closing the connection", worker)
         finally:
             self._connections.discard(writer)
             writer.close()

@@ -8,9 +8,18 @@ nothing here can slow or fail a call; mlmirror sends none.
 
 ``CallAssembler`` rebuilds one call from those messages: it reassembles the gRPC length-prefixed messages from the
 body chunks, reads the method from ``:path`` and the status from ``grpc-status``, and yields a ``CallRecord`` —
-the same record the proxy's own handler gives its tap — for unary calls. ``ExtProcObserver`` routes the record
-with the proxy's route table, counts it in the route's request metrics, and offers it to the route's tap (drift
-engine, shadow mirrors). Streams that cannot give a record are counted by reason in
+the same record the proxy's own handler gives its tap — for unary calls.
+
+Every message costs the observer a stream read, so envoy/dataplane.yaml sends four per call, not five: it skips
+the request headers and asks Envoy for the few facts needed from them as attributes, which Envoy sends with the
+first message of each direction (``ATTRIBUTES``): the method (``request.path``), Envoy's request id
+(``request.id``) and the client's ``x-mlmirror-request-id`` on the request side, and the cluster that answered
+(``xds.cluster_name``) with the response headers. Request headers, when sent, are read as before (the client's
+metadata then reaches the records, for shadow copies made here). Who served: the ``xds.cluster_name`` attribute,
+else an ``x-mlmirror-served-by`` response header, else ``unknown`` (``SERVED_BY_UNKNOWN``).
+
+``ExtProcObserver`` routes the record with the proxy's route table, counts it in the route's request metrics, and
+offers it to the route's tap (drift engine, shadow mirrors). Streams that cannot give a record are counted by reason in
 ``mlmirror_extproc_streams_total``: ``streaming`` (more than one message on a side), ``compressed`` (a
 compressed gRPC message), ``too_large`` (over ``max_message_size``), ``incomplete`` (the stream ended before the
 response's status), ``malformed`` (a broken gRPC frame or no ``:path``), ``unrouted``.
@@ -27,12 +36,23 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.protocol.names import ENVOY_REQUEST_ID, HOP_BY_HOP_METADATA, REQUEST_ID
+from mlmirror.protocol.names import ENVOY_REQUEST_ID, HOP_BY_HOP_METADATA, REQUEST_ID, SERVED_BY
 
 if TYPE_CHECKING:
     from mlmirror.serving.table import RouteTable
 
-__all__ = ["CallAssembler", "ExtProcObserver", "GrpcFrames", "StreamOutcomes"]
+__all__ = [
+    "ATTRIBUTES", "SERVED_BY_UNKNOWN", "CallAssembler", "ExtProcObserver", "GrpcFrames",
+    "StreamOutcomes",
+]  # fmt: skip
+
+SERVED_BY_UNKNOWN = "unknown"  # who served, when Envoy told neither the cluster attribute nor the header
+#: What the observer reads from Envoy's attributes: request_attributes and response_attributes in the filter.
+ATTRIBUTES = {
+    "request": ("request.path", "request.id", f'request.headers["{REQUEST_ID}"]'),
+    "response": ("xds.cluster_name",),
+}
+_FILTER = "envoy.filters.http.ext_proc"  # the key Envoy files attributes under
 
 #: Headers that describe the HTTP/2 hop or are Envoy's own, not the client's gRPC metadata.
 _NOT_METADATA = HOP_BY_HOP_METADATA | {"content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
@@ -102,10 +122,15 @@ class _Count(Protocol):
 class CallAssembler:
     """The state of one ext_proc stream: one HTTP/2 gRPC call as Envoy saw it."""
 
-    __slots__ = ("_arrived", "_entered", "code", "metadata", "method", "request", "response", "status_seen")
+    __slots__ = (
+        "_arrived", "_entered", "_ids", "code", "metadata", "method", "request", "response", "served_by",
+        "status_seen",
+    )  # fmt: skip
 
     def __init__(self, limit: int) -> None:
         self.method = ""
+        self.served_by = ""
+        self._ids: tuple[str, str] = ("", "")  # (client's x-mlmirror-request-id, Envoy's), from attributes
         self.metadata: tuple[tuple[str, str | bytes], ...] = ()
         self.request = GrpcFrames(limit)
         self.response = GrpcFrames(limit)
@@ -116,6 +141,8 @@ class CallAssembler:
 
     def take(self, message: external_processor_pb2.ProcessingRequest) -> None:
         """Apply one ``ProcessingRequest``."""
+        if message.attributes:
+            self._attributes(message.attributes)
         part = message.WhichOneof("request")
         if part == "request_headers":
             self._request_headers(message.request_headers.headers.headers)
@@ -124,7 +151,10 @@ class CallAssembler:
         elif part == "response_body":
             self.response.feed(message.response_body.body)
         elif part == "response_headers":
-            self._status(message.response_headers.headers.headers)  # a trailers-only answer carries it here
+            headers = message.response_headers.headers.headers
+            self._status(headers)  # a trailers-only answer carries it here
+            if not self.served_by:
+                self.served_by = next((value for key, value in _header_items(headers) if key == SERVED_BY), "")
         elif part == "response_trailers":
             self._status(message.response_trailers.trailers.headers)
 
@@ -147,6 +177,22 @@ class CallAssembler:
         if not has_id and envoy_id:  # Envoy's id names the call, in its access logs and on its mirrored copies
             metadata.append((REQUEST_ID, envoy_id))
         self.metadata = tuple(metadata)
+
+    def _attributes(self, attributes) -> None:
+        """Facts Envoy sent as attributes (``ATTRIBUTES``); a value of another type than text is ignored."""
+        facts = attributes.get(_FILTER)
+        if facts is None:
+            return
+        fields = facts.fields
+        path = _text(fields, "request.path")
+        if path and not self.method:
+            self.method = path
+        cluster = _text(fields, "xds.cluster_name")
+        if cluster:
+            self.served_by = cluster
+        client, envoy = _text(fields, ATTRIBUTES["request"][2]), _text(fields, "request.id")
+        if client or envoy:
+            self._ids = (client, envoy)
 
     def _status(self, headers) -> None:
         for key, value in _header_items(headers):
@@ -172,6 +218,14 @@ class CallAssembler:
             return "incomplete"
         return "observed"
 
+    def client_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The client's metadata: from the request headers when Envoy sent them, else the request ids Envoy gave as
+        attributes (the client's ``x-mlmirror-request-id``, or Envoy's own id)."""
+        if self.metadata:
+            return self.metadata
+        client, envoy = self._ids
+        return ((REQUEST_ID, client or envoy),) if client or envoy else ()
+
     def record(self, route: str, served_by: str, request_id: str, metadata) -> CallRecord:
         """The call as a tap record (call only when ``outcome()`` is ``observed``). Latency is measured from the
         request headers' arrival here to the status's, which is the call's latency as Envoy relayed it, plus
@@ -193,6 +247,11 @@ class CallAssembler:
             latency=seconds,
             upstream_latency=seconds,
         )
+
+
+def _text(fields, key: str) -> str:
+    value = fields.get(key)
+    return value.string_value if value is not None and value.HasField("string_value") else ""
 
 
 def _header_items(headers) -> list[tuple[str, str]]:
@@ -254,8 +313,8 @@ class ExtProcObserver(external_processor_pb2_grpc.ExternalProcessorServicer):
         if route is None:
             table.metrics.unrouted_calls.inc()
             return "unrouted"
-        request_id, metadata = route.ids.identify(call.method, request, call.metadata)
-        served_by = route.chain[0].name
+        request_id, metadata = route.ids.identify(call.method, request, call.client_metadata())
+        served_by = call.served_by or SERVED_BY_UNKNOWN
         record = call.record(route.name, served_by, request_id, metadata)
         route.metrics.attempt(served_by, "primary", record.code.name, record.latency)
         route.metrics.answered(record.code.name)

@@ -96,7 +96,11 @@ async def run_observer(
     socket = folder / HANDOFF_SOCKET
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()  # a previous observer's, if it was killed
-    receiver = HandoffReceiver(socket, Deliveries(hub, unrouted), lambda hello: None, received)
+    malformed = Counter(
+        "mlmirror_handoff_malformed", "Damaged hand-off frames the observing process read, by worker.", ["worker"],
+        registry=metrics.registry,
+    )  # fmt: skip
+    receiver = HandoffReceiver(socket, Deliveries(hub, unrouted), lambda hello: None, received, malformed)
     try:
         await receiver.start()
     except OSError as exc:

@@ -210,8 +210,9 @@ class Proxy:
         observers: dict[str, Sequence[Observer]]
         if self.role.worker:  # shadows, drift and captures live in the hub: watched routes' calls go there
             assert self.role.handoff is not None
+            # sampled at the door first, then only the metadata some shadow carries (HandoffFilter)
             observers = {
-                route.name: (HandoffFilter(self.role.handoff, route),)
+                route.name: (HandoffFilter(self.role.handoff.door(route), route),)
                 for route in config.routes
                 if any(kind.configured(route) for kind in self.parts.kinds)
             }

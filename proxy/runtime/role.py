@@ -12,8 +12,10 @@ everything; the group splits the work:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mlmirror.handoff.tap import Observer
+if TYPE_CHECKING:
+    from mlmirror.handoff.transport import HandoffSender
 
 __all__ = ["ALONE", "Role"]
 
@@ -23,7 +25,7 @@ class Role:
     kind: str = "alone"  # alone | worker | hub
     listen: str | None = None  # replaces the config's listen address
     admin: str | None = None  # replaces the config's admin address (worker: an internal loopback port)
-    handoff: Observer | None = None  # worker: where watched routes' answered calls go
+    handoff: HandoffSender | None = None  # worker: where watched routes' sampled answered calls go
     feedback_target: str | None = None  # worker: the hub's listener, for relayed Feedback calls
 
     @property
