@@ -27,7 +27,9 @@ from mlmirror.protos import inference_pb2
 from mlmirror.serving.sampling import REQUEST_ID, RequestIds, sampled, sampling_point
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=max(150, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # --- building messages ------------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from mlmirror.serving.static_response import StaticResponder
 
 from tests.support import REPO
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=max(200, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 FILE = "fuzz.yaml"
 EXAMPLE = (REPO / "examples" / "mlmirror.yaml").read_text()
 VALID = "upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}\nroutes: [{match: {}, primary: a, fallback: [b]}]\n"

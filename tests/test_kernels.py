@@ -40,7 +40,9 @@ from scipy.spatial.distance import jensenshannon
 
 kernels.warm_up()  # compile (or load from the cache) once, before any test runs
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=max(150, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 UPDATERS = pytest.mark.parametrize("update", [update_uniform, update_sorted_edges], ids=["uniform", "sorted"])
 RTOL = 1e-9
 #: Absolute slack for values that are zero in exact arithmetic, where a relative tolerance means nothing.
