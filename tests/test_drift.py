@@ -27,13 +27,22 @@ from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowResult
 from mlmirror.observing.drift.reference import Reference
-from mlmirror.observing.drift.report import render_drift
+from mlmirror.observing.drift.report import DriftCollector, render_drift
 from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
 from mlmirror.protos import inference_pb2
 from mlmirror.runtime.proxy import Proxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, http_get, model_server, running_proxy, through_proxy, wait_until
+from tests.support import (
+    REPO,
+    feed_rows,
+    fp64_call,
+    http_get,
+    model_server,
+    running_proxy,
+    through_proxy,
+    wait_until,
+)
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 Output = tuple[str, str, np.ndarray]  # (name, KServe datatype, values)
@@ -861,3 +870,60 @@ def test_a_percent_watches_the_calls_the_request_id_hash_samples():
     expected = sum(sampled(r.request_id, 25.0) for r in records)
     assert engine.accepted == expected
     assert 60 < expected < 140
+
+
+# --- a scrape while the worker calibrates --------------------------------------------------------------------------
+
+
+def reference_seen(engine: DriftEngine) -> tuple[float, float]:
+    """(mlmirror_drift_reference_rows, sum of mlmirror_drift_reference_bins) in one scrape of ``engine``."""
+    rows = bins = 0.0
+    for family in DriftCollector(lambda: [engine]).collect():
+        for sample in family.samples:
+            if sample.name == "mlmirror_drift_reference_rows":
+                rows = sample.value
+            elif sample.name == "mlmirror_drift_reference_bins":
+                bins += sample.value
+    return rows, bins
+
+
+CALIBRATED = Drift(window=100, capture=1000, methods=("psi", "ks"), calibrate=3.0, multivariate=None,
+                   export_bins=("input[0]",))  # fmt: skip
+
+
+def test_a_scrape_during_calibration_sees_the_whole_reference():
+    """Calibration scores chunks of the reference against the rest; a scrape in the middle of it (from another
+    thread, here at the worst moment) must still read the whole reference, not "the rest"."""
+    seen: list[tuple[float, float]] = []
+
+    class ScrapedMidCalibration(DriftEngine):
+        def score(self, *args, **kwargs):
+            if args[2] == -1:  # a calibration chunk (index -1)
+                seen.append(reference_seen(self))
+            return super().score(*args, **kwargs)
+
+    engine = ScrapedMidCalibration("m", CALIBRATED)
+    feed_rows(engine, np.random.default_rng(11).normal(size=(1000, 2)))
+    assert engine.calibrated  # it did calibrate...
+    assert len(seen) == 10  # ...over 10 chunks of one window (100 rows), each seen by a scrape
+    assert set(seen) == {(1000.0, 1000.0)}  # every scrape: all 1000 rows, in the bins and in the row count
+
+
+def test_scrapes_racing_the_worker_through_capture_and_calibration_see_no_partial_reference():
+    """The worker thread captures, builds and calibrates while another thread scrapes as fast as it can."""
+    engine = DriftEngine("m", dataclasses.replace(CALIBRATED, capture=3000, queue_size=10_000))
+    rng = np.random.default_rng(12)
+    calls = [fp64_call(rng.normal(size=(1, 2))) for _ in range(3000)]
+    engine.start()
+    try:
+        for call in calls:
+            engine.offer(call)
+        seen = []
+        while not engine.calibrated and len(seen) < 200_000:
+            seen.append(reference_seen(engine))
+        assert engine.calibrated, "calibration did not happen"
+        seen.append(reference_seen(engine))
+    finally:
+        engine.stop()
+    assert seen[-1] == (3000.0, 3000.0)
+    assert set(seen) <= {(0.0, 0.0), (3000.0, 3000.0)}  # before the reference, or all of it: never a part

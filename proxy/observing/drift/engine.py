@@ -307,17 +307,16 @@ class DriftEngine:
             part = Rows(rows.numeric[c * size : (c + 1) * size], rows.categorical[c * size : (c + 1) * size])
             counts = reference.new_window()
             reference.add(counts, part)
-            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged.
-            reference.counts = WindowCounts(
+            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged. The
+            # rest is passed to ``score``; the reference's own counts never change, so a scrape reading them from
+            # another thread meanwhile sees the whole reference.
+            rest = WindowCounts(
                 full.numeric - counts.numeric,
                 [a - b for a, b in zip(full.categorical, counts.categorical, strict=True)],
             )
-            try:
-                for result in self.score(counts, ("", ""), -1, 0.0).series:
-                    for method, value in result.scores.items():
-                        scores.setdefault((result.name, method), []).append(value)
-            finally:
-                reference.counts = full
+            for result in self.score(counts, ("", ""), -1, 0.0, against=rest).series:
+                for method, value in result.scores.items():
+                    scores.setdefault((result.name, method), []).append(value)
         self.calibrated = {
             key: float(np.nanmean(values) + k * np.nanstd(values))
             for key, values in scores.items()
@@ -402,19 +401,23 @@ class DriftEngine:
         started: float,
         attribution: AttributionState | None = None,
         pca: PcaState | None = None,
+        *,
+        against: WindowCounts | None = None,
     ) -> WindowResult:
-        """Scores of ``counts`` against the reference, by every configured method."""
+        """Scores of ``counts`` against the reference (or against the counts ``against``, in the reference's bins),
+        by every configured method."""
         reference = self.reference
         assert reference is not None
         assert self.schema is not None
+        base = against if against is not None else reference.counts
         results: list[SeriesResult] = []
-        numeric = _scores(reference.counts.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
+        numeric = _scores(base.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
                           reference.positions, categorical=False)  # fmt: skip
         for j, series in enumerate(self.schema.numeric):
             results.append(self._judge(series.name, series.kind, False, {m: v[j] for m, v in numeric.items()},
                                        int(counts.numeric[j, -1])))  # fmt: skip
         for j, series in enumerate(self.schema.categorical):
-            ref = reference.counts.categorical[j].astype(np.float64)
+            ref = base.categorical[j].astype(np.float64)
             cur = counts.categorical[j].astype(np.float64)
             scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
             results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))

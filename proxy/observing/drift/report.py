@@ -130,7 +130,8 @@ class DriftCollector(Collector):
                 dropped.add_metric([route, reason], n)
             for reason, n in snapshot["decode_errors"].items():
                 errors.add_metric([route, reason], n)
-            reference_rows.add_metric([route], engine.reference.counts.rows if engine.reference else 0)
+            reference = engine.reference  # read once: the worker publishes it (never changes it) meanwhile
+            reference_rows.add_metric([route], reference.counts.rows if reference is not None else 0)
             for (model, ver), n in snapshot["windows"].items():
                 windows.add_metric([route, model, ver], n)
             for result in snapshot["sliding"].values():
