@@ -33,7 +33,7 @@ from mlmirror.looplag import LoopLag
 from mlmirror.metrics import Metrics
 from mlmirror.observing.capture.writer import CaptureCollector, CaptureStats, CaptureWriter
 from mlmirror.observing.drift.engine import DriftEngine
-from mlmirror.observing.drift.metadata_check import model_inputs, profile_mismatches
+from mlmirror.observing.drift.metadata_check import fit_profile, model_inputs
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, drift_status
 from mlmirror.observing.exposure import observer_warnings
@@ -228,7 +228,7 @@ class Proxy:
                 log.warning("route %s: cannot check profile %s against %s's metadata (%s); starting anyway",
                             route.name, engine.spec.profile, target.name, reason)  # fmt: skip
                 continue
-            problems = profile_mismatches(engine.reference, inputs)
+            problems = fit_profile(engine, inputs)  # binds a profile that names no input to the model's
             if problems:
                 raise StartError(
                     f"route {route.name}: profile {engine.spec.profile} does not fit the inputs of {target.name}: "

@@ -25,6 +25,7 @@ from mlmirror import kernels
 from mlmirror.config import Drift
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, ndcg
+from mlmirror.observing.drift.binding import choose_input
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
@@ -149,6 +150,7 @@ class DriftEngine:
         self.latest_counts: dict[tuple[str, str], WindowCounts] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ambiguity_logged = False
 
     # --- event loop side ------------------------------------------------------------------------------------------
 
@@ -162,6 +164,14 @@ class DriftEngine:
             self.dropped["queue_full"] += 1
             return
         self._queue.append(record)
+
+    def bind_input(self, tensor: str) -> None:
+        """Let the profile's features that name no input read the model's input ``tensor`` (see ``binding``)."""
+        assert self.schema is not None
+        self.schema = self.schema.bind(tensor)
+        if self.reference is not None:
+            self.reference.schema = self.schema
+        log.info("drift %s: the profile's unnamed input is the model's input %r", self.route, tensor)
 
     @property
     def queued(self) -> int:
@@ -235,6 +245,8 @@ class DriftEngine:
             version, outputs = response_outputs(record.response or b"")
             if self.schema is None:
                 self.schema = discover(self.spec, inputs, outputs)
+            elif self.schema.unbound:  # the model's metadata did not say which input it is: this call does
+                self._bind_from_call([t.name for t in inputs])
             rows = self.schema.rows(inputs, outputs)
             key = (model or self.route, version or self.spec.model_version)
             if self.ground_truth is not None:
@@ -243,6 +255,19 @@ class DriftEngine:
             self._count_error(exc.reason)
             return None
         return key, rows
+
+    def _bind_from_call(self, inputs: list[str]) -> None:
+        """Bind the profile's unnamed input to the only input of a call; a call with several is an error (its
+        reason ``ambiguous_input``; logged once), and the next call is tried."""
+        preferred = self.reference.preferred_input if self.reference is not None else None
+        try:
+            tensor = choose_input(inputs, preferred)
+        except ValueError as exc:
+            if not self._ambiguity_logged:
+                self._ambiguity_logged = True
+                log.warning("drift %s: calls are not windowed until one has a single input: %s", self.route, exc)
+            raise TensorError("ambiguous_input", str(exc)) from None
+        self.bind_input(tensor)
 
     def _count_error(self, reason: str, n: int = 1) -> None:
         with self._lock:
