@@ -249,7 +249,9 @@ routes: [{{match: {{}}, primary: echo}}]
                 call = channel.unary_unary(ECHO + "Unary")(b"x", timeout=60)
                 await wait_until(lambda: len(echo.received) == 1, what="the call to be in flight")
                 group.send_signal(signal.SIGTERM)  # the workers drain: the call keeps one busy for 20 s
-                await asyncio.sleep(0.5)
+                log = tmp_path / "group.log"
+                await wait_until(lambda: "SIGTERM: stopping the workers" in log.read_text(), 30,
+                                 "the supervisor to take the first SIGTERM")  # fmt: skip
                 group.send_signal(signal.SIGTERM)
                 assert await asyncio.to_thread(group.wait, 10) == 1  # long before the call could finish
                 await wait_until(lambda: not pids_alive(pids), within=10, what="the killed workers to be gone")

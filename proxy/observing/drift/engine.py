@@ -194,15 +194,16 @@ class DriftEngine:
         while not self._stop.wait(POLL):
             self.drain()
 
-    def drain(self) -> None:
-        """Process everything queued now (the worker calls it; tests may too)."""
+    def drain(self, now: float | None = None) -> None:
+        """Process everything queued now (the worker calls it; tests may too), then close the windows older than
+        ``window_time`` at ``now`` (Unix time, seconds; default: the clock's)."""
         batch = []
         while self._queue:
             batch.append(self._queue.popleft())
         try:
             if batch:
                 self._process(batch)
-            self._close_expired(time.time())
+            self._close_expired(time.time() if now is None else now)
         except Exception:  # a bug here must cost a batch of statistics, never the thread
             self._count_error("internal", len(batch))
             log.exception("drift engine of route %s: a batch of %d calls was lost", self.route, len(batch))

@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -48,8 +48,10 @@ class QualityResult:
 class GroundTruthStore:
     """Predictions waiting for outcomes, and the quality windows they feed. Thread-safe (worker and event loop)."""
 
-    def __init__(self, spec: GroundTruth, history: int = 20) -> None:
+    def __init__(self, spec: GroundTruth, history: int = 20, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: seconds, for ``ttl`` (monotonic; tests pass their own)."""
         self.spec = spec
+        self._clock = clock
         self._pending: OrderedDict[str, tuple[tuple[str, str], list, float]] = OrderedDict()
         self._gone: OrderedDict[str, bool] = OrderedDict()  # expired (False) or joined (True) ids, bounded
         self._lock = threading.Lock()
@@ -76,7 +78,7 @@ class GroundTruthStore:
         return [_text(v) for v in values[:, 0].tolist()]
 
     def remember(self, request_id: str, key: tuple[str, str], predictions: list) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._expire(now)
             self._pending[request_id] = (key, predictions, now + self.spec.ttl)
@@ -107,7 +109,7 @@ class GroundTruthStore:
     def report(self, request_id: str, values: Sequence[float], labels: Sequence[str]) -> str:
         """Join one outcome with its prediction; returns one of ``OUTCOME_RESULTS``."""
         with self._lock:
-            self._expire(time.monotonic())
+            self._expire(self._clock())
             entry = self._pending.pop(request_id, None)
             if entry is None:
                 result = (
