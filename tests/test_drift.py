@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
     REPO,
+    FunctionModel,
     feed_rows,
     fp64_call,
     http_get,
@@ -927,3 +928,123 @@ def test_scrapes_racing_the_worker_through_capture_and_calibration_see_no_partia
         engine.stop()
     assert seen[-1] == (3000.0, 3000.0)
     assert set(seen) <= {(0.0, 0.0), (3000.0, 3000.0)}  # before the reference, or all of it: never a part
+
+
+# --- bounded model versions ---------------------------------------------------------------------------------------
+
+
+def exported(engine: DriftEngine) -> dict[str, float]:
+    """Every sample one scrape of ``engine`` exports, by name and labels."""
+    return {
+        f"{sample.name}{sorted(sample.labels.items())}": sample.value
+        for family in DriftCollector(lambda: [engine]).collect()
+        for sample in family.samples
+    }
+
+
+def tracked(engine: DriftEngine) -> dict[str, int]:
+    """How many (model, version) entries each of the engine's per-version structures holds."""
+    kept = {"open": engine._open, "recent": engine._recent, "latest": engine.latest, "windows": engine.windows,
+            "counts": engine.latest_counts, "sliding": engine.sliding}  # fmt: skip
+    return {name: len(values) for name, values in kept.items()} | {"versions": len(engine.versions)}
+
+
+def test_ten_thousand_versions_keep_memory_and_series_flat():
+    """An upstream that answers each call with a new model version: the engine tracks the 8 most recent, retires
+    the others with their windows and series, and counts them."""
+    rng = np.random.default_rng(20)
+    engine = DriftEngine("iris", Drift(window=2, capture=200, sliding=3, multivariate=None))
+    assert engine.spec.max_versions == 8  # the default
+    feed(engine, numeric_calls(sample_features(rng, 200), version="reference"))
+
+    def versions(first: int, last: int) -> Iterable[CallRecord]:
+        x = sample_features(rng, 2 * (last - first))
+        for v in range(first, last):
+            # Two calls per version: each closes a window (window: 2); the last version leaves one open.
+            yield from numeric_calls(x[2 * (v - first) : 2 * (v - first) + 2], version=f"v{v}")
+        yield from numeric_calls(x[:1], version=f"open-{last}")
+
+    feed(engine, versions(0, 1000))
+    after_1000 = exported(engine)
+    sizes_1000 = tracked(engine)
+    feed(engine, versions(1000, 10_000))
+    after_10000 = exported(engine)
+    assert tracked(engine) == sizes_1000
+    assert max(tracked(engine).values()) <= 8
+    assert len(after_10000) == len(after_1000)  # the same number of series...
+    assert any("'v999'" in key for key in after_1000)  # ...of other versions: the most recent ones
+    assert not any("'v999'" in key for key in after_10000)
+    assert any("'v9999'" in key for key in after_10000)
+    # 10,000 versions + 2 open ones + the reference's, less the 8 tracked now
+    assert engine.versions.retired == 10_000 + 2 + 1 - 8
+    assert after_10000["mlmirror_drift_versions_retired_total[('route', 'iris')]"] == engine.versions.retired
+    assert engine.retired_calls == 1  # open-1000's open window, folded away when it was retired
+    assert engine.accepted == 200 + 20_000 + 2
+    assert_no_internal_errors(engine)
+
+
+def test_ground_truth_quality_windows_are_bounded_by_versions_too():
+    from mlmirror.config import GroundTruth
+    from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
+
+    store = GroundTruthStore(GroundTruth(output="label", window=1, max_pending=100), max_versions=3)
+    for v in range(10_000):
+        store.remember(f"id-{v}", ("iris", f"v{v}"), ["1"])
+        assert store.report(f"id-{v}", [], ["1"]) == "matched"
+    snapshot = store.snapshot()
+    assert sorted(snapshot["latest"]) == [("iris", "v9997"), ("iris", "v9998"), ("iris", "v9999")]
+    assert len(store._windows) == len(store._closed) == 3
+    assert snapshot["results"]["matched"] == 10_000
+
+
+class NewVersions(FunctionModel):
+    """A KServe V2 server that answers with a new model version every 10 calls ("1" for calls 1-10, "2" ...)."""
+
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC method name
+        answer = await super().ModelInfer(request, context)
+        answer.model_version = str((self.calls - 1) // 10 + 1)
+        return answer
+
+
+async def test_a_proxy_whose_upstream_keeps_changing_version_exports_max_versions_of_them():
+    rng = np.random.default_rng(21)
+
+    def scores(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        return [("scores", "FP32", x[:, :2].astype(np.float32))]
+
+    async with NewVersions(scores) as upstream:
+        config = f"""
+        upstreams: {{production: {upstream.address}}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            drift: {{window: 10, capture: 20, max_versions: 4, multivariate: off}}
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary(MODEL_INFER)
+            for _ in range(620):  # versions 1 and 2 are the reference; 3 to 62 each fill one window
+                await infer(infer_request(sample_features(rng, 1)), timeout=10)
+
+            def drift() -> dict:
+                return proxy.status()["routes"][0]["drift"]
+
+            await wait_until(lambda: drift()["calls"] == 620 and drift()["queued"] == 0, 30, "620 calls counted")
+            await wait_until(lambda: drift()["history"] and drift()["history"][-1]["version"] == "62", 30, "v62")
+            status = drift()
+            code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+    assert code == 200
+    assert status["versions"] == {"tracked": 4, "max": 4, "retired": 58, "retired_calls": 0}
+    assert [w["version"] for w in status["latest"]] == ["59", "60", "61", "62"]
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    assert families["mlmirror_drift_versions_retired"].samples[0].value == 58
+    versions = {s.labels["version"] for f in families.values() for s in f.samples if "model" in s.labels}
+    assert versions == {"59", "60", "61", "62"}  # only the tracked ones: 58 versions' series are gone
+
+
+def test_max_versions_is_read_and_checked():
+    assert parse_config(drift_config("max_versions: 3")).routes[0].drift.max_versions == 3
+    assert parse_config(drift_config("window: 10")).routes[0].drift.max_versions == 8
+    error = config_error("max_versions: 0")
+    assert error.key is not None
+    assert error.key.endswith("drift.max_versions")

@@ -29,6 +29,7 @@ from mlmirror.observing.drift.binding import choose_input
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
+from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
 from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
 from mlmirror.serving.sampling import sampled
@@ -137,9 +138,17 @@ class DriftEngine:
         self.history: deque[WindowResult] = deque(maxlen=spec.history)
         self.windows: dict[tuple[str, str], int] = {}
         self.dropped: dict[str, int] = {"queue_full": 0}
+        #: calls counted into windows that were dropped with their model version (retired, see ``versions``)
+        self.retired_calls = 0
         self.decode_errors: dict[str, int] = {}
         self.accepted = 0
-        self.ground_truth = GroundTruthStore(spec.ground_truth, spec.history) if spec.ground_truth else None
+        self.ground_truth = (
+            GroundTruthStore(spec.ground_truth, spec.history, max_versions=spec.max_versions)
+            if spec.ground_truth
+            else None
+        )
+        #: the (model, version) pairs tracked, at most ``max_versions``; ``versions.retired`` counts those dropped
+        self.versions: RecentKeys[tuple[str, str]] = RecentKeys(spec.max_versions)
         self._tracker: AttributionTracker | None = None
         self.reference_importance: np.ndarray | None = None
         self.pca: PcaDrift | None = None
@@ -226,6 +235,9 @@ class DriftEngine:
                 continue
             key, rows = decoded
             self.accepted += 1
+            retired = self.versions.see(key)
+            if retired is not None:
+                self._retire(retired, pending.pop(retired, []))
             if self.reference is None:
                 self._capture(rows, key)
                 continue
@@ -294,6 +306,23 @@ class DriftEngine:
             log.info(
                 "drift %s: reference captured from %d calls (%d rows) of %s version %s",
                 self.route, self._captured_calls, rows.numeric.shape[0], key[0], key[1],
+            )  # fmt: skip
+
+    def _retire(self, key: tuple[str, str], pending: list[Rows]) -> None:
+        """Drop what is kept for model version ``key`` (retired by a newer one): its open window (its calls, and
+        ``pending`` calls of this batch, count in ``retired_calls``), its latest results and series."""
+        window = self._open.pop(key, None)
+        self._recent.pop(key, None)
+        with self._lock:
+            self.retired_calls += len(pending) + (window.counts.calls if window is not None else 0)
+            for kept in (self.latest, self.windows, self.latest_counts, self.sliding):
+                kept.pop(key, None)
+        if self.ground_truth is not None:
+            self.ground_truth.retire(key)
+        if self.versions.retired == 1 or self.versions.retired % 1000 == 0:
+            log.warning(
+                "drift %s: more than %d model versions; the least recently seen are retired (%d so far, now %s v%s)",
+                self.route, self.spec.max_versions, self.versions.retired, key[0], key[1],
             )  # fmt: skip
 
     def _window(self, key: tuple[str, str]) -> _Open:
