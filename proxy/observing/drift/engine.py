@@ -8,6 +8,7 @@ version with the Numba kernels (which release the GIL). The first ``capture`` ca
 profile is configured. A window closes after ``window`` calls of one version or ``window_time`` seconds; its scores
 are computed from counts and published (``latest``, ``history``, and the ``sliding`` view). The worker hands the GIL
 back to the event loop every ``YIELD_EVERY`` calls. Calls that cannot be decoded are counted by reason, never raised.
+At most ``max_versions`` model versions are tracked (``versions``); the scoring itself is in ``scoring``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from mlmirror.observing.drift.binding import choose_input
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
+from mlmirror.observing.drift.scoring import (
+    P_VALUE_METHODS,
+    AttributionResult,
+    MultivariateResult,
+    SeriesResult,
+    WindowResult,
+    concat,
+    score_counts,
+    sum_counts,
+)
 from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
 from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
@@ -42,71 +53,8 @@ POLL = 0.02  # seconds between the worker's looks at the queue
 #: Calls decoded between two offers of the GIL to the event loop (~30 µs each): the loop never waits long for it.
 YIELD_EVERY = 4
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-_P_VALUE_METHODS = ("ks", "chi2")
 _NUMERIC_ONLY = ("ks", "w1")
 _CATEGORICAL_ONLY = ("chi2",)
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesResult:
-    """One series in one window: ``scores`` by method (p-values for ks and chi2), and whether it drifted by the
-    route's ``detect`` method (``chi2`` standing in for ``ks`` on categorical series)."""
-
-    name: str
-    kind: str
-    categorical: bool
-    scores: dict[str, float]
-    method: str
-    drifted: bool
-    nan: int
-    threshold: float = math.nan
-
-
-@dataclass(frozen=True, slots=True)
-class AttributionResult:
-    """Feature importances of a window and of the reference, and the NDCG of the window's ranking."""
-
-    importance: dict[str, float]
-    reference: dict[str, float]
-    ndcg: float
-    drifted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class MultivariateResult:
-    """PCA reconstruction error of a window, the reference's, and the calibrated upper bound."""
-
-    error: float
-    reference: float
-    upper: float
-    drifted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WindowResult:
-    """A closed window of one model version."""
-
-    route: str
-    model: str
-    version: str
-    index: int
-    calls: int
-    rows: int
-    started: float
-    ended: float
-    series: tuple[SeriesResult, ...]
-    attribution: AttributionResult | None = None
-    multivariate: MultivariateResult | None = None
-
-    @property
-    def feature_drift_share(self) -> float:
-        """Share of input features that drifted (data drift); NaN without features."""
-        features = [s for s in self.series if s.kind == "feature"]
-        return sum(s.drifted for s in features) / len(features) if features else math.nan
-
-    @property
-    def drifted_outputs(self) -> list[str]:
-        return [s.name for s in self.series if s.kind == "output" and s.drifted]
 
 
 @dataclass
@@ -291,7 +239,7 @@ class DriftEngine:
         self._captured_calls += 1
         if self._captured_calls >= self.spec.capture:
             assert self.schema is not None
-            rows = _concat(self._captured)
+            rows = concat(self._captured)
             self.reference = Reference.build(
                 self.schema, rows, self.spec.bins, calls=self._captured_calls, model=key[0], version=key[1]
             )
@@ -375,7 +323,7 @@ class DriftEngine:
         self.calibrated = {
             key: float(np.nanmean(values) + k * np.nanstd(values))
             for key, values in scores.items()
-            if key[1] not in _P_VALUE_METHODS
+            if key[1] not in P_VALUE_METHODS
         }
 
     def _features(self) -> list[int]:
@@ -422,7 +370,7 @@ class DriftEngine:
 
     def _add(self, window: _Open, group: list[Rows]) -> None:
         assert self.reference is not None
-        rows = _concat(group)
+        rows = concat(group)
         self.reference.add(window.counts, rows)
         window.counts.calls += len(group)
         if window.attribution is not None and self._tracker is not None:
@@ -437,7 +385,7 @@ class DriftEngine:
         if self.spec.sliding:
             recent = self._recent.setdefault(key, deque(maxlen=self.spec.sliding))
             recent.append((window.counts, window.started))
-            sliding = self.score(_sum_counts([c for c, _ in recent]), key, window.index, recent[0][1])
+            sliding = self.score(sum_counts([c for c, _ in recent]), key, window.index, recent[0][1])
         with self._lock:
             self.windows[key] = window.index + 1
             self.latest[key] = result
@@ -466,7 +414,7 @@ class DriftEngine:
         assert self.schema is not None
         base = against if against is not None else reference.counts
         results: list[SeriesResult] = []
-        numeric = _scores(base.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
+        numeric = score_counts(base.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
                           reference.positions, categorical=False)  # fmt: skip
         for j, series in enumerate(self.schema.numeric):
             results.append(self._judge(series.name, series.kind, False, {m: v[j] for m, v in numeric.items()},
@@ -474,7 +422,7 @@ class DriftEngine:
         for j, series in enumerate(self.schema.categorical):
             ref = base.categorical[j].astype(np.float64)
             cur = counts.categorical[j].astype(np.float64)
-            scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
+            scores = score_counts(ref, cur, self.spec.methods, None, categorical=True)
             results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
         return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
                             tuple(results), self._attribution(attribution), self._multivariate(pca))  # fmt: skip
@@ -509,7 +457,7 @@ class DriftEngine:
             method = "ks"
         value = scores.get(method, math.nan)
         threshold = self.calibrated.get((name, method), self.spec.threshold(method))
-        drifted = bool(value < threshold) if method in _P_VALUE_METHODS else bool(value > threshold)
+        drifted = bool(value < threshold) if method in P_VALUE_METHODS else bool(value > threshold)
         return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan, threshold)
 
     # --- what the outside sees ------------------------------------------------------------------------------------
@@ -541,57 +489,3 @@ class EngineSnapshot(TypedDict):
     decode_errors: dict[str, int]
     sliding: dict[tuple[str, str], WindowResult]
     counts: dict[tuple[str, str], WindowCounts]
-
-
-def _sum_counts(windows: list[WindowCounts]) -> WindowCounts:
-    """The counts of several windows together (counts merge by addition)."""
-    first = windows[0]
-    return WindowCounts(
-        numeric=sum((w.numeric for w in windows), np.zeros_like(first.numeric)),
-        categorical=[
-            sum((w.categorical[j] for w in windows), np.zeros_like(c)) for j, c in enumerate(first.categorical)
-        ],
-        calls=sum(w.calls for w in windows),
-        rows=sum(w.rows for w in windows),
-    )
-
-
-def _concat(groups: list[Rows]) -> Rows:
-    if len(groups) == 1:
-        return groups[0]
-    return Rows(np.concatenate([g.numeric for g in groups]), np.concatenate([g.categorical for g in groups]))
-
-
-def _scores(
-    reference: np.ndarray,
-    current: np.ndarray,
-    methods: tuple[str, ...],
-    positions: np.ndarray | None,
-    *,
-    categorical: bool,
-) -> dict[str, np.ndarray]:
-    """Each method's score per row of the [series, K] count arrays (p-values for ks and chi2)."""
-    if reference.ndim == 1:
-        reference, current = reference[None, :], current[None, :]
-    wanted = set(methods) | ({"chi2"} if categorical else {"ks"})
-    if reference.shape[0] == 0:
-        return {m: np.empty(0) for m in wanted}
-    out: dict[str, np.ndarray] = {}
-    for method in wanted:
-        if method == "psi":
-            out[method] = kernels.psi(reference, current)
-        elif method == "kl":
-            out[method] = kernels.kl(reference, current)
-        elif method == "js":
-            out[method] = kernels.js(reference, current)
-        elif method == "hellinger":
-            out[method] = kernels.hellinger(reference, current)
-        elif method == "linf":
-            out[method] = kernels.linf(reference, current)
-        elif method == "chi2":
-            out[method] = kernels.chi_square(reference, current)[2]
-        elif method == "ks" and not categorical:
-            out[method] = kernels.ks(reference, current)[1]
-        elif method == "w1" and not categorical and positions is not None:
-            out[method] = kernels.wasserstein(reference, current, positions)
-    return out
