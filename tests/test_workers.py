@@ -145,7 +145,11 @@ async def test_two_workers_share_the_port_and_the_hub_holds_one_truth(tmp_path):
             def copies(state: dict) -> int:
                 return state["routes"][0]["shadows"][0]["mirrored"].get("OK", 0)
 
-            state = await polled(status, lambda s: copies(s) == 400, "the hub's 400 shadow copies")
+            def settled(state: dict) -> bool:  # the hub's copies and its drift engine's worker thread caught up
+                drift = state["routes"][0]["drift"]
+                return copies(state) == 400 and drift["calls"] == 400 and len(drift["history"]) == 3
+
+            state = await polled(status, settled, "the hub's 400 shadow copies and 400 drift calls")
             route = state["routes"][0]
             assert route["calls"] == {"OK": 400}  # summed over the workers
             workers = state["workers"]
