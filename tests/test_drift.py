@@ -1048,3 +1048,22 @@ def test_max_versions_is_read_and_checked():
     error = config_error("max_versions: 0")
     assert error.key is not None
     assert error.key.endswith("drift.max_versions")
+
+
+def test_calls_being_decoded_still_count_as_queued():
+    """``queued`` 0 must mean every offered call is counted (tools wait for it before reporting outcomes); the
+    worker takes the whole queue into a batch at once, and the batch's calls are not counted until decoded."""
+    seen: list[int] = []
+
+    class Watched(DriftEngine):
+        def _process(self, batch):
+            seen.append(self.queued)  # mid-batch, as a scrape from another thread would see it
+            super()._process(batch)
+
+    engine = Watched("iris", Drift(window=10, capture=10, multivariate=None))
+    for call in numeric_calls(sample_features(np.random.default_rng(22), 25)):
+        engine.offer(call)
+    assert engine.queued == 25
+    engine.drain()
+    assert seen == [25]
+    assert (engine.queued, engine.accepted) == (0, 25)

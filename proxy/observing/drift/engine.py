@@ -108,6 +108,7 @@ class DriftEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ambiguity_logged = False
+        self._taken = 0  # calls of the batch the worker is decoding (see ``queued``)
 
     # --- event loop side ------------------------------------------------------------------------------------------
 
@@ -132,8 +133,9 @@ class DriftEngine:
 
     @property
     def queued(self) -> int:
-        """Calls waiting for the worker."""
-        return len(self._queue)
+        """Calls not yet counted: waiting for the worker, or in the batch it is decoding (0: every offered call is
+        in the windows, its prediction stored for ground truth)."""
+        return len(self._queue) + self._taken
 
     def start(self) -> None:
         kernels.warm_up()  # compile (or load) the kernels now, not on the first window
@@ -156,6 +158,7 @@ class DriftEngine:
         ``window_time`` at ``now`` (Unix time, seconds; default: the clock's)."""
         batch = []
         while self._queue:
+            self._taken += 1  # counted before it leaves the queue: ``queued`` never dips below the truth
             batch.append(self._queue.popleft())
         try:
             if batch:
@@ -164,6 +167,8 @@ class DriftEngine:
         except Exception:  # a bug here must cost a batch of statistics, never the thread
             self._count_error("internal", len(batch))
             log.exception("drift engine of route %s: a batch of %d calls was lost", self.route, len(batch))
+        finally:
+            self._taken = 0
 
     def _close_expired(self, now: float) -> None:
         """Close the windows older than ``window_time`` (those with calls; an empty window just goes on)."""
