@@ -65,7 +65,7 @@ def profile_mismatches(reference: Reference, inputs: dict[str, tuple[str, list]]
     for series in reference.schema.series:
         if series.kind != "feature":
             continue
-        found = inputs.get(series.tensor)
+        found = inputs.get(series.tensor) if series.tensor is not None else None
         if found is None:
             problems.append(f"{series.name}: the model has no input {series.tensor!r} (it has {sorted(inputs)})")
             continue

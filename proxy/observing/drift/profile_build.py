@@ -19,6 +19,7 @@ proxy checks at start-up and says what differs.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def read_table(path: Path, input_name: str | None = None, names: list[str] | Non
     )
 
 
-def _columns(tensors: list[tuple[str | None, np.ndarray]], names: list[str] | None) -> tuple[Schema, Rows]:
+def _columns(tensors: Sequence[tuple[str | None, np.ndarray]], names: list[str] | None) -> tuple[Schema, Rows]:
     series: list[Series] = []
     numeric: list[np.ndarray] = []
     categorical: list[np.ndarray] = []

@@ -66,7 +66,8 @@ class Schema:
 
     def rows(self, inputs: list[Tensor], outputs: list[Tensor]) -> Rows:
         """The values of every series in one call; raises ``TensorError`` (with a reason) when they are not there."""
-        tensors = {("feature", t.name): t for t in inputs} | {("output", t.name): t for t in outputs}
+        tensors: dict[tuple[str, str | None], Tensor] = {("feature", t.name): t for t in inputs}
+        tensors |= {("output", t.name): t for t in outputs}  # an unbound series (tensor None) finds none
         n: int | None = None
         numeric: list[np.ndarray] = []
         categorical: list[np.ndarray] = []
