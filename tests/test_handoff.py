@@ -291,6 +291,7 @@ async def test_calls_no_consumer_samples_never_cross_the_door(tmp_path):
         await receiver.close()
 
 
+@pytest.mark.process
 def test_bench_door_prints_the_serving_side_cost_of_both_formats():
     done = subprocess.run([sys.executable, "-m", "loadtest.bench_door", "--calls", "400", "--repeat", "1"],
                           capture_output=True, text=True, cwd=REPO, timeout=120, check=False)  # fmt: skip
