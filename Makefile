@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check bench chaos fuzz clean
+.PHONY: run test lint typecheck check bench chaos explore fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/mlmirror demo
 
+# Hypothesis runs its fixed (derandomized) examples here: the "ci" profile of tests/conftest.py.
 test: lint
-	$(BIN)/python -m pytest
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -46,10 +47,17 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/python -m loadtest.chaos
 
-# Coverage-guided fuzzing with atheris (optional: installed here, not a test dependency); FUZZ_RUNS per harness.
+# The property tests with random examples, many more of them; what they find is replayed first on the next run.
+HYPOTHESIS_TESTS := tests/test_kernels.py tests/test_config_fuzz.py tests/test_compare.py tests/test_routing.py \
+	tests/test_extproc.py tests/test_handoff.py tests/test_hypothesis_profiles.py
+explore: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q $(HYPOTHESIS_TESTS)
+
+# Random property tests (explore), then coverage-guided fuzzing with atheris (optional: installed here, not a test
+# dependency); FUZZ_RUNS per harness.
 # The config harness starts from the example config; its corpus grows in $(VENV)/fuzz-corpus.
 FUZZ_RUNS ?= 200000
-fuzz: $(STAMP)
+fuzz: explore
 	$(BIN)/python -m pip install --quiet atheris
 	$(BIN)/python tests/fuzz/fuzz_kserve.py -atheris_runs=$(FUZZ_RUNS)
 	mkdir -p $(VENV)/fuzz-corpus/config && cp examples/mlmirror.yaml $(VENV)/fuzz-corpus/config/

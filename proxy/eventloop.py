@@ -20,8 +20,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def loop_name() -> str:
-    return "uvloop" if loop_factory() is not None else "asyncio"
+def loop_name(loop: asyncio.AbstractEventLoop | None = None) -> str:
+    """The kind of ``loop`` (default: the running one): "uvloop" or "asyncio" — what runs, not what is installed."""
+    loop = loop if loop is not None else asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.split(".")[0] == "uvloop" else "asyncio"
 
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:

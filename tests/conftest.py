@@ -1,4 +1,15 @@
-"""Test configuration: coroutine tests run on their own event loop (uvloop, as the proxy does)."""
+"""Test configuration: coroutine tests run on their own event loop (uvloop, as the proxy does), and hypothesis runs
+the same examples on every machine unless asked to explore.
+
+Hypothesis profiles, chosen by ``$HYPOTHESIS_PROFILE``:
+
+- ``ci`` (the default): derandomized (examples follow from each test's code, not from a random seed), no example
+  database (examples found on one run cannot change what the next one runs), no deadline (a busy machine is no
+  failure). ``make test`` runs this.
+- ``explore``: random examples, at least 1000 per test (tests that set their own count take the larger), and the
+  local ``.hypothesis`` database so that what a run finds is replayed first on the next. ``make explore`` (and
+  ``make fuzz``) run this; a failure it finds becomes an ``@example`` in the test.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +19,36 @@ import os
 import sys
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from mlmirror.eventloop import loop_factory
+
+PROFILES = ("ci", "explore")
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "explore",
+    derandomize=False,
+    database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
+    max_examples=1000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+_profile = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+if _profile not in PROFILES:
+    raise pytest.UsageError(f"HYPOTHESIS_PROFILE={_profile!r}: expected one of {', '.join(PROFILES)}")
+settings.load_profile(_profile)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -24,6 +61,10 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(pyfuncitem.obj(**kwargs))
     return True
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis profile: {_profile}"
 
 
 # `make check` leaves out the tests marked slow or process; a test that starts a child process without either mark

@@ -27,7 +27,9 @@ from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 from mlmirror.protos import inference_pb2
 from mlmirror.serving.sampling import RequestIds, sampled, sampling_point
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=max(150, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # --- building messages ------------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ def test_huge_declared_shapes_fail_fast_without_allocating(shape, datatype, raw)
         tracemalloc.stop()
     expected = "bad_shape" if math.prod(shape) > MAX_ELEMENTS else ("byte_length" if raw else "element_count")
     assert caught.value.reason == expected
-    assert elapsed < 0.5
+    assert elapsed < 5.0  # refused from the header: reading 2**40 elements would take hours, not a busy second
     assert peak < 1 << 20
 
 

@@ -27,14 +27,24 @@ from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowResult
 from mlmirror.observing.drift.reference import Reference
-from mlmirror.observing.drift.report import render_drift
+from mlmirror.observing.drift.report import DriftCollector, render_drift
 from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
 from mlmirror.runtime.proxy import Proxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, http_get, model_server, running_proxy, through_proxy, wait_until
+from tests.support import (
+    REPO,
+    FunctionModel,
+    feed_rows,
+    fp64_call,
+    http_get,
+    model_server,
+    running_proxy,
+    through_proxy,
+    wait_until,
+)
 
 Output = tuple[str, str, np.ndarray]  # (name, KServe datatype, values)
 
@@ -861,3 +871,199 @@ def test_a_percent_watches_the_calls_the_request_id_hash_samples():
     expected = sum(sampled(r.request_id, 25.0) for r in records)
     assert engine.accepted == expected
     assert 60 < expected < 140
+
+
+# --- a scrape while the worker calibrates --------------------------------------------------------------------------
+
+
+def reference_seen(engine: DriftEngine) -> tuple[float, float]:
+    """(mlmirror_drift_reference_rows, sum of mlmirror_drift_reference_bins) in one scrape of ``engine``."""
+    rows = bins = 0.0
+    for family in DriftCollector(lambda: [engine]).collect():
+        for sample in family.samples:
+            if sample.name == "mlmirror_drift_reference_rows":
+                rows = sample.value
+            elif sample.name == "mlmirror_drift_reference_bins":
+                bins += sample.value
+    return rows, bins
+
+
+CALIBRATED = Drift(window=100, capture=1000, methods=("psi", "ks"), calibrate=3.0, multivariate=None,
+                   export_bins=("input[0]",))  # fmt: skip
+
+
+def test_a_scrape_during_calibration_sees_the_whole_reference():
+    """Calibration scores chunks of the reference against the rest; a scrape in the middle of it (from another
+    thread, here at the worst moment) must still read the whole reference, not "the rest"."""
+    seen: list[tuple[float, float]] = []
+
+    class ScrapedMidCalibration(DriftEngine):
+        def score(self, *args, **kwargs):
+            if args[2] == -1:  # a calibration chunk (index -1)
+                seen.append(reference_seen(self))
+            return super().score(*args, **kwargs)
+
+    engine = ScrapedMidCalibration("m", CALIBRATED)
+    feed_rows(engine, np.random.default_rng(11).normal(size=(1000, 2)))
+    assert engine.calibrated  # it did calibrate...
+    assert len(seen) == 10  # ...over 10 chunks of one window (100 rows), each seen by a scrape
+    assert set(seen) == {(1000.0, 1000.0)}  # every scrape: all 1000 rows, in the bins and in the row count
+
+
+def test_scrapes_racing_the_worker_through_capture_and_calibration_see_no_partial_reference():
+    """The worker thread captures, builds and calibrates while another thread scrapes as fast as it can."""
+    engine = DriftEngine("m", dataclasses.replace(CALIBRATED, capture=3000, queue_size=10_000))
+    rng = np.random.default_rng(12)
+    calls = [fp64_call(rng.normal(size=(1, 2))) for _ in range(3000)]
+    engine.start()
+    try:
+        for call in calls:
+            engine.offer(call)
+        seen = []
+        while not engine.calibrated and len(seen) < 200_000:
+            seen.append(reference_seen(engine))
+        assert engine.calibrated, "calibration did not happen"
+        seen.append(reference_seen(engine))
+    finally:
+        engine.stop()
+    assert seen[-1] == (3000.0, 3000.0)
+    assert set(seen) <= {(0.0, 0.0), (3000.0, 3000.0)}  # before the reference, or all of it: never a part
+
+
+# --- bounded model versions ---------------------------------------------------------------------------------------
+
+
+def exported(engine: DriftEngine) -> dict[str, float]:
+    """Every sample one scrape of ``engine`` exports, by name and labels."""
+    return {
+        f"{sample.name}{sorted(sample.labels.items())}": sample.value
+        for family in DriftCollector(lambda: [engine]).collect()
+        for sample in family.samples
+    }
+
+
+def tracked(engine: DriftEngine) -> dict[str, int]:
+    """How many (model, version) entries each of the engine's per-version structures holds."""
+    kept = {"open": engine._open, "recent": engine._recent, "latest": engine.latest, "windows": engine.windows,
+            "counts": engine.latest_counts, "sliding": engine.sliding}  # fmt: skip
+    return {name: len(values) for name, values in kept.items()} | {"versions": len(engine.versions)}
+
+
+def test_ten_thousand_versions_keep_memory_and_series_flat():
+    """An upstream that answers each call with a new model version: the engine tracks the 8 most recent, retires
+    the others with their windows and series, and counts them."""
+    rng = np.random.default_rng(20)
+    engine = DriftEngine("iris", Drift(window=2, capture=200, sliding=3, multivariate=None))
+    assert engine.spec.max_versions == 8  # the default
+    feed(engine, numeric_calls(sample_features(rng, 200), version="reference"))
+
+    def versions(first: int, last: int) -> Iterable[CallRecord]:
+        x = sample_features(rng, 2 * (last - first))
+        for v in range(first, last):
+            # Two calls per version: each closes a window (window: 2); the last version leaves one open.
+            yield from numeric_calls(x[2 * (v - first) : 2 * (v - first) + 2], version=f"v{v}")
+        yield from numeric_calls(x[:1], version=f"open-{last}")
+
+    feed(engine, versions(0, 1000))
+    after_1000 = exported(engine)
+    sizes_1000 = tracked(engine)
+    feed(engine, versions(1000, 10_000))
+    after_10000 = exported(engine)
+    assert tracked(engine) == sizes_1000
+    assert max(tracked(engine).values()) <= 8
+    assert len(after_10000) == len(after_1000)  # the same number of series...
+    assert any("'v999'" in key for key in after_1000)  # ...of other versions: the most recent ones
+    assert not any("'v999'" in key for key in after_10000)
+    assert any("'v9999'" in key for key in after_10000)
+    # 10,000 versions + 2 open ones + the reference's, less the 8 tracked now
+    assert engine.versions.retired == 10_000 + 2 + 1 - 8
+    assert after_10000["mlmirror_drift_versions_retired_total[('route', 'iris')]"] == engine.versions.retired
+    assert engine.retired_calls == 1  # open-1000's open window, folded away when it was retired
+    assert engine.accepted == 200 + 20_000 + 2
+    assert_no_internal_errors(engine)
+
+
+def test_ground_truth_quality_windows_are_bounded_by_versions_too():
+    from mlmirror.config import GroundTruth
+    from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
+
+    store = GroundTruthStore(GroundTruth(output="label", window=1, max_pending=100), max_versions=3)
+    for v in range(10_000):
+        store.remember(f"id-{v}", ("iris", f"v{v}"), ["1"])
+        assert store.report(f"id-{v}", [], ["1"]) == "matched"
+    snapshot = store.snapshot()
+    assert sorted(snapshot["latest"]) == [("iris", "v9997"), ("iris", "v9998"), ("iris", "v9999")]
+    assert len(store._windows) == len(store._closed) == 3
+    assert snapshot["results"]["matched"] == 10_000
+
+
+class NewVersions(FunctionModel):
+    """A KServe V2 server that answers with a new model version every 10 calls ("1" for calls 1-10, "2" ...)."""
+
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC method name
+        answer = await super().ModelInfer(request, context)
+        answer.model_version = str((self.calls - 1) // 10 + 1)
+        return answer
+
+
+async def test_a_proxy_whose_upstream_keeps_changing_version_exports_max_versions_of_them():
+    rng = np.random.default_rng(21)
+
+    def scores(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        return [("scores", "FP32", x[:, :2].astype(np.float32))]
+
+    async with NewVersions(scores) as upstream:
+        config = f"""
+        upstreams: {{production: {upstream.address}}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            drift: {{window: 10, capture: 20, max_versions: 4, multivariate: off}}
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary(MODEL_INFER)
+            for _ in range(620):  # versions 1 and 2 are the reference; 3 to 62 each fill one window
+                await infer(infer_request(sample_features(rng, 1)), timeout=10)
+
+            def drift() -> dict:
+                return proxy.status()["routes"][0]["drift"]
+
+            await wait_until(lambda: drift()["calls"] == 620 and drift()["queued"] == 0, 30, "620 calls counted")
+            await wait_until(lambda: drift()["history"] and drift()["history"][-1]["version"] == "62", 30, "v62")
+            status = drift()
+            code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+    assert code == 200
+    assert status["versions"] == {"tracked": 4, "max": 4, "retired": 58, "retired_calls": 0}
+    assert [w["version"] for w in status["latest"]] == ["59", "60", "61", "62"]
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    assert families["mlmirror_drift_versions_retired"].samples[0].value == 58
+    versions = {s.labels["version"] for f in families.values() for s in f.samples if "model" in s.labels}
+    assert versions == {"59", "60", "61", "62"}  # only the tracked ones: 58 versions' series are gone
+
+
+def test_max_versions_is_read_and_checked():
+    assert parse_config(drift_config("max_versions: 3")).routes[0].drift.max_versions == 3
+    assert parse_config(drift_config("window: 10")).routes[0].drift.max_versions == 8
+    error = config_error("max_versions: 0")
+    assert error.key is not None
+    assert error.key.endswith("drift.max_versions")
+
+
+def test_calls_being_decoded_still_count_as_queued():
+    """``queued`` 0 must mean every offered call is counted (tools wait for it before reporting outcomes); the
+    worker takes the whole queue into a batch at once, and the batch's calls are not counted until decoded."""
+    seen: list[int] = []
+
+    class Watched(DriftEngine):
+        def _process(self, batch):
+            seen.append(self.queued)  # mid-batch, as a scrape from another thread would see it
+            super()._process(batch)
+
+    engine = Watched("iris", Drift(window=10, capture=10, multivariate=None))
+    for call in numeric_calls(sample_features(np.random.default_rng(22), 25)):
+        engine.offer(call)
+    assert engine.queued == 25
+    engine.drain()
+    assert seen == [25]
+    assert (engine.queued, engine.accepted) == (0, 25)

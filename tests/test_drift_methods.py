@@ -11,7 +11,7 @@ from mlmirror.config import DRIFT_METHODS as CONFIG_DEFAULTS
 from mlmirror.config import Drift, parse_config
 from mlmirror.errors import ConfigError
 from mlmirror.kernels.methods import DEFAULT_CATEGORICAL, DEFAULT_NUMERIC, DRIFT_METHODS, methods_table
-from mlmirror.observing.drift import engine
+from mlmirror.observing.drift.scoring import score_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_the_engine_scores_what_the_registry_says_applies(categorical: bool):
     reference = rng.integers(1, 50, size=(2, 6)).astype(np.float64)
     current = rng.integers(1, 50, size=(2, 6)).astype(np.float64)
     positions = np.tile(np.arange(6, dtype=np.float64), (2, 1))
-    scores = engine._scores(reference, current, tuple(DRIFT_METHODS), positions, categorical=categorical)
+    scores = score_counts(reference, current, tuple(DRIFT_METHODS), positions, categorical=categorical)
     expected = {name for name, m in DRIFT_METHODS.items() if m.applies_to(categorical=categorical)}
     assert set(scores) == expected
     assert (DEFAULT_CATEGORICAL if categorical else DEFAULT_NUMERIC) in scores

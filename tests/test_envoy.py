@@ -17,7 +17,7 @@ from mlmirror.demo.traffic import infer_request
 
 from loadtest.envoy import DATAPLANE, FRONT_PROXY, envoy_binary, load, on_ports
 from loadtest.ports import free_port
-from tests.support import envoy_running, model_server, running_proxy
+from tests.support import envoy_running, http_get, model_server, running_proxy, wait_until
 
 pytestmark = pytest.mark.process  # starts Envoy
 
@@ -38,11 +38,19 @@ def test_the_envoy_folder_holds_only_tested_configs():
 
 @contextlib.asynccontextmanager
 async def envoy(tmp: Path, upstream_ports: list[int]):
-    """Envoy running envoy/front-proxy.yaml with its ports moved to free ones; yields its listener port."""
-    listen = free_port()
-    config = on_ports(load(FRONT_PROXY), listen, free_port(), {"mlmirror": upstream_ports})
+    """Envoy running envoy/front-proxy.yaml with its ports moved to free ones; yields (listener port, admin port)."""
+    listen, admin = free_port(), free_port()
+    config = on_ports(load(FRONT_PROXY), listen, admin, {"mlmirror": upstream_ports})
     async with envoy_running(config, tmp):
-        yield listen
+        yield listen, admin
+
+
+def health_flags(admin: int, port: int) -> str:
+    """Envoy's health flags for the mlmirror endpoint on ``port`` ("healthy", or why not), from its admin."""
+    code, body = http_get(f"http://127.0.0.1:{admin}/clusters")
+    assert code == 200, body
+    prefix = f"mlmirror::127.0.0.1:{port}::health_flags::"
+    return next((line[len(prefix) :] for line in body.splitlines() if line.startswith(prefix)), "")
 
 
 async def test_envoy_balances_across_instances_and_drops_a_draining_one(tmp_path):
@@ -53,7 +61,7 @@ async def test_envoy_balances_across_instances_and_drops_a_draining_one(tmp_path
         routes: [{{match: {{model: iris}}, primary: production}}]
         """
         async with running_proxy(config) as a, running_proxy(config) as b:  # noqa: SIM117 - envoy needs their ports
-            async with envoy(tmp_path, [a.grpc_port, b.grpc_port]) as port:
+            async with envoy(tmp_path, [a.grpc_port, b.grpc_port]) as (port, admin):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                     infer = channel.unary_unary(MODEL_INFER)
 
@@ -72,8 +80,11 @@ async def test_envoy_balances_across_instances_and_drops_a_draining_one(tmp_path
                     assert calls_a + calls_b == 60
                     assert calls_a > 10
                     assert calls_b > 10  # round robin over both instances
+                    assert health_flags(admin, a.grpc_port) == "healthy"
                     stopping = asyncio.get_running_loop().create_task(a.stop(grace=3.0))  # a drains: NOT_SERVING
-                    await asyncio.sleep(2.5)  # Envoy's 1 s health checks notice
+                    # Envoy's 1 s health checks notice a's NOT_SERVING (a waits 3 s for calls meanwhile).
+                    await wait_until(lambda: health_flags(admin, a.grpc_port) not in ("", "healthy"), 30,
+                                     "Envoy to mark the draining instance unhealthy")  # fmt: skip
                     second = await send(60)
                     await stopping
                     assert set(second) == {"production"}  # no call failed

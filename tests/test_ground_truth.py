@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import grpc
 import numpy as np
@@ -59,7 +58,10 @@ def probabilities(rows: np.ndarray) -> list[Tensor]:
 
 
 def test_predictions_join_their_outcomes_and_the_rest_is_counted():
-    store = GroundTruthStore(GroundTruth(output="probabilities", window=4, ttl=0.2, max_pending=3))
+    now = [0.0]  # seconds: the store's clock, moved by hand (a busy machine's pauses cannot expire anything)
+    store = GroundTruthStore(
+        GroundTruth(output="probabilities", window=4, ttl=0.2, max_pending=3), clock=lambda: now[0]
+    )
     key = ("iris", "1")
     preds = store.predictions(probabilities(np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])))
     assert preds == ["1", "0"]
@@ -74,7 +76,7 @@ def test_predictions_join_their_outcomes_and_the_rest_is_counted():
     store.remember("e", key, ["0"])
     store.remember("f", key, ["1"])  # pushes "c" out: max_pending is 3
     assert store.report("c", [], ["0"]) == "late"
-    time.sleep(0.25)  # the rest expire
+    now[0] += 0.25  # the rest expire
     assert store.report("d", [], ["0"]) == "late"
     store.remember("g", key, ["0"])
     store.remember("h", key, ["1"])

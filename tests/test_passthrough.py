@@ -110,9 +110,10 @@ async def test_client_deadline_and_upstream_timeout_both_cap_the_upstream_call()
         await stub(b"none")
     long, short, none = (r.time_remaining for r in echo.received)
     slack = 0.01  # grpc-timeout travels rounded up to its unit
-    assert 0.5 < long <= 0.7 + slack  # the upstream timeout is the tighter bound
-    assert 0.2 < short <= 0.4 + slack  # the client's remaining deadline is
-    assert 0.5 < none <= 0.7 + slack
+    # The caps are the upper bounds; the lower ones leave a busy machine's hop through the proxy room.
+    assert 0.35 < long <= 0.7 + slack  # the upstream timeout is the tighter bound
+    assert 0.1 < short <= 0.4 + slack  # the client's remaining deadline is
+    assert 0.35 < none <= 0.7 + slack
 
 
 async def test_no_deadline_at_all_stays_no_deadline():

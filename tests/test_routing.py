@@ -23,7 +23,7 @@ tensors = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=max(300, settings.default.max_examples), deadline=None)
 @given(
     model=names,
     version=names,
@@ -42,7 +42,7 @@ def test_model_name_scan_agrees_with_protobuf(model, version, request_id, inputs
     assert read_string_field(data, 3) == (request_id or None)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=max(200, settings.default.max_examples), deadline=None)
 @given(first=names, second=st.text(min_size=1, max_size=20), body=st.binary(max_size=200))
 def test_the_last_occurrence_of_the_field_wins_as_in_protobuf(first, second, body):
     # Concatenated messages merge; protobuf keeps the last value of a singular field.
@@ -53,7 +53,7 @@ def test_the_last_occurrence_of_the_field_wins_as_in_protobuf(first, second, bod
     assert read_string_field(data, 1) == second
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=max(500, settings.default.max_examples), deadline=None)
 @given(st.binary(max_size=200))
 def test_scanning_arbitrary_bytes_never_raises(data):
     result = read_string_field(data, 1)

@@ -231,8 +231,9 @@ async def test_slow_hung_and_killed_shadows_never_touch_production():
             answers = first + second
             assert {a.code for a in answers} == {grpc.StatusCode.OK}
             assert {a.trailers["x-mlmirror-served-by"] for a in answers} == {"production"}
-            # Production never waited for a shadow: the slow one takes 10 s, the hung one forever.
-            assert max(a.seconds for a in answers) < 2.0
+            # Production never waited for a shadow: the slow one takes 10 s, the hung one forever (a bound well
+            # under 10 s proves it; a tighter one would only measure how busy the machine is).
+            assert max(a.seconds for a in answers) < 5.0
             for name in ("slow", "hung", "killed"):
                 inflight, queued = peak[name]
                 assert inflight <= 4, name

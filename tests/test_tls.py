@@ -72,7 +72,7 @@ async def test_tls_to_an_upstream(certs: Path):
             grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel,
         ):
             with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=10)
     assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
@@ -88,7 +88,7 @@ async def test_mutual_tls_to_an_upstream(certs: Path):
             grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel,
         ):
             with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=10)
     assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
@@ -104,9 +104,9 @@ async def test_mutual_tls_on_the_listener(certs: Path):
             assert await channel.unary_unary(ECHO + "Unary")(b"hi") == b"plain:hi"
         async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca)) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as no_cert:
-                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=10)
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as plaintext:
-                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=2)
+                await channel.unary_unary(ECHO + "Unary")(b"hi", timeout=10)
     assert no_cert.value.code() is grpc.StatusCode.UNAVAILABLE
     assert plaintext.value.code() is grpc.StatusCode.UNAVAILABLE

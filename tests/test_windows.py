@@ -16,16 +16,15 @@ from tests.support import feed_rows
 
 def test_a_time_window_closes_on_time_with_the_calls_it_has():
     rng = np.random.default_rng(0)
-    engine = DriftEngine("m", Drift(window=None, window_time=0.3, capture=200))
+    engine = DriftEngine("m", Drift(window=None, window_time=60.0, capture=200))
     feed_rows(engine, rng.normal(size=(200, 2)))  # the reference
     feed_rows(engine, rng.normal(size=(50, 2)))
     assert engine.latest == {}
-    time.sleep(0.35)
-    engine.drain()  # nothing queued: the worker's tick closes the expired window
+    # The worker's ticks a minute and two minutes on (told the time, so a busy machine's pauses change nothing).
+    engine.drain(now=time.time() + 61.0)  # nothing queued: the tick closes the expired window
     window = engine.latest["m", "1"]
     assert (window.calls, window.index) == (50, 0)
-    time.sleep(0.35)
-    engine.drain()  # an expired window without calls stays open
+    engine.drain(now=time.time() + 122.0)  # an expired window without calls stays open
     assert engine.windows == {("m", "1"): 1}
 
 

@@ -162,7 +162,11 @@ async def test_two_workers_share_the_port_and_the_hub_holds_one_truth(tmp_path):
             def copies(state: dict) -> int:
                 return state["routes"][0]["shadows"][0]["mirrored"].get("OK", 0)
 
-            state = await polled(status, lambda s: copies(s) == 400, "the hub's 400 shadow copies")
+            def settled(state: dict) -> bool:  # the hub's copies and its drift engine's worker thread caught up
+                drift = state["routes"][0]["drift"]
+                return copies(state) == 400 and drift["calls"] == 400 and len(drift["history"]) == 3
+
+            state = await polled(status, settled, "the hub's 400 shadow copies and 400 drift calls")
             route = state["routes"][0]
             assert route["calls"] == {"OK": 400}  # summed over the workers
             workers = state["workers"]
@@ -262,7 +266,9 @@ routes: [{{match: {{}}, primary: echo}}]
                 call = channel.unary_unary(ECHO + "Unary")(b"x", timeout=60)
                 await wait_until(lambda: len(echo.received) == 1, what="the call to be in flight")
                 group.send_signal(signal.SIGTERM)  # the workers drain: the call keeps one busy for 20 s
-                await asyncio.sleep(0.5)
+                log = tmp_path / "group.log"
+                await wait_until(lambda: "SIGTERM: stopping the workers" in log.read_text(), 30,
+                                 "the supervisor to take the first SIGTERM")  # fmt: skip
                 group.send_signal(signal.SIGTERM)
                 assert await asyncio.to_thread(group.wait, 10) == 1  # long before the call could finish
                 await wait_until(lambda: not pids_alive(pids), within=10, what="the killed workers to be gone")

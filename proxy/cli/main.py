@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature (default 10)")
     build.add_argument("--model", default="", help="model name to record")
     build.add_argument("--model-version", default="", help="model version to record")
-    build.add_argument("--input", default="input", help="input tensor of .npy/.csv columns (default input)")
+    build.add_argument("--input", default=None,
+                       help="input tensor of .npy/.csv/.parquet columns (default: the model's only input)")  # fmt: skip
     build.add_argument("--names", help="comma-separated series names for .npy/.npz columns")
     build.set_defaults(run=_profile_build)
 

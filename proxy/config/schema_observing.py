@@ -155,6 +155,10 @@ class Drift:
         100.0, "share of calls watched, chosen by the request-id hash (as shadows sample): the engine's CPU scales "
         "with it", minimum=0, maximum=100,
     )  # fmt: skip
+    max_versions: int = setting(
+        8, "(model, version) pairs tracked at once, with their windows and series; one more retires the least "
+        "recently seen (counted in `mlmirror_drift_versions_retired_total`)", minimum=1, maximum=1000,
+    )  # fmt: skip
 
     def threshold(self, method: str) -> float:
         return self.thresholds[method]

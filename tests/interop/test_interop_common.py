@@ -162,8 +162,6 @@ def test_drift_flags_only_the_shifted_feature(peer: Peer, tmp_path: Path):
     assert shifted["drifted"] == [f"{peer.input_name}[2]"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a profile built from a bare .npy without --input records the "
-                   "tensor name 'input' and does not bind to a single-input model's only input")  # fmt: skip
 def test_a_profile_from_a_bare_npy_binds_to_the_models_only_input(peer: Peer, tmp_path: Path):
     profile = profile_build(peer.train, tmp_path / "profile.npz")
     with running_mlmirror(drift_config(peer, profile, 50), tmp_path) as mirror:

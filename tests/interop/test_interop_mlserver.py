@@ -36,13 +36,6 @@ routes:
     assert list(metadata.inputs) == []  # what MLServer 1.7 says when model-settings.json declares no inputs
 
 
-NO_INPUTS = (
-    "issue 11: mlmirror refuses to start a drift route when the model's ModelMetadata lists no inputs "
-    "(MLServer without declared inputs); it should warn once and start"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=NO_INPUTS)
 def test_drift_starts_and_works_when_the_model_declares_no_inputs(mlserver_peer: Peer, tmp_path: Path):
     bare = dataclasses.replace(mlserver_peer, model="iris-bare")
     profile = profile_build(bare.train, tmp_path / "profile.npz", "--input", bare.input_name)

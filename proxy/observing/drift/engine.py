@@ -8,6 +8,7 @@ version with the Numba kernels (which release the GIL). The first ``capture`` ca
 profile is configured. A window closes after ``window`` calls of one version or ``window_time`` seconds; its scores
 are computed from counts and published (``latest``, ``history``, and the ``sliding`` view). The worker hands the GIL
 back to the event loop every ``YIELD_EVERY`` calls. Calls that cannot be decoded are counted by reason, never raised.
+At most ``max_versions`` model versions are tracked (``versions``); the scoring itself is in ``scoring``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,20 @@ from mlmirror.config import Drift
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.kernels.methods import DEFAULT_CATEGORICAL, DEFAULT_NUMERIC, DRIFT_METHODS
 from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, ndcg
+from mlmirror.observing.drift.binding import choose_input
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
+from mlmirror.observing.drift.scoring import (
+    AttributionResult,
+    MultivariateResult,
+    SeriesResult,
+    WindowResult,
+    concat,
+    score_counts,
+    sum_counts,
+)
+from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
 from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
 from mlmirror.protocol.names import MODEL_INFER
@@ -41,68 +53,6 @@ log = logging.getLogger(__name__)
 POLL = 0.02  # seconds between the worker's looks at the queue
 #: Calls decoded between two offers of the GIL to the event loop (~30 µs each): the loop never waits long for it.
 YIELD_EVERY = 4
-
-
-@dataclass(frozen=True, slots=True)
-class SeriesResult:
-    """One series in one window: ``scores`` by method (p-values for ks and chi2), and whether it drifted by the
-    route's ``detect`` method (``chi2`` standing in for ``ks`` on categorical series)."""
-
-    name: str
-    kind: str
-    categorical: bool
-    scores: dict[str, float]
-    method: str
-    drifted: bool
-    nan: int
-    threshold: float = math.nan
-
-
-@dataclass(frozen=True, slots=True)
-class AttributionResult:
-    """Feature importances of a window and of the reference, and the NDCG of the window's ranking."""
-
-    importance: dict[str, float]
-    reference: dict[str, float]
-    ndcg: float
-    drifted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class MultivariateResult:
-    """PCA reconstruction error of a window, the reference's, and the calibrated upper bound."""
-
-    error: float
-    reference: float
-    upper: float
-    drifted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WindowResult:
-    """A closed window of one model version."""
-
-    route: str
-    model: str
-    version: str
-    index: int
-    calls: int
-    rows: int
-    started: float
-    ended: float
-    series: tuple[SeriesResult, ...]
-    attribution: AttributionResult | None = None
-    multivariate: MultivariateResult | None = None
-
-    @property
-    def feature_drift_share(self) -> float:
-        """Share of input features that drifted (data drift); NaN without features."""
-        features = [s for s in self.series if s.kind == "feature"]
-        return sum(s.drifted for s in features) / len(features) if features else math.nan
-
-    @property
-    def drifted_outputs(self) -> list[str]:
-        return [s.name for s in self.series if s.kind == "output" and s.drifted]
 
 
 @dataclass
@@ -134,9 +84,17 @@ class DriftEngine:
         self.history: deque[WindowResult] = deque(maxlen=spec.history)
         self.windows: dict[tuple[str, str], int] = {}
         self.dropped: dict[str, int] = {"queue_full": 0}
+        #: calls counted into windows that were dropped with their model version (retired, see ``versions``)
+        self.retired_calls = 0
         self.decode_errors: dict[str, int] = {}
         self.accepted = 0
-        self.ground_truth = GroundTruthStore(spec.ground_truth, spec.history) if spec.ground_truth else None
+        self.ground_truth = (
+            GroundTruthStore(spec.ground_truth, spec.history, max_versions=spec.max_versions)
+            if spec.ground_truth
+            else None
+        )
+        #: the (model, version) pairs tracked, at most ``max_versions``; ``versions.retired`` counts those dropped
+        self.versions: RecentKeys[tuple[str, str]] = RecentKeys(spec.max_versions)
         self._tracker: AttributionTracker | None = None
         self.reference_importance: np.ndarray | None = None
         self.pca: PcaDrift | None = None
@@ -147,6 +105,8 @@ class DriftEngine:
         self.latest_counts: dict[tuple[str, str], WindowCounts] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ambiguity_logged = False
+        self._taken = 0  # calls of the batch the worker is decoding (see ``queued``)
 
     # --- event loop side ------------------------------------------------------------------------------------------
 
@@ -161,10 +121,19 @@ class DriftEngine:
             return
         self._queue.append(record)
 
+    def bind_input(self, tensor: str) -> None:
+        """Let the profile's features that name no input read the model's input ``tensor`` (see ``binding``)."""
+        assert self.schema is not None
+        self.schema = self.schema.bind(tensor)
+        if self.reference is not None:
+            self.reference.schema = self.schema
+        log.info("drift %s: the profile's unnamed input is the model's input %r", self.route, tensor)
+
     @property
     def queued(self) -> int:
-        """Calls waiting for the worker."""
-        return len(self._queue)
+        """Calls not yet counted: waiting for the worker, or in the batch it is decoding (0: every offered call is
+        in the windows, its prediction stored for ground truth)."""
+        return len(self._queue) + self._taken
 
     def start(self) -> None:
         kernels.warm_up()  # compile (or load) the kernels now, not on the first window
@@ -182,18 +151,22 @@ class DriftEngine:
         while not self._stop.wait(POLL):
             self.drain()
 
-    def drain(self) -> None:
-        """Process everything queued now (the worker calls it; tests may too)."""
+    def drain(self, now: float | None = None) -> None:
+        """Process everything queued now (the worker calls it; tests may too), then close the windows older than
+        ``window_time`` at ``now`` (Unix time, seconds; default: the clock's)."""
         batch = []
         while self._queue:
+            self._taken += 1  # counted before it leaves the queue: ``queued`` never dips below the truth
             batch.append(self._queue.popleft())
         try:
             if batch:
                 self._process(batch)
-            self._close_expired(time.time())
+            self._close_expired(time.time() if now is None else now)
         except Exception:  # a bug here must cost a batch of statistics, never the thread
             self._count_error("internal", len(batch))
             log.exception("drift engine of route %s: a batch of %d calls was lost", self.route, len(batch))
+        finally:
+            self._taken = 0
 
     def _close_expired(self, now: float) -> None:
         """Close the windows older than ``window_time`` (those with calls; an empty window just goes on)."""
@@ -213,6 +186,9 @@ class DriftEngine:
                 continue
             key, rows = decoded
             self.accepted += 1
+            retired = self.versions.see(key)
+            if retired is not None:
+                self._retire(retired, pending.pop(retired, []))
             if self.reference is None:
                 self._capture(rows, key)
                 continue
@@ -233,6 +209,8 @@ class DriftEngine:
             version, outputs = response_outputs(record.response or b"")
             if self.schema is None:
                 self.schema = discover(self.spec, inputs, outputs)
+            elif self.schema.unbound:  # the model's metadata did not say which input it is: this call does
+                self._bind_from_call([t.name for t in inputs])
             rows = self.schema.rows(inputs, outputs)
             key = (model or self.route, version or self.spec.model_version)
             if self.ground_truth is not None:
@@ -241,6 +219,19 @@ class DriftEngine:
             self._count_error(exc.reason)
             return None
         return key, rows
+
+    def _bind_from_call(self, inputs: list[str]) -> None:
+        """Bind the profile's unnamed input to the only input of a call; a call with several is an error (its
+        reason ``ambiguous_input``; logged once), and the next call is tried."""
+        preferred = self.reference.preferred_input if self.reference is not None else None
+        try:
+            tensor = choose_input(inputs, preferred)
+        except ValueError as exc:
+            if not self._ambiguity_logged:
+                self._ambiguity_logged = True
+                log.warning("drift %s: calls are not windowed until one has a single input: %s", self.route, exc)
+            raise TensorError("ambiguous_input", str(exc)) from None
+        self.bind_input(tensor)
 
     def _count_error(self, reason: str, n: int = 1) -> None:
         with self._lock:
@@ -251,7 +242,7 @@ class DriftEngine:
         self._captured_calls += 1
         if self._captured_calls >= self.spec.capture:
             assert self.schema is not None
-            rows = _concat(self._captured)
+            rows = concat(self._captured)
             self.reference = Reference.build(
                 self.schema, rows, self.spec.bins, calls=self._captured_calls, model=key[0], version=key[1]
             )
@@ -266,6 +257,23 @@ class DriftEngine:
             log.info(
                 "drift %s: reference captured from %d calls (%d rows) of %s version %s",
                 self.route, self._captured_calls, rows.numeric.shape[0], key[0], key[1],
+            )  # fmt: skip
+
+    def _retire(self, key: tuple[str, str], pending: list[Rows]) -> None:
+        """Drop what is kept for model version ``key`` (retired by a newer one): its open window (its calls, and
+        ``pending`` calls of this batch, count in ``retired_calls``), its latest results and series."""
+        window = self._open.pop(key, None)
+        self._recent.pop(key, None)
+        with self._lock:
+            self.retired_calls += len(pending) + (window.counts.calls if window is not None else 0)
+            for kept in (self.latest, self.windows, self.latest_counts, self.sliding):
+                kept.pop(key, None)
+        if self.ground_truth is not None:
+            self.ground_truth.retire(key)
+        if self.versions.retired == 1 or self.versions.retired % 1000 == 0:
+            log.warning(
+                "drift %s: more than %d model versions; the least recently seen are retired (%d so far, now %s v%s)",
+                self.route, self.spec.max_versions, self.versions.retired, key[0], key[1],
             )  # fmt: skip
 
     def _window(self, key: tuple[str, str]) -> _Open:
@@ -305,17 +313,16 @@ class DriftEngine:
             part = Rows(rows.numeric[c * size : (c + 1) * size], rows.categorical[c * size : (c + 1) * size])
             counts = reference.new_window()
             reference.add(counts, part)
-            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged.
-            reference.counts = WindowCounts(
+            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged. The
+            # rest is passed to ``score``; the reference's own counts never change, so a scrape reading them from
+            # another thread meanwhile sees the whole reference.
+            rest = WindowCounts(
                 full.numeric - counts.numeric,
                 [a - b for a, b in zip(full.categorical, counts.categorical, strict=True)],
             )
-            try:
-                for result in self.score(counts, ("", ""), -1, 0.0).series:
-                    for method, value in result.scores.items():
-                        scores.setdefault((result.name, method), []).append(value)
-            finally:
-                reference.counts = full
+            for result in self.score(counts, ("", ""), -1, 0.0, against=rest).series:
+                for method, value in result.scores.items():
+                    scores.setdefault((result.name, method), []).append(value)
         self.calibrated = {
             key: float(np.nanmean(values) + k * np.nanstd(values))
             for key, values in scores.items()
@@ -366,7 +373,7 @@ class DriftEngine:
 
     def _add(self, window: _Open, group: list[Rows]) -> None:
         assert self.reference is not None
-        rows = _concat(group)
+        rows = concat(group)
         self.reference.add(window.counts, rows)
         window.counts.calls += len(group)
         if window.attribution is not None and self._tracker is not None:
@@ -381,7 +388,7 @@ class DriftEngine:
         if self.spec.sliding:
             recent = self._recent.setdefault(key, deque(maxlen=self.spec.sliding))
             recent.append((window.counts, window.started))
-            sliding = self.score(_sum_counts([c for c, _ in recent]), key, window.index, recent[0][1])
+            sliding = self.score(sum_counts([c for c, _ in recent]), key, window.index, recent[0][1])
         with self._lock:
             self.windows[key] = window.index + 1
             self.latest[key] = result
@@ -400,21 +407,25 @@ class DriftEngine:
         started: float,
         attribution: AttributionState | None = None,
         pca: PcaState | None = None,
+        *,
+        against: WindowCounts | None = None,
     ) -> WindowResult:
-        """Scores of ``counts`` against the reference, by every configured method."""
+        """Scores of ``counts`` against the reference (or against the counts ``against``, in the reference's bins),
+        by every configured method."""
         reference = self.reference
         assert reference is not None
         assert self.schema is not None
+        base = against if against is not None else reference.counts
         results: list[SeriesResult] = []
-        numeric = _scores(reference.counts.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
+        numeric = score_counts(base.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
                           reference.positions, categorical=False)  # fmt: skip
         for j, series in enumerate(self.schema.numeric):
             results.append(self._judge(series.name, series.kind, False, {m: v[j] for m, v in numeric.items()},
                                        int(counts.numeric[j, -1])))  # fmt: skip
         for j, series in enumerate(self.schema.categorical):
-            ref = reference.counts.categorical[j].astype(np.float64)
+            ref = base.categorical[j].astype(np.float64)
             cur = counts.categorical[j].astype(np.float64)
-            scores = _scores(ref, cur, self.spec.methods, None, categorical=True)
+            scores = score_counts(ref, cur, self.spec.methods, None, categorical=True)
             results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
         return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
                             tuple(results), self._attribution(attribution), self._multivariate(pca))  # fmt: skip
@@ -480,44 +491,3 @@ class EngineSnapshot(TypedDict):
     decode_errors: dict[str, int]
     sliding: dict[tuple[str, str], WindowResult]
     counts: dict[tuple[str, str], WindowCounts]
-
-
-def _sum_counts(windows: list[WindowCounts]) -> WindowCounts:
-    """The counts of several windows together (counts merge by addition)."""
-    first = windows[0]
-    return WindowCounts(
-        numeric=sum((w.numeric for w in windows), np.zeros_like(first.numeric)),
-        categorical=[
-            sum((w.categorical[j] for w in windows), np.zeros_like(c)) for j, c in enumerate(first.categorical)
-        ],
-        calls=sum(w.calls for w in windows),
-        rows=sum(w.rows for w in windows),
-    )
-
-
-def _concat(groups: list[Rows]) -> Rows:
-    if len(groups) == 1:
-        return groups[0]
-    return Rows(np.concatenate([g.numeric for g in groups]), np.concatenate([g.categorical for g in groups]))
-
-
-def _scores(
-    reference: np.ndarray,
-    current: np.ndarray,
-    methods: tuple[str, ...],
-    positions: np.ndarray | None,
-    *,
-    categorical: bool,
-) -> dict[str, np.ndarray]:
-    """Each method's score per row of the [series, K] count arrays (p-values for ks and chi2)."""
-    if reference.ndim == 1:
-        reference, current = reference[None, :], current[None, :]
-    wanted = set(methods) | {DEFAULT_CATEGORICAL if categorical else DEFAULT_NUMERIC}
-    if reference.shape[0] == 0:
-        return {m: np.empty(0) for m in wanted}
-    out: dict[str, np.ndarray] = {}
-    for name in wanted:
-        method = DRIFT_METHODS[name]
-        if method.applies_to(categorical=categorical) and (positions is not None or not method.needs_positions):
-            out[name] = method.score(reference, current, positions)
-    return out

@@ -3,7 +3,10 @@
 A profile built for other inputs would make every window a decode error, or compare the wrong columns; so the proxy
 asks the route's primary for the model's metadata and refuses to start when a profile's feature names an input the
 model does not have, a column beyond the input's width, or a category where the input is numeric (or the reverse).
-When the model cannot be asked (not up yet, not KServe), it says so in the log and starts.
+A profile that names no input is bound here to the model's only input (several: it refuses to start, listing them).
+When the model cannot be asked (not up yet, not KServe), it says so in the log and starts. When the model declares
+no inputs at all (MLServer, when the model's settings list none), it has told nothing: the proxy warns and starts,
+and the drift engine binds an unnamed input from the first call.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import math
 
 import grpc
 from google.protobuf.message import DecodeError
+from mlmirror.observing.drift.binding import choose_input
+from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.protocol.names import MODEL_METADATA
 from mlmirror.protos import inference_pb2
 
-__all__ = ["profile_mismatches", "model_inputs"]
+__all__ = ["fit_profile", "model_inputs", "profile_mismatches"]
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +38,33 @@ async def model_inputs(channel: grpc.aio.Channel, model: str, deadline: float = 
     return {tensor.name: (tensor.datatype, list(tensor.shape)) for tensor in metadata.inputs}
 
 
+def fit_profile(engine: DriftEngine, inputs: dict[str, tuple[str, list]]) -> list[str]:
+    """Bind ``engine``'s profile to the model's ``inputs`` where it names none, and say what does not fit (empty:
+    it fits, or the model declared no inputs to check against; that is logged)."""
+    reference = engine.reference
+    assert reference is not None
+    if not inputs:
+        log.warning(
+            "route %s: the model declares no inputs in its metadata; profile %s is not checked against them%s",
+            engine.route, engine.spec.profile,
+            ", and its unnamed input is bound from the first call" if reference.schema.unbound else "",
+        )  # fmt: skip
+        return []
+    if reference.schema.unbound:
+        try:
+            engine.bind_input(choose_input(list(inputs), reference.preferred_input))
+        except ValueError as exc:
+            return [str(exc)]
+    return profile_mismatches(reference, inputs)
+
+
 def profile_mismatches(reference: Reference, inputs: dict[str, tuple[str, list]]) -> list[str]:
     """What in ``reference`` does not fit the model's ``inputs`` (empty: it fits)."""
     problems = []
     for series in reference.schema.series:
         if series.kind != "feature":
             continue
-        found = inputs.get(series.tensor)
+        found = inputs.get(series.tensor) if series.tensor is not None else None
         if found is None:
             problems.append(f"{series.name}: the model has no input {series.tensor!r} (it has {sorted(inputs)})")
             continue

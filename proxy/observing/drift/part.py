@@ -16,7 +16,7 @@ from mlmirror.config import Drift, Route
 from mlmirror.errors import StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine
-from mlmirror.observing.drift.metadata_check import model_inputs, profile_mismatches
+from mlmirror.observing.drift.metadata_check import fit_profile, model_inputs
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, drift_status
 from mlmirror.observing.parts import PartContext, PartKind, RoutePart
@@ -57,7 +57,7 @@ class DriftPart(RoutePart):
             log.warning("route %s: cannot check profile %s against %s's metadata (%s); starting anyway",
                         self.route, engine.spec.profile, first.name, reason)  # fmt: skip
             return
-        problems = profile_mismatches(engine.reference, inputs)
+        problems = fit_profile(engine, inputs)  # binds a profile that names no input to the model's
         if problems:
             raise StartError(
                 f"route {self.route}: profile {engine.spec.profile} does not fit the inputs of {first.name}: "

@@ -1,9 +1,10 @@
 """``mlmirror profile build``: a reference profile from a data file, for routes that should not capture their own.
 
-- ``.npy``: a [rows, columns] (or [rows]) numeric array: columns of input tensor ``--input`` (default ``input``),
-  named ``input[i]`` (or ``input`` for one column), or by ``--names``.
-- ``.csv``: a header row, then rows; each column is a column of the input tensor, named by its header; a column
-  whose values are not all numbers is categorical.
+- ``.npy``: a [rows, columns] (or [rows]) numeric array: columns of input tensor ``--input``, named ``NAME[i]``
+  (or ``NAME`` for one column), or by ``--names``. Without ``--input`` the profile names no tensor: its columns are
+  the model's only input, whatever the model calls it (bound at start-up, see ``binding``), named ``input[i]``.
+- ``.csv``: a header row, then rows; each column is a column of the input tensor (``--input``, or the model's only
+  input), named by its header; a column whose values are not all numbers is categorical.
 - ``.npz``: one array per input tensor, keyed by the tensor's name ([rows] or [rows, columns]); string arrays are
   categorical.
 - ``.parquet`` (when pyarrow is installed): like CSV, one column per feature.
@@ -18,18 +19,21 @@ proxy checks at start-up and says what differs.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from mlmirror.observing.capture.record import captured_inputs
+from mlmirror.observing.drift.binding import LEGACY_INPUT
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.schema import Rows, Schema, Series, as_category
 
 __all__ = ["build_profile", "read_table"]
 
 
-def read_table(path: Path, input_name: str = "input", names: list[str] | None = None) -> tuple[Schema, Rows]:
-    """The series and rows a data file holds (see the module docstring)."""
+def read_table(path: Path, input_name: str | None = None, names: list[str] | None = None) -> tuple[Schema, Rows]:
+    """The series and rows a data file holds (see the module docstring); ``input_name`` None: the model's only
+    input."""
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".jsonl":
         return _columns(captured_inputs(path), names)
@@ -60,7 +64,7 @@ def read_table(path: Path, input_name: str = "input", names: list[str] | None = 
     )
 
 
-def _columns(tensors: list[tuple[str, np.ndarray]], names: list[str] | None) -> tuple[Schema, Rows]:
+def _columns(tensors: Sequence[tuple[str | None, np.ndarray]], names: list[str] | None) -> tuple[Schema, Rows]:
     series: list[Series] = []
     numeric: list[np.ndarray] = []
     categorical: list[np.ndarray] = []
@@ -68,7 +72,8 @@ def _columns(tensors: list[tuple[str, np.ndarray]], names: list[str] | None) -> 
         table = array.reshape(array.shape[0], -1) if array.ndim >= 1 else array.reshape(1, 1)
         is_text = table.dtype.kind in "USO"
         for i in range(table.shape[1]):
-            name = tensor if table.shape[1] == 1 else f"{tensor}[{i}]"
+            shown = tensor if tensor is not None else LEGACY_INPUT  # an unnamed input's columns: input[i]
+            name = shown if table.shape[1] == 1 else f"{shown}[{i}]"
             series.append(Series(name, "feature", tensor, None if table.shape[1] == 1 else i, is_text))
             column = table[:, i]
             if is_text:
@@ -82,7 +87,7 @@ def _columns(tensors: list[tuple[str, np.ndarray]], names: list[str] | None) -> 
     return _schema_rows(series, numeric, categorical)
 
 
-def _named_columns(tensor: str, header: list[str], columns: list[list]) -> tuple[Schema, Rows]:
+def _named_columns(tensor: str | None, header: list[str], columns: list[list]) -> tuple[Schema, Rows]:
     series, numeric, categorical = [], [], []
     for i, (name, values) in enumerate(zip(header, columns, strict=True)):
         try:
@@ -109,9 +114,17 @@ def _schema_rows(series: list[Series], numeric: list[np.ndarray], categorical: l
 
 
 def build_profile(
-    data: Path, out: Path, *, bins: int, model: str, version: str, input_name: str, names: list[str] | None
+    data: Path,
+    out: Path,
+    *,
+    bins: int,
+    model: str,
+    version: str,
+    input_name: str | None = None,
+    names: list[str] | None = None,
 ) -> Reference:
-    """Read ``data``, build its reference profile and write it to ``out``."""
+    """Read ``data``, build its reference profile and write it to ``out`` (``input_name`` None: the columns of
+    a .npy, .csv or .parquet file are the model's only input)."""
     schema, rows = read_table(data, input_name, names)
     if rows.numeric.shape[0] == 0:
         raise ValueError(f"{data}: no rows")

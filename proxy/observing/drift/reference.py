@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mlmirror import kernels
+from mlmirror.observing.drift.binding import LEGACY_INPUT
 from mlmirror.observing.drift.schema import Rows, Schema, Series
 
-__all__ = ["MAX_CATEGORIES", "Reference", "WindowCounts"]
+__all__ = ["MAX_CATEGORIES", "REVISION", "Reference", "WindowCounts"]
 
 MAX_CATEGORIES = 256
+#: Profile file revision: 2 records a feature's input tensor as null when the profile names none (1: "input").
+REVISION = 2
 
 
 @dataclass
@@ -48,6 +51,9 @@ class Reference:
     model: str = ""
     version: str = ""
     created: float = field(default_factory=time.time)
+    #: For a profile of an older revision whose features named the default input: that name, preferred when the
+    #: model has it (its unnamed features bind to the model's only input otherwise; see ``binding``).
+    preferred_input: str | None = None
 
     def __post_init__(self) -> None:
         self.guide = kernels.edge_guide(self.edges) if self.edges.shape[0] else None
@@ -107,6 +113,7 @@ class Reference:
         """Write the profile as ``.npz``: arrays plus a JSON header (series, vocabularies, model, version, time)."""
         header = {
             "format": "mlmirror-profile-1",
+            "revision": REVISION,
             **self.describe(),
             "series": [[s.name, s.kind, s.tensor, s.column, s.categorical, s.width] for s in self.schema.series],
             "vocabularies": [[_jsonable(k) for k in v] for v in self.vocabularies],
@@ -125,6 +132,11 @@ class Reference:
                 if not isinstance(header, dict) or header.get("format") != "mlmirror-profile-1":
                     raise ValueError("not an mlmirror profile (no mlmirror-profile-1 header)")
                 series = [Series(*entry[:5], *entry[5:6]) for entry in header["series"]]
+                preferred = None
+                if int(header.get("revision", 1)) < REVISION and any(_legacy_default(s) for s in series):
+                    # Before revision 2 an unnamed input was recorded as "input": read it as unnamed, "input" first.
+                    series = [replace(s, tensor=None) if _legacy_default(s) else s for s in series]
+                    preferred = LEGACY_INPUT
                 vocabularies = [{_category(k): i for i, k in enumerate(v)} for v in header["vocabularies"]]
                 counts = WindowCounts(
                     numeric=data["numeric"].astype(np.int64),
@@ -136,7 +148,11 @@ class Reference:
                 model, version, created = str(header["model"]), str(header["version"]), float(header["created"])
         except Exception as exc:  # numpy, zipfile and json raise many kinds; all mean "not a usable profile"
             raise ValueError(f"{path}: cannot read the profile: {exc}") from None
-        return cls(Schema(series), edges, vocabularies, counts, model, version, created)
+        return cls(Schema(series), edges, vocabularies, counts, model, version, created, preferred)
+
+
+def _legacy_default(series: Series) -> bool:
+    return series.kind == "feature" and series.tensor == LEGACY_INPUT
 
 
 def _jsonable(category: object) -> object:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from mlmirror.kernels.methods import DRIFT_METHODS
 from mlmirror.observing.drift.engine import DriftEngine, WindowResult
-from mlmirror.observing.drift.reference import WindowCounts
+from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.figures import json_number
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -45,6 +45,12 @@ class DriftCollector(Collector):
         )
         queued = GaugeMetricFamily(
             "mlmirror_drift_queued", "Calls waiting for the drift engine's worker.", labels=["route"]
+        )
+        retired = CounterMetricFamily(
+            "mlmirror_drift_versions_retired",
+            "Model versions (or model names) the route stopped tracking, their windows and series dropped: the least "
+            "recently seen, each time one more than drift.max_versions was seen.",
+            labels=["route"],
         )
         errors = CounterMetricFamily(
             "mlmirror_drift_decode_errors",
@@ -113,8 +119,10 @@ class DriftCollector(Collector):
             labels=["route", "series", "bin"],
         )  # fmt: skip
         for engine in self._engines():
+            # Read once: the worker publishes the reference (never changes it) meanwhile, and one scrape shows one.
+            reference = engine.reference
             snapshot = engine.snapshot()
-            _export_bins(engine, snapshot["counts"], window_bins, reference_bins)
+            _export_bins(engine, reference, snapshot["counts"], window_bins, reference_bins)
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
                 pending.add_metric([engine.route], truth["pending"])
@@ -128,11 +136,12 @@ class DriftCollector(Collector):
             route = engine.route
             records.add_metric([route], engine.accepted)
             queued.add_metric([route], engine.queued)
+            retired.add_metric([route], engine.versions.retired)
             for reason, n in engine.dropped.items():
                 dropped.add_metric([route, reason], n)
             for reason, n in snapshot["decode_errors"].items():
                 errors.add_metric([route, reason], n)
-            reference_rows.add_metric([route], engine.reference.counts.rows if engine.reference else 0)
+            reference_rows.add_metric([route], reference.counts.rows if reference is not None else 0)
             for (model, ver), n in snapshot["windows"].items():
                 windows.add_metric([route, model, ver], n)
             for result in snapshot["sliding"].values():
@@ -157,20 +166,22 @@ class DriftCollector(Collector):
                     detected.add_metric([*key, series.name, series.kind], 1 if series.drifted else 0)
                     for method, value in series.scores.items():
                         score.add_metric([*key, series.name, series.kind, method], value)
-        yield from (score, detected, share, calls, rows, windows, records, queued, dropped, errors, reference_rows)
+        yield from (score, detected, share, calls, rows, windows, records, queued, dropped, retired, errors)
+        yield reference_rows
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
         yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
 
 
 def _export_bins(
     engine: DriftEngine,
+    reference: Reference | None,
     latest: Mapping[tuple[str, str], WindowCounts],
     window_bins: GaugeMetricFamily,
     reference_bins: GaugeMetricFamily,
 ) -> None:
     """Per-bin counts of the series named in ``export_bins`` (opt-in: a series of n bins is n + 2 series)."""
     wanted = set(engine.spec.export_bins)
-    reference, schema = engine.reference, engine.schema
+    schema = reference.schema if reference is not None else None
     if not wanted or reference is None or schema is None:
         return
 
@@ -201,6 +212,12 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "calls": engine.accepted,
         "queued": engine.queued,
         "dropped": dict(engine.dropped),
+        "versions": {
+            "tracked": len(engine.versions),
+            "max": engine.spec.max_versions,
+            "retired": engine.versions.retired,
+            "retired_calls": engine.retired_calls,
+        },
         "decode_errors": snapshot["decode_errors"],
         "latest": [_window(result) for result in snapshot["latest"].values()],
         "sliding": [_window(result) for result in snapshot["sliding"].values()],

@@ -8,7 +8,7 @@ every column of every input is watched; unless outputs are, every column of ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from mlmirror.config import Drift
@@ -25,11 +25,12 @@ MAX_COLUMNS = 4096
 @dataclass(frozen=True, slots=True)
 class Series:
     """One watched column: ``kind`` is ``feature`` or ``output``; ``column`` None: the tensor's only column.
-    ``width``: the columns the tensor must have (None: any that holds ``column``)."""
+    ``width``: the columns the tensor must have (None: any that holds ``column``). ``tensor`` None (a feature of a
+    profile built without ``--input``): the model's only input, whatever its name, once bound (``Schema.bind``)."""
 
     name: str
     kind: str
-    tensor: str
+    tensor: str | None
     column: int | None
     categorical: bool
     width: int | None = None
@@ -54,9 +55,19 @@ class Schema:
     def names(self) -> list[str]:
         return [s.name for s in (*self.numeric, *self.categorical)]
 
+    @property
+    def unbound(self) -> bool:
+        """Whether some feature names no input tensor yet (see ``bind``)."""
+        return any(s.tensor is None for s in self.series)
+
+    def bind(self, tensor: str) -> Schema:
+        """This schema with every series that names no tensor reading input ``tensor``."""
+        return Schema([replace(s, tensor=tensor) if s.tensor is None else s for s in self.series])
+
     def rows(self, inputs: list[Tensor], outputs: list[Tensor]) -> Rows:
         """The values of every series in one call; raises ``TensorError`` (with a reason) when they are not there."""
-        tensors = {("feature", t.name): t for t in inputs} | {("output", t.name): t for t in outputs}
+        tensors: dict[tuple[str, str | None], Tensor] = {("feature", t.name): t for t in inputs}
+        tensors |= {("output", t.name): t for t in outputs}  # an unbound series (tensor None) finds none
         n: int | None = None
         numeric: list[np.ndarray] = []
         categorical: list[np.ndarray] = []

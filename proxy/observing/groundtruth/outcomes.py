@@ -20,12 +20,13 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
 import numpy as np
 from mlmirror.config import GroundTruth
+from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.protocol.kserve import Tensor, TensorError
 
 __all__ = ["OUTCOME_RESULTS", "GroundTruthStore", "OutcomeSnapshot", "QualityResult"]
@@ -48,8 +49,19 @@ class QualityResult:
 class GroundTruthStore:
     """Predictions waiting for outcomes, and the quality windows they feed. Thread-safe (worker and event loop)."""
 
-    def __init__(self, spec: GroundTruth, history: int = 20) -> None:
+    def __init__(
+        self,
+        spec: GroundTruth,
+        history: int = 20,
+        *,
+        max_versions: int = 8,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``max_versions``: (model, version) windows kept at once (the least recently joined is retired);
+        ``clock``: seconds, for ``ttl`` (monotonic; tests pass their own)."""
         self.spec = spec
+        self._clock = clock
+        self._versions: RecentKeys[tuple[str, str]] = RecentKeys(max_versions)
         self._pending: OrderedDict[str, tuple[tuple[str, str], list, float]] = OrderedDict()
         self._gone: OrderedDict[str, bool] = OrderedDict()  # expired (False) or joined (True) ids, bounded
         self._lock = threading.Lock()
@@ -76,7 +88,7 @@ class GroundTruthStore:
         return [_text(v) for v in values[:, 0].tolist()]
 
     def remember(self, request_id: str, key: tuple[str, str], predictions: list) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._expire(now)
             self._pending[request_id] = (key, predictions, now + self.spec.ttl)
@@ -107,7 +119,7 @@ class GroundTruthStore:
     def report(self, request_id: str, values: Sequence[float], labels: Sequence[str]) -> str:
         """Join one outcome with its prediction; returns one of ``OUTCOME_RESULTS``."""
         with self._lock:
-            self._expire(time.monotonic())
+            self._expire(self._clock())
             entry = self._pending.pop(request_id, None)
             if entry is None:
                 result = (
@@ -125,7 +137,21 @@ class GroundTruthStore:
             self.results[result] += 1
             return result
 
+    def retire(self, key: tuple[str, str]) -> None:
+        """Forget the quality windows of ``key`` (the drift engine no longer tracks that model version)."""
+        with self._lock:
+            self._versions.discard(key)
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._windows.pop(key, None)
+        self._closed.pop(key, None)
+        self.latest.pop(key, None)
+
     def _add(self, key: tuple[str, str], predictions: list, truth: list) -> None:
+        retired = self._versions.see(key)
+        if retired is not None:
+            self._drop(retired)
         window = self._windows.setdefault(key, [])
         window.append((predictions, truth))
         rows = sum(len(p) for p, _ in window)
