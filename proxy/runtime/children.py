@@ -9,6 +9,7 @@ doubling to ``RESTART_BACKOFF[1]`` while it keeps failing within a minute of its
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -17,10 +18,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-__all__ = ["RESTART_BACKOFF", "Child", "announce", "lifeline_closed"]
+from mlmirror.errors import ConfigError, StartError
+from mlmirror.eventloop import run
+from mlmirror.runtime.promotion import add_promote_argument
+
+__all__ = ["RESTART_BACKOFF", "Child", "announce", "child_parser", "lifeline_closed", "run_child"]
 
 log = logging.getLogger(__name__)
 
@@ -211,3 +218,30 @@ _announced: set[int] = set()  # hello pipes written (and closed) by this process
 async def lifeline_closed(fd: int) -> None:
     """Return when the supervisor lets go of the lifeline (it stopped us, or it died)."""
     await _read_to_end(fd)
+
+
+def child_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The command line every child takes from the supervisor (``python -m MODULE``): its config, the socket folder,
+    its two pipes, the promotions to start with, log level and event loop."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--folder", type=Path, required=True, help="the supervisor's socket folder")
+    parser.add_argument("--hello-fd", type=int, required=True)
+    parser.add_argument("--lifeline-fd", type=int, required=True)
+    add_promote_argument(parser)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--no-uvloop", action="store_true")
+    return parser
+
+
+def run_child(name: str, args: argparse.Namespace, main: Coroutine[Any, Any, None]) -> int:
+    """Run a child's ``main`` with its logging (lines say ``name``); a child that cannot start logs why and tells the
+    supervisor on its hello pipe. Returns the exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    try:
+        run(main, use_uvloop=not args.no_uvloop)
+    except (StartError, ConfigError, OSError) as exc:
+        log.error("%s cannot start: %s", name, exc)
+        announce(args.hello_fd, error=str(exc))
+        return 1
+    return 0

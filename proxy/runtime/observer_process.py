@@ -10,7 +10,6 @@ have drained) or when the supervisor goes away (its lifeline closes).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -20,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlmirror.config import Config
-from mlmirror.errors import ConfigError, StartError
+from mlmirror.errors import StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.handoff.transport import HandoffReceiver
 from mlmirror.metrics import Metrics
-from mlmirror.runtime.children import announce, lifeline_closed
-from mlmirror.runtime.promotion import add_promote_argument, replayed_config
+from mlmirror.runtime.children import announce, child_parser, lifeline_closed, run_child
+from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
 from mlmirror.runtime.role import Role
 from mlmirror.serving.table import RouteRuntime, RouteTable
@@ -128,29 +127,9 @@ async def run_observer(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the observing process (started by the supervisor, not by hand)."""
-    from mlmirror.eventloop import run
-
-    parser = argparse.ArgumentParser(prog="python -m mlmirror.runtime.observer_process",
-                                     description="mlmirror's observing process")  # fmt: skip
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--folder", type=Path, required=True, help="the supervisor's socket folder")
-    parser.add_argument("--hello-fd", type=int, required=True)
-    parser.add_argument("--lifeline-fd", type=int, required=True)
-    add_promote_argument(parser)
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--no-uvloop", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s observer %(levelname)s %(name)s: %(message)s")
-    try:
-        run(
-            run_observer(args.config, args.folder, args.hello_fd, args.lifeline_fd, args.promote),
-            use_uvloop=not args.no_uvloop,
-        )
-    except (StartError, ConfigError, OSError) as exc:
-        log.error("observer cannot start: %s", exc)
-        announce(args.hello_fd, error=str(exc))
-        return 1
-    return 0
+    args = child_parser("mlmirror.runtime.observer_process", "mlmirror's observing process").parse_args(argv)
+    return run_child("observer", args, run_observer(args.config, args.folder, args.hello_fd, args.lifeline_fd,
+                                                    args.promote))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ supervisor goes away (its lifeline closes).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -19,12 +18,11 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.transport import HandoffSender
 from mlmirror.metrics import Metrics
-from mlmirror.runtime.children import announce, lifeline_closed
+from mlmirror.runtime.children import announce, child_parser, lifeline_closed, run_child
 from mlmirror.runtime.observer_process import FEEDBACK_SOCKET, HANDOFF_SOCKET
-from mlmirror.runtime.promotion import add_promote_argument, replayed_config
+from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
 from mlmirror.runtime.role import Role
 from prometheus_client import Counter
@@ -94,32 +92,11 @@ async def run_worker(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process (started by the supervisor, not by hand)."""
-    from mlmirror.eventloop import run
-
-    parser = argparse.ArgumentParser(
-        prog="python -m mlmirror.runtime.workers", description="an mlmirror worker process"
-    )
-    parser.add_argument("--config", required=True)
+    parser = child_parser("mlmirror.runtime.workers", "an mlmirror worker process")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--folder", type=Path, required=True, help="the supervisor's socket folder")
-    parser.add_argument("--hello-fd", type=int, required=True)
-    parser.add_argument("--lifeline-fd", type=int, required=True)
-    add_promote_argument(parser)
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s worker {args.index} %(levelname)s "
-                        "%(name)s: %(message)s")  # fmt: skip
-    try:
-        run(
-            run_worker(args.config, args.index, args.folder, args.hello_fd, args.lifeline_fd, args.promote),
-            use_uvloop=not args.no_uvloop,
-        )
-    except (StartError, ConfigError, OSError) as exc:
-        log.error("worker %d cannot start: %s", args.index, exc)
-        announce(args.hello_fd, error=str(exc))
-        return 1
-    return 0
+    return run_child(f"worker {args.index}", args, run_worker(args.config, args.index, args.folder, args.hello_fd,
+                                                                args.lifeline_fd, args.promote))  # fmt: skip
 
 
 if __name__ == "__main__":
