@@ -173,19 +173,12 @@ async def test_sighup_reload_under_traffic_fails_no_call_and_switches_routes(tmp
 
 async def test_killing_the_primary_mid_traffic_costs_clients_nothing():
     primary_port = free_port()
-    primary = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mlmirror",
-        "model-server",
-        "--model",
-        "production",
-        "--listen",
-        f"127.0.0.1:{primary_port}",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
-    )
+    # subprocess.Popen (vfork), not the event loop's fork: gRPC's fork handlers must not run in this process.
+    primary = subprocess.Popen(  # noqa: ASYNC220 - vfork+exec returns at once
+        [sys.executable, "-m", "mlmirror", "model-server", "--model", "production", "--listen",
+         f"127.0.0.1:{primary_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+    )  # fmt: skip
     try:
         await asyncio.to_thread(wait_for_port, primary_port)
         async with model_server("baseline") as baseline_port:
@@ -223,9 +216,9 @@ async def test_killing_the_primary_mid_traffic_costs_clients_nothing():
                     {"route": "iris", "from_upstream": "production", "to": "baseline", "reason": "circuit_open"},
                 )
     finally:
-        if primary.returncode is None:
+        if primary.poll() is None:
             primary.kill()
-        await primary.wait()
+        await asyncio.to_thread(primary.wait)
     codes = Counter(code for code, _ in outcomes)
     by = Counter(served_by for _, served_by in outcomes)
     assert codes == {grpc.StatusCode.OK: 600}

@@ -403,8 +403,9 @@ async def sigterm(calls: int, rate: float, delay: float = 0.1) -> Result:
             path = Path(tmp) / "mlmirror.yaml"
             text = config_yaml(primary_port, listen=f"127.0.0.1:{listen}", admin=f"127.0.0.1:{admin}")
             await asyncio.to_thread(path.write_text, text)
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mlmirror", "serve", "--config", str(path),
+            # subprocess.Popen (vfork), not the event loop's fork: see ModelProcess.start.
+            process = subprocess.Popen(  # noqa: ASYNC220 - vfork+exec returns at once
+                [sys.executable, "-m", "mlmirror", "serve", "--config", str(path)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
             )  # fmt: skip
             try:
@@ -420,11 +421,11 @@ async def sigterm(calls: int, rate: float, delay: float = 0.1) -> Result:
                         process.send_signal(signal.SIGTERM)
 
                     baseline, fault = await _phases(channel, calls, rate, _nothing, terminate)
-                _, stderr = await asyncio.wait_for(process.communicate(), 30)
+                _, stderr = await asyncio.to_thread(process.communicate, timeout=30)
             finally:
-                if process.returncode is None:
+                if process.poll() is None:
                     process.kill()
-                    await process.wait()
+                    await asyncio.to_thread(process.wait)
     at = signalled[0]
     in_flight = [o for o in fault if o.started < at - 0.01]  # started well before the signal
     after = [o for o in fault if o.started > at + 0.01]

@@ -59,21 +59,23 @@ class ModelProcess:
     def __init__(self, name: str) -> None:
         self.name = name
         self.port = free_port()
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: subprocess.Popen | None = None
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mlmirror", "model-server", "--model", self.name,
-            "--listen", f"127.0.0.1:{self.port}",
+        # subprocess.Popen, not the event loop's spawn: CPython starts the child with vfork, so gRPC's fork handlers
+        # never run in this process full of gRPC threads (a plain fork here has crashed the child).
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - vfork+exec returns at once
+            [sys.executable, "-m", "mlmirror", "model-server", "--model", self.name,
+             "--listen", f"127.0.0.1:{self.port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
         )  # fmt: skip
         await asyncio.to_thread(wait_for_port, self.port)
 
     async def kill(self) -> None:
         """SIGKILL: no goodbye to open connections."""
-        if self.process is not None and self.process.returncode is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
+            await asyncio.to_thread(self.process.wait)
 
     async def __aenter__(self) -> ModelProcess:
         await self.start()
