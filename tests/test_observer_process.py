@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -28,6 +29,12 @@ def status_of(admin: int) -> dict:
     code, body = http_get(f"http://127.0.0.1:{admin}/status")
     assert code == 200, body
     return json.loads(body)
+
+
+def autogroup_nice(pid: int) -> str | None:
+    """The niceness of ``pid``'s scheduling group where Linux groups by session (None where it does not)."""
+    group = Path(f"/proc/{pid}/autogroup")
+    return group.read_text().split()[-1] if group.exists() else None
 
 
 def samples_of(text: str) -> dict[tuple[str, tuple], float]:
@@ -80,6 +87,7 @@ async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(t
             base = os.getpriority(os.PRIO_PROCESS, 0)  # the test's own niceness (higher when run under `nice`)
             assert os.getpriority(os.PRIO_PROCESS, first) == min(19, base + 10)  # it runs below the serving worker
             assert os.getpriority(os.PRIO_PROCESS, state["workers"][0]["pid"]) == base
+            assert autogroup_nice(first) in (None, "10")  # session groups on: its group is niced too
             await send(listen, 100, rng, "before")
 
             stop = asyncio.Event()

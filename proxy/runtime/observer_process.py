@@ -60,13 +60,28 @@ class Deliveries:
             self._unrouted.inc()
 
 
-def _lower_priority(config: Config) -> None:
-    """Serving first: raise this process's niceness by ``observer.nice`` (a no-op at 0)."""
-    if config.observer.nice:
+AUTOGROUP = Path("/proc/self/autogroup")
+
+
+def _lower_priority(config: Config, autogroup: Path = AUTOGROUP) -> None:
+    """Serving first: raise this process's niceness by ``observer.nice`` (a no-op at 0).
+
+    Where Linux groups processes by session for scheduling (``kernel.sched_autogroup_enabled``), a niceness only
+    ranks a process within its own session's group, and every child of the supervisor has a session of its own: the
+    group's niceness must be raised too (``/proc/self/autogroup``), or the observer competes with the workers as an
+    equal."""
+    nice = config.observer.nice
+    if not nice:
+        return
+    try:
+        os.nice(nice)
+    except OSError as exc:
+        log.warning("observer: cannot lower its CPU priority by %d: %s", nice, exc)
+    if autogroup.exists():
         try:
-            os.nice(config.observer.nice)
+            autogroup.write_text(f"{nice}\n")
         except OSError as exc:
-            log.warning("observer: cannot lower its CPU priority by %d: %s", config.observer.nice, exc)
+            log.warning("observer: cannot lower its scheduling group's priority to nice %d: %s", nice, exc)
 
 
 async def run_observer(
