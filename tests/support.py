@@ -247,9 +247,12 @@ async def wait_ready(proxy: Proxy, within: float = 10.0) -> None:
     await wait_until(lambda: proxy.readiness()[0], within, "the proxy to be ready")
 
 
-def http_get(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, str]:
-    """(status, text) of one admin request; a POST sends ``body`` (empty by default)."""
+def http_get(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None) -> tuple[int, str]:
+    """(status, text) of one admin request; a POST sends ``body`` (empty by default); ``token`` goes as
+    ``Authorization: Bearer``."""
     request = urllib.request.Request(url, method=method, data=(body or b"") if method == "POST" else None)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read().decode()

@@ -275,14 +275,7 @@ async def test_the_declared_endpoints_answer_for_any_target_and_guard_what_they_
     base = f"http://127.0.0.1:{server.port}"
 
     def ask(path: str, method: str = "GET", body: bytes = b"", token: str | None = "t0ken") -> tuple[int, str]:
-        request = urllib.request.Request(base + path, method=method, data=body if method == "POST" else None)
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(base + path, method, body, token=token)
 
     try:
         assert await asyncio.to_thread(ask, "/healthz", token=None) == (200, "ok\n")

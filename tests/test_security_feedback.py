@@ -78,18 +78,8 @@ async def report(port: int, ids: list[str], metadata: tuple = ()) -> feedback_pb
 
 
 def post_outcomes(proxy: Proxy, ids: list[str], token: str | None = None) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
     body = json.dumps({"outcomes": [{"request_id": i, "labels": ["0"]} for i in ids]}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{proxy.admin_port}/outcomes", data=body, method="POST")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return http_get(f"http://127.0.0.1:{proxy.admin_port}/outcomes", "POST", body, token=token)
 
 
 async def test_forged_outcomes_without_the_token_are_refused_counted_and_change_nothing(tmp_path, caplog):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -29,14 +27,7 @@ TOKEN = "group-feedback-token"
 
 def post(admin: int, ids: list[str], token: str | None) -> tuple[int, str]:
     body = json.dumps({"outcomes": [{"request_id": i, "labels": ["0"]} for i in ids]}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{admin}/outcomes", data=body, method="POST")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    return http_get(f"http://127.0.0.1:{admin}/outcomes", "POST", body, token=token)
 
 
 def matched(admin: int) -> int:
