@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -307,3 +308,39 @@ def feed_calls(engine: DriftEngine, calls: Iterable[CallRecord], batch: int = 50
 def feed_rows(engine: DriftEngine, rows: np.ndarray) -> None:
     """One ``fp64_call`` per row of ``rows``, fed to ``engine``."""
     feed_calls(engine, (fp64_call(rows[i : i + 1]) for i in range(rows.shape[0])))
+
+
+def make_certificates(folder: Path, subjects: dict[str, str], extensions: dict[str, str] | None = None) -> Path:
+    """A test CA (``ca.pem``, ``ca.key``) in ``folder`` and, for each name of ``subjects``, a key and a certificate
+    it signed (``NAME.key``, ``NAME.pem``) with that subject and the X.509 extension lines in ``extensions[NAME]``."""
+    if shutil.which("openssl") is None:
+        raise AssertionError("openssl is needed to make test certificates; .ci/run installs it")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=mlmirror test CA")  # fmt: skip
+    for name, subject in subjects.items():
+        extension = (extensions or {}).get(name)
+        if extension is not None:
+            (folder / f"{name}.ext").write_text(extension + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject)  # fmt: skip
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            *(["-extfile", f"{name}.ext"] if extension is not None else []),
+        )
+    return folder

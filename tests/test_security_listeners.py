@@ -5,9 +5,7 @@ Feedback over mTLS takes only the client certificates ``feedback.clients`` lists
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from mlmirror.observing.exposure import observer_warnings
 from mlmirror.protos import feedback_pb2
 from mlmirror.runtime.proxy import Proxy
 
-from tests.support import running_proxy
+from tests.support import make_certificates, running_proxy
 
 REPORT = "/mlmirror.v1.Feedback/ReportOutcome"
 OBSERVER = """
@@ -33,27 +31,15 @@ routes: [{match: {}, primary: production, drift: {}}]
 """
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA; a server certificate for 127.0.0.1; client certificates ``envoy``, ``labeler`` and ``stranger``."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed to make test certificates")
-    d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=mlmirror test CA", cwd=d)  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (d / "labeler.ext").write_text("subjectAltName=URI:spiffe://cluster/ns/ml/sa/labeler\n")
-    for name in ("server", "envoy", "labeler", "stranger"):
-        ext_file = ["-extfile", f"{name}.ext"] if (d / f"{name}.ext").exists() else []
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}/O=ml", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", *ext_file, cwd=d)  # fmt: skip
-    return d
+    names = ("server", "envoy", "labeler", "stranger")
+    return make_certificates(
+        tmp_path_factory.mktemp("certs"), {name: f"/CN={name}/O=ml" for name in names},
+        {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "labeler": "subjectAltName=URI:spiffe://cluster/ns/ml/sa/labeler"},
+    )  # fmt: skip
 
 
 def credentials(certs: Path, client: str | None) -> grpc.ChannelCredentials:

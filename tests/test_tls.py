@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.support import ECHO, EchoServer, _EchoHandler, running_proxy
+from tests.support import ECHO, EchoServer, _EchoHandler, make_certificates, running_proxy
 
 pytestmark = pytest.mark.process  # starts openssl
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by the CA."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed to make test certificates")
-    d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=mlmirror test CA", cwd=d)  # fmt: skip
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)  # fmt: skip
-    return d
+    return make_certificates(tmp_path_factory.mktemp("certs"), {"server": "/CN=server", "client": "/CN=client"},
+                             {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost"})  # fmt: skip
 
 
 async def _tls_echo(certs: Path, *, client_certs: bool = False) -> EchoServer:
