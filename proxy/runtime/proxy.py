@@ -31,6 +31,7 @@ from mlmirror.metrics import Metrics
 from mlmirror.observing.exposure import observer_warnings
 from mlmirror.observing.groundtruth.access import FeedbackEntrances
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService
+from mlmirror.observing.groundtruth.park import OutcomePark, ParkCollector
 from mlmirror.observing.kinds import PART_KINDS
 from mlmirror.observing.parts import PartContext, PartKind, RouteParts
 from mlmirror.observing.shadows.headers import HandoffFilter
@@ -82,6 +83,7 @@ class Proxy:
         self.feedback = FeedbackService(
             lambda: [p.engine.ground_truth for p in self.parts.of_kind("drift") if p.engine.ground_truth is not None],
             lambda: [p.writer for p in self.parts.of_kind("capture")],  # captured calls get their outcomes appended
+            OutcomePark(config.feedback.early_max, config.feedback.early_ttl),  # outcomes before their prediction
         )
         self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []
@@ -110,6 +112,8 @@ class Proxy:
         self.metrics.process_tasks.set_function(self.tasks)
         for collector in self.parts.collectors():
             self.metrics.registry.register(collector)
+        if not role.worker:  # a worker relays Feedback to the hub, which parks
+            self.metrics.registry.register(ParkCollector(self.feedback.park))
 
     # --- start ------------------------------------------------------------------------------------------------
 
@@ -231,6 +235,7 @@ class Proxy:
         self.table = table
         self._live_tables.add(table)
         self._handler.invalidate()
+        self.feedback.attach()  # the new table's ground-truth stores join early outcomes too
 
     # --- health and readiness ---------------------------------------------------------------------------------
 
