@@ -115,7 +115,7 @@ class Feedback:
     )  # fmt: skip
     early_max: int = setting(
         10_000, "outcomes that arrive before their prediction, parked until it lands (counted `early`); beyond this "
-        "the oldest is dropped and counted `unknown`; about 500 bytes each (5 MB at the default); 0: none parked",
+        "the oldest is dropped and counted `unknown`; under 500 bytes each (under 5 MB at the default); 0: none parked",
         minimum=0, maximum=10_000_000,
     )  # fmt: skip
     early_ttl: float = setting(

@@ -7,8 +7,9 @@ prediction when a ground-truth store remembers the request id (``GroundTruthStor
 ``claim``). An outcome still parked after ``early_ttl`` seconds is dropped and counted ``unknown`` then; when
 ``early_max`` outcomes are parked, the oldest is dropped (counted ``unknown`` too, and ``evicted``) to make room.
 
-Memory: about 500 bytes per parked outcome with a short id and one label (the id, two small lists, a deadline, the
-dict entry), so 5 MB at the default ``early_max`` of 10,000, whatever the flood of ids that never come.
+Memory: 410 to 440 bytes per parked outcome with a 36-character id and one label (the id, two small lists, a
+deadline, the dict entry; measured with tracemalloc, also after a flood of 100,000 ids that never come), so under
+5 MB at the default ``early_max`` of 10,000, whatever the flood.
 
 Thread-safe: outcomes are parked on the event loop, predictions land on the drift engine's worker thread. The
 check "does a store know this id" and the parking are one step under the park's lock, and a store remembers an id
