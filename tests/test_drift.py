@@ -26,6 +26,7 @@ from mlmirror.demo.traffic import infer_request
 from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowResult
+from mlmirror.observing.drift.judging import Judge
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, render_drift
 from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
@@ -897,13 +898,14 @@ def test_a_scrape_during_calibration_sees_the_whole_reference():
     thread, here at the worst moment) must still read the whole reference, not "the rest"."""
     seen: list[tuple[float, float]] = []
 
-    class ScrapedMidCalibration(DriftEngine):
-        def score(self, *args, **kwargs):
-            if args[2] == -1:  # a calibration chunk (index -1)
-                seen.append(reference_seen(self))
-            return super().score(*args, **kwargs)
+    class ScrapedMidCalibration(Judge):
+        def series(self, reference, schema, counts, against=None):
+            if against is not None:  # a calibration chunk, scored against the rest of the reference
+                seen.append(reference_seen(engine))
+            return super().series(reference, schema, counts, against)
 
-    engine = ScrapedMidCalibration("m", CALIBRATED)
+    engine = DriftEngine("m", CALIBRATED)
+    engine.judge = ScrapedMidCalibration("m", CALIBRATED)
     feed_rows(engine, np.random.default_rng(11).normal(size=(1000, 2)))
     assert engine.calibrated  # it did calibrate...
     assert len(seen) == 10  # ...over 10 chunks of one window (100 rows), each seen by a scrape
