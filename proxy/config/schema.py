@@ -126,10 +126,8 @@ class Feedback:
         "the oldest is dropped and counted `unknown`; under 500 bytes each (under 5 MB at the default); 0: none parked",
         minimum=0, maximum=10_000_000,
     )  # fmt: skip
-    early_ttl: float = setting(
-        10.0, "how long a parked outcome waits for its prediction; then it is dropped and counted `unknown`",
-        kind="duration", minimum=0.001,
-    )  # fmt: skip
+    early_ttl: float = setting(10.0, "how long a parked outcome waits for its prediction; then it counts `unknown`",
+                               kind="duration", minimum=0.001)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -396,14 +394,10 @@ class Config:
         2**20, "bytes of a client's request stream kept so that it can be replayed to a fallback", kind="size",
         minimum=0,
     )  # fmt: skip
-    shutdown_delay: float = setting(
-        2.0, "after SIGTERM, how long the proxy still serves while it reports not-ready (`/readyz` 503, grpc health "
-        "`NOT_SERVING`), so that load balancers stop sending before it stops accepting (docs/RELIABILITY.md)",
-        kind="duration", minimum=0.0,
-    )  # fmt: skip
-    shutdown_grace: float = setting(
-        15.0, "then, once it stops accepting, how long in-flight calls may take to finish", kind="duration"
-    )
+    shutdown_delay: float = setting(2.0, "after SIGTERM, how long the proxy still serves while it reports not-ready "
+        "(`/readyz` 503, grpc health `NOT_SERVING`), so that load balancers stop sending before it stops accepting "
+        "(docs/RELIABILITY.md)", kind="duration", minimum=0.0)  # fmt: skip
+    shutdown_grace: float = setting(15.0, "then, once it stops accepting, how long calls may take", kind="duration")
     observer: Observer = setting(factory=Observer, doc="the observing process (`mlmirror serve`)")
     feedback: Feedback = setting(factory=Feedback, doc="who may report outcomes (`ReportOutcome`, `POST /outcomes`)")
     mirror_shed_lag: float | None = setting(
