@@ -87,12 +87,12 @@ class FeedbackService:
         self._stores = stores
         self._sinks = sinks
         self.park = park if park is not None else OutcomePark(0, 1.0)
-        self.park.on_dropped = self._dropped
-        #: outcomes no route knew (counted apart: they belong to no route), parked ones once dropped unjoined
-        self.unknown = 0
+        self._unknown = 0  # not parked and known nowhere (counted on the event loop)
 
-    def _dropped(self, n: int) -> None:
-        self.unknown += n
+    @property
+    def unknown(self) -> int:
+        """Outcomes no route knew (counted apart: they belong to no route), parked ones once dropped unjoined."""
+        return self._unknown + self.park.expired + self.park.evicted
 
     def attach(self) -> list[GroundTruthStore]:
         """Give the current stores the park, so that a prediction landing there takes its early outcome; the
@@ -119,7 +119,7 @@ class FeedbackService:
                 continue
             store = next((s for s in stores if s.knows(request_id)), None)
             if store is None:
-                self.unknown += 1
+                self._unknown += 1
                 counts["unknown"] += 1
             else:
                 counts[store.report(request_id, values, labels)] += 1

@@ -36,7 +36,7 @@ class OutcomePark:
     """Early outcomes by request id, oldest first, at most ``capacity`` of them, each for ``ttl`` seconds.
 
     ``clock``: seconds (monotonic; tests pass their own). ``expired`` and ``evicted`` count the outcomes dropped
-    unjoined (the caller counts them ``unknown``); ``joined``, those handed back to their prediction."""
+    unjoined (the feedback service counts them ``unknown``); ``joined``, those handed back to their prediction."""
 
     def __init__(self, capacity: int, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if capacity < 0:
@@ -51,8 +51,6 @@ class OutcomePark:
         self.expired = 0
         self.evicted = 0
         self.joined = 0
-        #: called with the number of outcomes dropped unjoined, outside the lock (the feedback service counts them)
-        self.on_dropped: Callable[[int], None] = lambda n: None
 
     def __len__(self) -> int:
         with self._lock:
@@ -62,7 +60,7 @@ class OutcomePark:
         """Park ``outcome`` unless ``known(request_id)`` (a store has its prediction, asked under the park's lock);
         True when it was parked. With a capacity of 0 nothing is parked."""
         with self._lock:
-            dropped = self._expire(self._clock())
+            self._expire(self._clock())
             if known(request_id) or self.capacity == 0:
                 parked = False
             else:
@@ -71,30 +69,23 @@ class OutcomePark:
                 while len(self._parked) > self.capacity:
                     self._parked.popitem(last=False)
                     self.evicted += 1
-                    dropped += 1
                 parked = True
-        if dropped:
-            self.on_dropped(dropped)
         return parked
 
     def claim(self, request_id: str) -> ParkedOutcome | None:
         """The outcome parked for ``request_id`` (taken out of the park), or None."""
         with self._lock:
-            dropped = self._expire(self._clock()) if self._parked else 0
+            if self._parked:
+                self._expire(self._clock())
             entry = self._parked.pop(request_id, None)
             if entry is not None:
                 self.joined += 1
-        if dropped:
-            self.on_dropped(dropped)
         return None if entry is None else entry[1]
 
     def expire(self) -> int:
         """Drop the outcomes past their TTL now (otherwise done at the next park or claim); how many were."""
         with self._lock:
-            dropped = self._expire(self._clock())
-        if dropped:
-            self.on_dropped(dropped)
-        return dropped
+            return self._expire(self._clock())
 
     def _expire(self, now: float) -> int:
         dropped = 0
