@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.ports import free_port
-from tests.support import ECHO, REPO, EchoServer, http_get, wait_until
+from tests.support import ECHO, REPO, EchoServer, http_get, through_proxy, wait_until
 
 pytestmark = pytest.mark.process
 
@@ -169,3 +169,29 @@ async def test_sigterm_under_load_cancels_nothing_and_completes_every_accepted_c
             summary.append((len(accepted), sum(o.code is grpc.StatusCode.UNAVAILABLE for o in outcomes)))
     assert len(summary) == 10
     print("accepted, refused per run:", summary)
+
+
+async def test_a_closed_door_refuses_every_call_type_unavailable_without_relaying_it():
+    async with EchoServer("up") as upstream:
+        config = f"""
+        method_types: {{{UNARY}: unary_unary}}
+        upstreams: {{up: {upstream.address}}}
+        routes: [{{name: main, match: {{}}, primary: up}}]
+        """
+        async with through_proxy(config) as (proxy, channel):
+            assert await channel.unary_unary(UNARY)(b"before", timeout=10) == b"up:before"
+            proxy._door.close()
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await channel.unary_unary(UNARY)(b"after", timeout=10)
+            bidi = channel.stream_stream(ECHO + "Bidi")(iter([b"a", b"b"]), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as stream:
+                async for _ in bidi:
+                    pass
+            health_answer = await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+    assert unary.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (unary.value.details() or "")
+    assert stream.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert [r.requests for r in upstream.received] == [[b"before"]]  # nothing relayed once the door closed
+    assert proxy._door.refused == 2
+    # health (and Feedback) are not behind the door: still answered
+    assert health_pb2.HealthCheckResponse.FromString(health_answer).status == health_pb2.HealthCheckResponse.SERVING
