@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import deque
 
 import grpc
 from mlmirror.protocol.names import MODEL_STREAM_INFER
@@ -53,7 +54,11 @@ def untag_answer(message: bytes) -> tuple[str | None, bytes | None, str]:
 
 
 class StreamCopies:
-    """One shadow's ModelInfer copies over one ``ModelStreamInfer`` stream, reopened when it ends."""
+    """One shadow's ModelInfer copies over one ``ModelStreamInfer`` stream, reopened when it ends.
+
+    One writer task writes the copies in the order they come (grpc.aio takes one write at a time); one reader task
+    hands each answer to its copy; one timer expires the copies waiting longest (copies of one shadow share its
+    ``timeout``, so they expire in the order they were sent)."""
 
     def __init__(self, target: UpstreamTarget, shadow: str, metadata: tuple[tuple[str, str], ...]) -> None:
         self.target = target
@@ -61,30 +66,64 @@ class StreamCopies:
         self._metadata = metadata
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._waiting: dict[str, asyncio.Future[tuple[bytes | None, grpc.StatusCode]]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        #: tag -> (the copy's answer to come, its deadline on the loop's clock), in the order sent
+        self._waiting: dict[str, tuple[asyncio.Future[tuple[bytes | None, grpc.StatusCode]], float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self._tags = itertools.count()
-        self._write_lock = asyncio.Lock()
         #: streams opened (the first, and one after each end)
         self.opened = 0
 
     async def send(self, request: bytes, within: float) -> tuple[bytes | None, grpc.StatusCode]:
         """Send one copy and wait at most ``within`` seconds for its answer: (answer bytes or None, its code)."""
+        loop = asyncio.get_running_loop()
         tag = f"mlmirror-{next(self._tags)}"
-        answer: asyncio.Future[tuple[bytes | None, grpc.StatusCode]] = asyncio.get_running_loop().create_future()
-        self._waiting[tag] = answer
-        call = self._open()
+        answer: asyncio.Future[tuple[bytes | None, grpc.StatusCode]] = loop.create_future()
+        self._waiting[tag] = (answer, loop.time() + within)
+        self._outbox.append((tag, tag_request(request, tag)))
+        if self._writer is None:
+            self._writer = loop.create_task(self._write())
+        if self._timer is None:
+            self._arm(loop)
         try:
-            async with asyncio.timeout(within):
-                async with self._write_lock:  # one write at a time on a grpc.aio stream
-                    await call.write(tag_request(request, tag))
-                return await answer
-        except TimeoutError:
-            return None, grpc.StatusCode.DEADLINE_EXCEEDED
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            self._ended(call)  # the stream is gone: this copy and those waiting with it
-            return None, grpc.StatusCode.UNAVAILABLE
+            return await answer
         finally:
             self._waiting.pop(tag, None)
+
+    async def _write(self) -> None:
+        """Write what is in the outbox (skipping copies already finished), then end."""
+        try:
+            while self._outbox:
+                tag, message = self._outbox.popleft()
+                if tag not in self._waiting:
+                    continue
+                call = self._open()
+                try:
+                    await call.write(message)
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    self._ended(call)  # the stream is gone: the copies waiting on it finish UNAVAILABLE
+        finally:
+            self._writer = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Set the timer for the copy waiting longest."""
+        for _, deadline in self._waiting.values():
+            self._timer = loop.call_at(deadline, self._expire)
+            return
+
+    def _expire(self) -> None:
+        """Finish the copies past their deadline as DEADLINE_EXCEEDED (an answer after it is ignored)."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for tag, (answer, deadline) in list(self._waiting.items()):
+            if deadline > now:
+                break
+            del self._waiting[tag]
+            if not answer.done():
+                answer.set_result((None, grpc.StatusCode.DEADLINE_EXCEEDED))
+        self._arm(loop)
 
     def _open(self) -> grpc.aio.StreamStreamCall:
         call = self._call
@@ -107,29 +146,34 @@ class StreamCopies:
                 except ValueError:
                     log.warning("shadow %s: a stream answer that is not a ModelStreamInferResponse", self.shadow)
                     continue
-                waiting = self._waiting.get(tag) if tag is not None else None
-                if waiting is not None and not waiting.done():
-                    waiting.set_result((answer, grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK))
+                waiting = self._waiting.pop(tag, None) if tag is not None else None
+                if waiting is not None and not waiting[0].done():
+                    waiting[0].set_result((answer, grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK))
         except grpc.aio.AioRpcError as exc:
             log.debug("shadow %s: stream ended: %s", self.shadow, exc.code().name)
         finally:
             self._ended(call)
 
     def _ended(self, call: grpc.aio.StreamStreamCall | None) -> None:
-        """The stream ``call`` is over: every copy still waiting on it finishes UNAVAILABLE."""
+        """The stream ``call`` is over: every copy waiting (sent on it, or queued to be) finishes UNAVAILABLE."""
         if call is None or call is not self._call:
             return
         self._call = None
         call.cancel()
-        for waiting in self._waiting.values():
-            if not waiting.done():
-                waiting.set_result((None, grpc.StatusCode.UNAVAILABLE))
+        waiting, self._waiting = self._waiting, {}
+        for answer, _ in waiting.values():
+            if not answer.done():
+                answer.set_result((None, grpc.StatusCode.UNAVAILABLE))
 
     async def close(self) -> None:
-        """End the stream and its reader."""
-        call, reader = self._call, self._reader
+        """End the stream and its tasks."""
+        call, reader, writer = self._call, self._reader, self._writer
         self._ended(call)
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in (reader, writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
