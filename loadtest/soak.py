@@ -134,7 +134,8 @@ def _outcomes(
     report = channel.unary_unary(f"/{FEEDBACK_SERVICE}/ReportOutcome",
                                  response_deserializer=feedback_pb2.ReportOutcomeResponse.FromString)  # fmt: skip
     answer = report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes).SerializeToString(), timeout=10)
-    return {field: getattr(answer, field) for field in ("matched", "unknown", "late", "duplicate", "invalid")}
+    fields = ("matched", "unknown", "late", "duplicate", "invalid", "early")  # early: parked, joined when it lands
+    return {field: getattr(answer, field) for field in fields}
 
 
 def _settle(poller: Poller, within: float = 30.0) -> None:

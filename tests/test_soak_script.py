@@ -51,7 +51,10 @@ def test_a_small_soak_prints_its_table_and_passes():
     assert copies is not None
     finished, dropped, accounted, sent = (int(g.replace(",", "")) for g in copies.groups())
     assert finished + dropped == accounted == sent == 5100
-    assert checks["outcomes joined with their predictions"][1] == "matched 100"
+    # early: reported before the busy drift engine stored the prediction, parked and joined when it lands
+    joined = dict(part.split(" ") for part in checks["outcomes joined with their predictions"][1].split(", "))
+    assert set(joined) <= {"matched", "early"}
+    assert sum(int(n) for n in joined.values()) == 100
     assert lines[-1] == "Verdict: PASS"
 
 
