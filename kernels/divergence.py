@@ -26,11 +26,12 @@ chi_square       Pearson's statistic of the 2 x K table of counts, over the colu
                  ``sum (O - E)^2 / E``, ``E = row total * column total / (N + M)``; ``df = columns - 1``; p-value
                  the regularized upper incomplete gamma ``Q(df / 2, statistic / 2)``, 1 when df = 0 (as
                  ``scipy.stats.chi2_contingency(..., correction=False)``). With ``min_expected`` > 0, sparse
-                 columns are pooled first (Cochran's rule, judged on the reference alone so that the pooling never
-                 depends on the current counts): in increasing order of ``reference[f, k]`` (ties by slot), a
-                 column joins one pooled column while the pool's or its own smaller expected count
-                 ``min(N, M) * reference[f, k] / N`` is below ``min_expected``; the statistic is then that of the
-                 coarser table
+                 columns are pooled first (Cochran's rule): a column's size is ``e_k = min(N, M) *
+                 max(reference[f, k] / N, total_k / (N + M))`` (the reference's share, so that the pooling does
+                 not pick the bins where the current sample happens to be low; the column's share when larger, so
+                 that a category the reference never saw, in bulk, stands alone); in increasing order of ``e_k``
+                 (ties by slot), a column joins one pooled column while the pool's size or its own is below
+                 ``min_expected``; the statistic is then that of the coarser table
 ===============  =========================================================================================
 """
 
@@ -173,23 +174,22 @@ def _chi_square(reference, current, min_expected):  # pragma: no cover - compile
             out[:, f] = np.nan
             continue
         total = n + m
-        small = min(n, m) / n  # a column's smaller expected count is small * its reference count
+        small = min(n, m)
         for k in range(slots):
-            totals[k] = reference[f, k]
+            totals[k] = small * max(reference[f, k] / n, (reference[f, k] + current[f, k]) / total)
         order = np.argsort(totals, kind="mergesort")
         stat = 0.0
         columns = 0
         pool_r = 0.0
         pool_c = 0.0
-        pooled = False
         for i in range(slots):
             k = order[i]
             if reference[f, k] + current[f, k] == 0.0:
                 continue
-            if (pooled and small * pool_r < min_expected) or small * reference[f, k] < min_expected:
+            pool = small * max(pool_r / n, (pool_r + pool_c) / total)
+            if (pool_r + pool_c > 0.0 and pool < min_expected) or totals[k] < min_expected:
                 pool_r += reference[f, k]
                 pool_c += current[f, k]
-                pooled = True
                 continue
             columns += 1
             stat += _cell_terms(reference[f, k], current[f, k], n, m, total)

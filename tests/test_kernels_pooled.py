@@ -15,18 +15,22 @@ from scipy import stats
 
 
 def ref_pooled_chi_square(reference: np.ndarray, current: np.ndarray, min_expected: float) -> tuple[float, int, float]:
-    """The definition, step by step: columns in increasing order of reference count join one pool while the pool or
-    the column has a smaller expected count ``min(N, M) * ref / N`` below ``min_expected``; then scipy."""
+    """The definition, step by step: a column's size is ``min(N, M) * max(ref / N, total / (N + M))``; in
+    increasing order of size, columns join one pool while the pool's size or their own is below ``min_expected``;
+    then scipy on the coarser table."""
     reference, current = np.asarray(reference, float), np.asarray(current, float)
     n, m = reference.sum(), current.sum()
-    small = min(n, m) / n
+
+    def size(ref: float, cur: float) -> float:
+        return min(n, m) * max(ref / n, (ref + cur) / (n + m))
+
     columns: list[tuple[float, float]] = []
     pool: list[tuple[float, float]] = []
-    for k in sorted(range(len(reference)), key=lambda k: (reference[k], k)):
+    for k in sorted(range(len(reference)), key=lambda k: (size(reference[k], current[k]), k)):
         if reference[k] + current[k] == 0:
             continue
-        pool_ref = sum(r for r, _ in pool)
-        if (pool and small * pool_ref < min_expected) or small * reference[k] < min_expected:
+        pooled = (sum(r for r, _ in pool), sum(c for _, c in pool))
+        if (pool and size(*pooled) < min_expected) or size(reference[k], current[k]) < min_expected:
             pool.append((reference[k], current[k]))
         else:
             columns.append((reference[k], current[k]))
@@ -134,6 +138,17 @@ def test_chi_square_keeps_its_level_with_a_rare_category(rows):
     if rows <= 50:  # the 0.5% category's expected count is 0.25 or less: the raw test is over its level
         raw = chi_square(reference, current)[2]
         assert (raw < 0.01).mean() > 0.015
+
+
+def test_a_category_the_reference_never_saw_stands_alone_when_it_is_common():
+    # Red/blue 70/30 in the reference; the window swaps blue for a new colour: pooling it with blue would hide it.
+    reference = np.array([3500.0, 1500.0, 0.0])
+    current = np.array([700.0, 0.0, 300.0])
+    statistic, dof, p = chi_square(reference, current, 5.0)
+    assert dof[0] == 2
+    assert p[0] < 1e-12
+    # One unseen value is pooled (with blue), as it should: under no drift it happens.
+    assert chi_square(reference, np.array([700.0, 299.0, 1.0]), 5.0)[1][0] == 1
 
 
 def test_pooling_keeps_the_power_for_a_real_change():
