@@ -278,3 +278,31 @@ def test_alarm_settings_are_read_and_checked():
             _drift(bad)
         assert caught.value.key.endswith(where), (bad, caught.value.key)
         assert says in str(caught.value), (bad, str(caught.value))
+
+
+def test_a_scrape_shows_the_window_decision_and_the_persistent_series():
+    from mlmirror.observing.drift.report import DriftCollector, drift_status
+
+    rng = np.random.default_rng(9)
+    engine = DriftEngine("m", Drift(window=200, capture=1000, persistence=Persistence(m=2, n=3), multivariate=None))
+    feed_rows(engine, rng.normal(size=(1000, 2)))
+    for _ in range(2):
+        feed_rows(engine, rng.normal(size=(200, 2)) + np.array([2.0, 0.0]))
+    samples = {
+        (s.name, s.labels.get("series")): s.value
+        for family in DriftCollector(lambda: [engine]).collect()
+        for s in family.samples
+        if s.name in ("mlmirror_drift_window_detected", "mlmirror_drift_persistent", "mlmirror_drift_detected")
+    }
+    assert samples == {
+        ("mlmirror_drift_window_detected", None): 1.0,
+        ("mlmirror_drift_persistent", "input[0]"): 1.0,
+        ("mlmirror_drift_persistent", "input[1]"): 0.0,
+        ("mlmirror_drift_detected", "input[0]"): 1.0,
+        ("mlmirror_drift_detected", "input[1]"): 0.0,
+    }
+    status = drift_status(engine)
+    assert (status["alarm_level"], status["persistence"]) == (0.01, [2, 3])
+    latest = status["latest"][0]
+    assert latest["persistent"] == ["input[0]"]
+    assert latest["series"][0]["adjusted"] <= 0.01 < latest["series"][1]["adjusted"]
