@@ -82,8 +82,7 @@ class AdminRoute(Protocol):
 class AdminServer:
     """Serves ``routes`` (method, path, handler, auth): a path whose routes are all ``auth="admin"`` needs the
     bearer ``token`` when one is set; ``open`` paths need nothing, and ``own`` paths check credentials in their
-    handler. A path ending in ``/*`` serves every path under it (the dashboard's assets). ``services``: started
-    with the server and closed with it (the dashboard's history sampler)."""
+    handler. ``services``: started with the server and closed with it (the dashboard's history sampler)."""
 
     def __init__(
         self,
@@ -94,14 +93,22 @@ class AdminServer:
         services: Sequence[Service] = (),
     ) -> None:
         self.address = address
-        self._routes = {(route.method, route.path): route for route in routes}
-        self._prefixes = tuple(sorted({r.path[:-1] for r in routes if r.path.endswith("/*")}, key=len, reverse=True))
-        self._unchecked = frozenset(route.path for route in routes if route.auth != "admin")
+        self._routes: dict[tuple[str, str], AdminRoute] = {}
+        self._unchecked: frozenset[str] = frozenset()
+        self.add_routes(routes)
         self._token = token
         self._services = tuple(services)
         self._server: web.Server | None = None
         self._listening: asyncio.Server | None = None
         self._transports: set[asyncio.BaseTransport] = set()  # the open connections
+
+    def add_routes(self, routes: Sequence[AdminRoute]) -> None:
+        self._routes.update({(route.method, route.path): route for route in routes})
+        self._unchecked = frozenset(route.path for route in self._routes.values() if route.auth != "admin")
+
+    @property
+    def token(self) -> str | None:
+        return self._token
 
     async def start(self) -> None:
         host, _, port = self.address.rpartition(":")
@@ -155,28 +162,23 @@ class AdminServer:
         )  # fmt: skip
         return _answer(await self._dispatch(request))
 
-    def _route_of(self, method: str, path: str) -> tuple[AdminRoute | None, str | None]:
-        """(the route serving ``method`` ``path``, the declared path it is under)."""
-        declared = path if any(p == path for _, p in self._routes) else None
-        if declared is None:
-            declared = next((prefix + "*" for prefix in self._prefixes if path.startswith(prefix)), None)
-        return (self._routes.get((method, declared)) if declared else None), declared
-
     async def _dispatch(self, request: Request) -> Response:
-        route, declared = self._route_of(request.method, request.path)
-        if self._token is not None and declared not in self._unchecked and not self._authorized(request):
+        if self._token is not None and request.path not in self._unchecked and not self._authorized(request):
             return Response(
                 401, b"unauthorized: send Authorization: Bearer <admin token>\n", "text/plain; charset=utf-8",
                 (("WWW-Authenticate", 'Bearer realm="mlmirror"'),),
             )  # fmt: skip
+        route = self._routes.get((request.method, request.path))
         if route is None:
-            if declared is not None:
-                allowed = sorted(m for m, path in self._routes if path == declared)
+            if any(path == request.path for _, path in self._routes):
+                allowed = sorted(m for m, path in self._routes if path == request.path)
                 return Response.text(f"method {request.method} not allowed here (use {', '.join(allowed)})", 405)
-            paths = {path for _, path in self._routes}
-            known = ", ".join(sorted(p for p in paths if p != "/" and not p.endswith("/*")))
-            page = "; the dashboard: /" if "/" in paths else ""
-            return Response.text(f"no such endpoint: {request.path} (known: {known}){page}", 404)
+            groups: dict[str, set[str]] = {}
+            for known_route in self._routes.values():
+                groups.setdefault(getattr(known_route, "group", "api"), set()).add(known_route.path)
+            known = ", ".join(sorted(groups.pop("api", set())))
+            more = "".join(f"; {group}: {', '.join(sorted(paths))}" for group, paths in sorted(groups.items()))
+            return Response.text(f"no such endpoint: {request.path} (known: {known}{more})", 404)
         try:
             return await route.handler(request)
         except Exception:
