@@ -28,6 +28,8 @@ def test_the_demo_runs_its_story_with_no_client_errors():
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            "--linger",
+            "0s",
         ],
         capture_output=True,
         text=True,

@@ -116,7 +116,7 @@
     const heat = $("heatmap");
     const latest = ((status.drift || {}).latest || []);
     const newest = latest.length ? latest.reduce((a, b) => ((a.ended || 0) >= (b.ended || 0) ? a : b)) : null;
-    $("drifted-features").textContent = newest ? (newest.drifted.join(", ") || "none") + " (version " + newest.version + ", window " + newest.index + ")" : "reference or first window filling";
+    $("drifted-features").textContent = latest.length ? latest.map((w) => "version " + w.version + " window " + w.index + ": " + (w.drifted.join(", ") || "none")).join("; ") : "reference or first window filling";
     heat.innerHTML = "";
     const table = document.createElement("table");
     const names = [];
