@@ -26,6 +26,7 @@ from mlmirror.demo.traffic import infer_request
 from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowResult
+from mlmirror.observing.drift.judging import Judge
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, render_drift
 from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
@@ -40,6 +41,7 @@ from tests.support import (
     feed_rows,
     fp64_call,
     http_get,
+    iris_config,
     model_server,
     running_proxy,
     through_proxy,
@@ -565,15 +567,7 @@ async def test_a_profile_without_a_configured_feature_stops_the_start(tmp_path: 
 async def test_drift_through_the_proxy_shows_in_status_metrics_and_the_cli():
     rng = np.random.default_rng(10)
     async with model_server("production") as port:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams: {{production: 127.0.0.1:{port}}}
-        routes:
-          - name: iris
-            match: {{}}
-            primary: production
-            drift: {{window: 300, capture: 600, bins: 10}}
-        """
+        config = iris_config(port, "drift: {window: 300, capture: 600, bins: 10}", match="{}")
         async with through_proxy(config) as (proxy, channel):
             infer = channel.unary_unary(MODEL_INFER)
             limit = asyncio.Semaphore(16)
@@ -897,13 +891,14 @@ def test_a_scrape_during_calibration_sees_the_whole_reference():
     thread, here at the worst moment) must still read the whole reference, not "the rest"."""
     seen: list[tuple[float, float]] = []
 
-    class ScrapedMidCalibration(DriftEngine):
-        def score(self, *args, **kwargs):
-            if args[2] == -1:  # a calibration chunk (index -1)
-                seen.append(reference_seen(self))
-            return super().score(*args, **kwargs)
+    class ScrapedMidCalibration(Judge):
+        def series(self, reference, schema, counts, against=None):
+            if against is not None:  # a calibration chunk, scored against the rest of the reference
+                seen.append(reference_seen(engine))
+            return super().series(reference, schema, counts, against)
 
-    engine = ScrapedMidCalibration("m", CALIBRATED)
+    engine = DriftEngine("m", CALIBRATED)
+    engine.judge = ScrapedMidCalibration("m", CALIBRATED)
     feed_rows(engine, np.random.default_rng(11).normal(size=(1000, 2)))
     assert engine.calibrated  # it did calibrate...
     assert len(seen) == 10  # ...over 10 chunks of one window (100 rows), each seen by a scrape

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -55,20 +56,22 @@ class Tensor:
 
 def response_outputs(data: bytes) -> tuple[str, list[Tensor]]:
     """(model_version, outputs) of a serialized ``ModelInferResponse``."""
-    try:
-        message = inference_pb2.ModelInferResponse.FromString(data)
-    except DecodeError as exc:
-        raise TensorError("malformed", f"not a ModelInferResponse: {exc}") from None
+    message = _parse(inference_pb2.ModelInferResponse, data)
     return message.model_version, _tensors(message.outputs, message.raw_output_contents)
 
 
 def request_inputs(data: bytes) -> tuple[str, list[Tensor]]:
     """(model_name, inputs) of a serialized ``ModelInferRequest``."""
-    try:
-        message = inference_pb2.ModelInferRequest.FromString(data)
-    except DecodeError as exc:
-        raise TensorError("malformed", f"not a ModelInferRequest: {exc}") from None
+    message = _parse(inference_pb2.ModelInferRequest, data)
     return message.model_name, _tensors(message.inputs, message.raw_input_contents)
+
+
+def _parse(kind: Any, data: bytes) -> Any:
+    """``kind`` parsed from ``data``; malformed bytes raise ``TensorError("malformed")``."""
+    try:
+        return kind.FromString(data)
+    except DecodeError as exc:
+        raise TensorError("malformed", f"not a {kind.__name__}: {exc}") from None
 
 
 def _tensors(specs: Sequence, raw: Sequence[bytes]) -> list[Tensor]:
@@ -85,12 +88,12 @@ def _tensor(spec, raw: bytes | None) -> Tensor:
     shape = tuple(spec.shape)
     if len(shape) > MAX_RANK:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: {len(shape)} dimensions (at most {MAX_RANK})")
-    if any(d < 0 or d > MAX_ELEMENTS for d in shape):
+    if shape and (min(shape) < 0 or max(shape) > MAX_ELEMENTS):
         raise TensorError("bad_shape", f"tensor {spec.name!r}: dimension out of [0, {MAX_ELEMENTS}] in {list(shape)}")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} declares {count} elements")
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # empty, but numpy cannot shape even an empty array so
+    if not count and math.prod(d for d in shape if d) > MAX_ELEMENTS:  # numpy cannot shape even an empty array so
         raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} is too large even though empty")
     if raw is not None:
         if datatype == "BYTES":

@@ -17,12 +17,18 @@ attribution drift is flagged below ``threshold`` (0.9 by default, SageMaker's al
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
+from mlmirror.config.schema_observing import Attribution
+from mlmirror.observing.drift.schema import Schema
+from mlmirror.observing.drift.scoring import AttributionResult
 
-__all__ = ["AttributionState", "AttributionTracker", "ndcg"]
+__all__ = ["AttributionState", "AttributionTracker", "ndcg", "tracker_for"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +53,8 @@ class AttributionTracker:
         self.sources = sources
         self.surrogate = surrogate
         self.threshold = threshold
+        #: the reference's importances (from the captured reference; a profile has none: the first window's)
+        self.baseline: np.ndarray | None = None
 
     def new_state(self) -> AttributionState:
         k = len(self.features)
@@ -88,6 +96,39 @@ class AttributionTracker:
         beta = np.linalg.lstsq(cov_xx, cov_xy, rcond=None)[0]
         sigma_x = np.sqrt(np.clip(np.diag(cov_xx), 0.0, None))
         return np.abs(beta) * sigma_x / math.sqrt(var_y)
+
+    def result(self, state: AttributionState, names: list[str]) -> AttributionResult:
+        """The window's importances (per feature name) ranked against the baseline by NDCG."""
+        importance = self.importance(state)
+        if self.baseline is None:
+            self.baseline = importance
+        score = ndcg(self.baseline, importance)
+        return AttributionResult(
+            importance=dict(zip(names, importance.tolist(), strict=True)),
+            reference=dict(zip(names, self.baseline.tolist(), strict=True)),
+            ndcg=score,
+            drifted=bool(score < self.threshold),
+        )
+
+
+def tracker_for(spec: Attribution, schema: Schema, route: str) -> AttributionTracker | None:
+    """The tracker ``spec`` asks for over ``schema``'s numeric series; None (logged) when the series do not fit."""
+    numeric = schema.numeric
+    features = [i for i, s in enumerate(numeric) if s.kind == "feature"]
+    outputs = [i for i, s in enumerate(numeric) if s.kind == "output"]
+    if spec.output is not None:
+        sources = [i for i in outputs if numeric[i].tensor == spec.output]
+        surrogate = False
+    elif spec.target is not None:
+        sources = [i for i in outputs if numeric[i].name == spec.target]
+        surrogate = True
+    else:
+        sources, surrogate = outputs[:1], True
+    if not features or not sources or (not surrogate and len(sources) != len(features)):
+        need = "a numeric target" if surrogate else f"one column per feature in {spec.output!r}"
+        log.warning("drift %s: attribution needs numeric features and %s; it is off", route, need)
+        return None
+    return AttributionTracker(features, sources, surrogate, spec.threshold)
 
 
 def ndcg(reference: np.ndarray, current: np.ndarray) -> float:

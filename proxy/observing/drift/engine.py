@@ -8,38 +8,27 @@ version with the Numba kernels (which release the GIL). The first ``capture`` ca
 profile is configured. A window closes after ``window`` calls of one version or ``window_time`` seconds; its scores
 are computed from counts and published (``latest``, ``history``, and the ``sliding`` view). The worker hands the GIL
 back to the event loop every ``YIELD_EVERY`` calls. Calls that cannot be decoded are counted by reason, never raised.
-At most ``max_versions`` model versions are tracked (``versions``); the scoring itself is in ``scoring``.
+At most ``max_versions`` model versions are tracked (``versions``); what a window is called is in ``judging``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TypedDict
 
-import numpy as np
 from mlmirror import kernels
 from mlmirror.config import Drift
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.kernels.methods import DEFAULT_CATEGORICAL, DEFAULT_NUMERIC, DRIFT_METHODS
-from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, ndcg
+from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, tracker_for
 from mlmirror.observing.drift.binding import choose_input
+from mlmirror.observing.drift.judging import Judge
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
-from mlmirror.observing.drift.scoring import (
-    AttributionResult,
-    MultivariateResult,
-    SeriesResult,
-    WindowResult,
-    concat,
-    score_counts,
-    sum_counts,
-)
+from mlmirror.observing.drift.scoring import EngineSnapshot, SeriesResult, WindowResult, concat, sum_counts
 from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
 from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
@@ -96,9 +85,9 @@ class DriftEngine:
         #: the (model, version) pairs tracked, at most ``max_versions``; ``versions.retired`` counts those dropped
         self.versions: RecentKeys[tuple[str, str]] = RecentKeys(spec.max_versions)
         self._tracker: AttributionTracker | None = None
-        self.reference_importance: np.ndarray | None = None
         self.pca: PcaDrift | None = None
-        self.calibrated: dict[tuple[str, str], float] = {}
+        #: scores and judges each window's series (its ``calibrated`` thresholds come from the reference)
+        self.judge = Judge(route, spec)
         self._recent: dict[tuple[str, str], deque[tuple[WindowCounts, float]]] = {}
         self.sliding: dict[tuple[str, str], WindowResult] = {}
         #: the latest closed window's counts per model version (exported for the series in ``export_bins``)
@@ -250,9 +239,10 @@ class DriftEngine:
             if tracker is not None:
                 state = tracker.new_state()
                 tracker.add(state, rows.numeric)
-                self.reference_importance = tracker.importance(state)
+                tracker.baseline = tracker.importance(state)
             self._fit_pca(rows)
-            self._calibrate(rows)
+            size = max(1, round(self._window_rows(rows.numeric.shape[0] / max(self._captured_calls, 1))))
+            self.judge.calibrate(self.reference, self.schema, rows, size)
             self._captured = []
             log.info(
                 "drift %s: reference captured from %d calls (%d rows) of %s version %s",
@@ -295,40 +285,6 @@ class DriftEngine:
         """Rows a window is expected to hold (a time-only window is assumed as large as the capture)."""
         return (self.spec.window or self.spec.capture) * rows_per_call
 
-    def _calibrate(self, rows: Rows) -> None:
-        """Per-series distance thresholds: mean + k sd of the scores of window-sized chunks of the reference, each
-        scored against the rest of the reference."""
-        k = self.spec.calibrate
-        reference = self.reference
-        if k is None or reference is None or self.schema is None:
-            return
-        size = max(1, round(self._window_rows(rows.numeric.shape[0] / max(self._captured_calls, 1))))
-        chunks = rows.numeric.shape[0] // size
-        if chunks < 3:
-            log.warning("drift %s: calibration needs 3 window-sized chunks of reference, has %d", self.route, chunks)
-            return
-        scores: dict[tuple[str, str], list[float]] = {}
-        full = reference.counts
-        for c in range(chunks):
-            part = Rows(rows.numeric[c * size : (c + 1) * size], rows.categorical[c * size : (c + 1) * size])
-            counts = reference.new_window()
-            reference.add(counts, part)
-            # Each chunk against the rest of the reference (counts subtract), as a new window would be judged. The
-            # rest is passed to ``score``; the reference's own counts never change, so a scrape reading them from
-            # another thread meanwhile sees the whole reference.
-            rest = WindowCounts(
-                full.numeric - counts.numeric,
-                [a - b for a, b in zip(full.categorical, counts.categorical, strict=True)],
-            )
-            for result in self.score(counts, ("", ""), -1, 0.0, against=rest).series:
-                for method, value in result.scores.items():
-                    scores.setdefault((result.name, method), []).append(value)
-        self.calibrated = {
-            key: float(np.nanmean(values) + k * np.nanstd(values))
-            for key, values in scores.items()
-            if not DRIFT_METHODS[key[1]].p_value
-        }
-
     def _features(self) -> list[int]:
         assert self.schema is not None
         return [i for i, s in enumerate(self.schema.numeric) if s.kind == "feature"]
@@ -353,22 +309,7 @@ class DriftEngine:
         if spec is None or self.schema is None:
             return None
         if self._tracker is None:
-            numeric = self.schema.numeric
-            features = [i for i, s in enumerate(numeric) if s.kind == "feature"]
-            outputs = [i for i, s in enumerate(numeric) if s.kind == "output"]
-            if spec.output is not None:
-                sources = [i for i in outputs if numeric[i].tensor == spec.output]
-                surrogate = False
-            elif spec.target is not None:
-                sources = [i for i in outputs if numeric[i].name == spec.target]
-                surrogate = True
-            else:
-                sources, surrogate = outputs[:1], True
-            if not features or not sources or (not surrogate and len(sources) != len(features)):
-                need = "a numeric target" if surrogate else f"one column per feature in {spec.output!r}"
-                log.warning("drift %s: attribution needs numeric features and %s; it is off", self.route, need)
-                return None
-            self._tracker = AttributionTracker(features, sources, surrogate, spec.threshold)
+            self._tracker = tracker_for(spec, self.schema, self.route)
         return self._tracker
 
     def _add(self, window: _Open, group: list[Rows]) -> None:
@@ -412,55 +353,28 @@ class DriftEngine:
     ) -> WindowResult:
         """Scores of ``counts`` against the reference (or against the counts ``against``, in the reference's bins),
         by every configured method."""
-        reference = self.reference
-        assert reference is not None
+        assert self.reference is not None
         assert self.schema is not None
-        base = against if against is not None else reference.counts
-        results: list[SeriesResult] = []
-        numeric = score_counts(base.numeric_distribution(), counts.numeric_distribution(), self.spec.methods,
-                          reference.positions, categorical=False)  # fmt: skip
-        for j, series in enumerate(self.schema.numeric):
-            results.append(self._judge(series.name, series.kind, False, {m: v[j] for m, v in numeric.items()},
-                                       int(counts.numeric[j, -1])))  # fmt: skip
-        for j, series in enumerate(self.schema.categorical):
-            ref = base.categorical[j].astype(np.float64)
-            cur = counts.categorical[j].astype(np.float64)
-            scores = score_counts(ref, cur, self.spec.methods, None, categorical=True)
-            results.append(self._judge(series.name, series.kind, True, {m: v[0] for m, v in scores.items()}, 0))
-        return WindowResult(self.route, key[0], key[1], index, counts.calls, counts.rows, started, time.time(),
-                            tuple(results), self._attribution(attribution), self._multivariate(pca))  # fmt: skip
-
-    def _multivariate(self, state: PcaState | None) -> MultivariateResult | None:
-        if state is None or self.pca is None:
-            return None
-        error = self.pca.error(state)
-        return MultivariateResult(error, self.pca.reference_error, self.pca.upper, bool(error > self.pca.upper))
-
-    def _attribution(self, state: AttributionState | None) -> AttributionResult | None:
-        tracker = self._tracker
-        if state is None or tracker is None or self.schema is None:
-            return None
-        importance = tracker.importance(state)
-        if self.reference_importance is None:  # a profile holds no attributions: the first window is the baseline
-            self.reference_importance = importance
-        names = [self.schema.numeric[i].name for i in tracker.features]
-        score = ndcg(self.reference_importance, importance)
-        return AttributionResult(
-            importance=dict(zip(names, importance.tolist(), strict=True)),
-            reference=dict(zip(names, self.reference_importance.tolist(), strict=True)),
-            ndcg=score,
-            drifted=bool(score < tracker.threshold),
+        series = self.judge.series(self.reference, self.schema, counts, against)
+        names = [self.schema.numeric[i].name for i in self._tracker.features] if self._tracker else []
+        return WindowResult(
+            self.route,
+            key[0],
+            key[1],
+            index,
+            counts.calls,
+            counts.rows,
+            started,
+            time.time(),
+            tuple(series),
+            self._tracker.result(attribution, names) if attribution is not None and self._tracker else None,
+            self.pca.result(pca) if pca is not None and self.pca is not None else None,
         )
 
-    def _judge(self, name: str, kind: str, categorical: bool, scores: dict[str, float], nan: int) -> SeriesResult:
-        method = self.spec.detect
-        series = "categorical" if categorical else "numeric"
-        if series not in DRIFT_METHODS[method].detects:
-            method = DEFAULT_CATEGORICAL if categorical else DEFAULT_NUMERIC
-        value = scores.get(method, math.nan)
-        threshold = self.calibrated.get((name, method), self.spec.threshold(method))
-        drifted = DRIFT_METHODS[method].drifted(value, threshold)
-        return SeriesResult(name, kind, categorical, scores, method, drifted and not math.isnan(value), nan, threshold)
+    @property
+    def calibrated(self) -> dict[tuple[str, str], float]:
+        """The per-series distance thresholds calibrated on the reference (see ``judging``)."""
+        return self.judge.calibrated
 
     # --- what the outside sees ------------------------------------------------------------------------------------
 
@@ -480,14 +394,3 @@ class DriftEngine:
             "sliding": sliding,
             "counts": counts,
         }
-
-
-class EngineSnapshot(TypedDict):
-    """A consistent copy of an engine's results (``DriftEngine.snapshot``); keys (model, version)."""
-
-    latest: dict[tuple[str, str], WindowResult]
-    history: list[WindowResult]
-    windows: dict[tuple[str, str], int]
-    decode_errors: dict[str, int]
-    sliding: dict[tuple[str, str], WindowResult]
-    counts: dict[tuple[str, str], WindowCounts]

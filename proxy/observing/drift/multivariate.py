@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from mlmirror.observing.drift.scoring import MultivariateResult
 
 __all__ = ["PcaDrift", "PcaState"]
 
@@ -82,3 +83,8 @@ class PcaDrift:
         s = second / np.outer(self.sd, self.sd)
         v = self.components
         return float(np.trace(s) - np.trace(v.T @ s @ v))
+
+    def result(self, state: PcaState) -> MultivariateResult:
+        """The window's reconstruction error against the reference's, flagged above ``upper``."""
+        error = self.error(state)
+        return MultivariateResult(error, self.reference_error, self.upper, bool(error > self.upper))

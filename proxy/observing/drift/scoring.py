@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 from mlmirror.kernels.methods import DEFAULT_CATEGORICAL, DEFAULT_NUMERIC, DRIFT_METHODS
@@ -14,6 +15,7 @@ from mlmirror.observing.drift.schema import Rows
 
 __all__ = [
     "AttributionResult",
+    "EngineSnapshot",
     "MultivariateResult",
     "SeriesResult",
     "WindowResult",
@@ -85,6 +87,17 @@ class WindowResult:
     @property
     def drifted_outputs(self) -> list[str]:
         return [s.name for s in self.series if s.kind == "output" and s.drifted]
+
+
+class EngineSnapshot(TypedDict):
+    """A consistent copy of an engine's results (``DriftEngine.snapshot``); keys (model, version)."""
+
+    latest: dict[tuple[str, str], WindowResult]
+    history: list[WindowResult]
+    windows: dict[tuple[str, str], int]
+    decode_errors: dict[str, int]
+    sliding: dict[tuple[str, str], WindowResult]
+    counts: dict[tuple[str, str], WindowCounts]
 
 
 def sum_counts(windows: list[WindowCounts]) -> WindowCounts:
