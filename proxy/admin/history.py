@@ -124,8 +124,8 @@ class History:
         fallbacks = into.setdefault("fallbacks", {})
         for sample in _samples(families, "mlmirror_requests", "_total", route=name):
             if sample.labels.get("grpc_code") == "OK" and sample.labels.get("role") in ("primary", "fallback"):
-                key = ("served", name, sample.labels["role"], sample.labels["upstream"])
-                self._add(served, sample.labels["role"], key, sample.value)
+                served_by = ("served", name, sample.labels["role"], sample.labels["upstream"])
+                self._add(served, sample.labels["role"], served_by, sample.value)
         for sample in _samples(families, "mlmirror_fallbacks", "_total", route=name):
             key = ("fallbacks", name, sample.labels["reason"], sample.labels["to"], sample.labels["from_upstream"])
             self._add(fallbacks, sample.labels["reason"], key, sample.value)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -114,17 +114,18 @@ class AdminServer:
         host, _, port = self.address.rpartition(":")
         loop = asyncio.get_running_loop()
 
-        def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:  # type: ignore[no-untyped-def]
+        def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
             return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY)
 
         self._server = server = web.Server(self._handle, request_factory=make_request, handler_cancellation=True)
-        options = {"max_line_size": _MAX_LINE, "max_field_size": _MAX_LINE, "max_headers": _MAX_HEADERS,
-                   "keepalive_timeout": _KEEPALIVE, "access_log": None}  # fmt: skip
 
         def protocol() -> asyncio.Protocol:
             if len(server.connections) >= _MAX_CONNECTIONS:
                 return _Refuse()
-            return _Timed(_Connection(server, loop=loop, **options), self._transports)
+            quiet: Any = None  # no access log (aiohttp's own way to say so, though its annotation wants a Logger)
+            handler = _Connection(server, loop=loop, max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
+                                  max_headers=_MAX_HEADERS, keepalive_timeout=_KEEPALIVE, access_log=quiet)  # fmt: skip
+            return _Timed(handler, self._transports)
 
         self._listening = await loop.create_server(protocol, host.strip("[]") or None, int(port))
         for service in self._services:
@@ -229,7 +230,7 @@ class _Http11(web.Response):
     async def _write_headers(self) -> None:
         writer = self._payload_writer
         assert writer is not None
-        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)  # type: ignore[arg-type]
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
         writer.send_headers()
 
 
@@ -260,11 +261,12 @@ class _Timed(asyncio.Protocol):
             self._tail = seen[-3:]
         self._inner.data_received(data)
 
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+    def eof_received(self) -> None:
+        self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._open.discard(self._transport)  # type: ignore[arg-type]
+        if self._transport is not None:
+            self._open.discard(self._transport)
         if self._timer is not None:
             self._timer.cancel()
         self._inner.connection_lost(exc)
