@@ -43,8 +43,10 @@ class Scripted:
         numbers = {"agreement": 0.97, "lower_bound": 0.93, "samples": 100, "mae": 0.1, "rmse": 0.2}
         shadow = {"name": "s", "promotable": False, "reasons": ["too few"], "dropped": {"shed": self.calls // 10},
                   "window": numbers}  # fmt: skip
+        quality = {"model": "m", "version": "1", "index": self.window - 1, "rows": 50, "metrics": {"accuracy": 0.9}}
+        drift = {"latest": [window], "ground_truth": {"latest": [quality]}}
         return {
-            "routes": [{"name": "r", "calls": {"OK": self.calls}, "shadows": [shadow], "drift": {"latest": [window]}}],
+            "routes": [{"name": "r", "calls": {"OK": self.calls}, "shadows": [shadow], "drift": drift}],
             "upstreams": {"p": {"circuit": {"state": "closed"}}},
             "config_reloads": {"success": 0},
         }
@@ -75,6 +77,8 @@ async def test_the_history_counts_what_happened_in_each_bucket_and_keeps_the_las
     await history.sample(now=1060.0)
     assert history.snapshot()["buckets"][-1]["routes"]["r"]["calls"] == {"OK": 30.0}
     assert [w["index"] for w in snapshot["windows"]["r"]] == [0, 1, 2]  # each drift window kept once
+    # ground truth joins a window later: its quality lands on the window it measured
+    assert [w["quality"] for w in snapshot["windows"]["r"]] == [{"accuracy": 0.9}, {"accuracy": 0.9}, None]
     assert history.snapshot(since=1055.0)["buckets"][0]["t"] == 1050.0
 
 
