@@ -38,8 +38,9 @@ class Scripted:
     async def status(self) -> dict:
         series = [{"name": f"input[{i}]", "kind": "feature", "method": "ks", "drifted": i == 2, "threshold": 0.01,
                    "scores": {"ks": 0.001 if i == 2 else 0.5, "psi": 0.1}} for i in range(8)]  # fmt: skip
-        window = {"model": "m", "version": "1", "index": self.window, "ended": 1.0, "feature_drift_share": 0.125,
-                  "drifted": ["input[2]"], "multivariate": None, "attribution": None, "series": series}  # fmt: skip
+        window = {"model": "m", "version": "1", "index": self.window, "ended": 1000.0 + 20 * self.window,
+                  "feature_drift_share": 0.125, "drifted": ["input[2]"], "multivariate": None, "attribution": None,
+                  "series": series}  # fmt: skip
         numbers = {"agreement": 0.97, "lower_bound": 0.93, "samples": 100, "mae": 0.1, "rmse": 0.2}
         shadow = {"name": "s", "promotable": False, "reasons": ["too few"], "dropped": {"shed": self.calls // 10},
                   "window": numbers}  # fmt: skip
@@ -79,7 +80,9 @@ async def test_the_history_counts_what_happened_in_each_bucket_and_keeps_the_las
     assert [w["index"] for w in snapshot["windows"]["r"]] == [0, 1, 2]  # each drift window kept once
     # ground truth joins a window later: its quality lands on the window it measured
     assert [w["quality"] for w in snapshot["windows"]["r"]] == [{"accuracy": 0.9}, {"accuracy": 0.9}, None]
-    assert history.snapshot(since=1055.0)["buckets"][0]["t"] == 1050.0
+    later = history.snapshot(since=1055.0)  # what the page asks after its first answer: the rest
+    assert [b["t"] for b in later["buckets"]] == [1050.0, 1060.0]
+    assert len(later["windows"]["r"]) == 3  # windows that ended within REJOIN seconds, for their late quality
 
 
 def test_quantiles_interpolate_within_a_bucket_like_prometheus():

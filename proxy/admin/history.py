@@ -23,11 +23,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["MAX_ROUTES", "History", "quantile"]
+__all__ = ["MAX_ROUTES", "REJOIN", "History", "quantile"]
 
 log = logging.getLogger(__name__)
 
 MAX_ROUTES = 16
+REJOIN = 600.0  # seconds: a window's ground-truth quality may arrive this long after it ended
 
 Status = Callable[[], Awaitable[dict[str, Any]]]
 Exposition = Callable[[], Awaitable[tuple[bytes, str]]]
@@ -77,13 +78,18 @@ class History:
             await asyncio.sleep(self.every)
 
     def snapshot(self, since: float = 0.0) -> dict[str, Any]:
-        """JSON-ready: the buckets that started at or after ``since`` (Unix seconds), the drift windows, the latest
-        status."""
+        """JSON-ready: the buckets still open at ``since`` (Unix seconds) or later, the drift windows that ended
+        after ``since`` minus ``REJOIN`` seconds (ground truth joins a window late), the latest status. The page
+        asks for everything once, then ``since`` its last bucket: a whole hour is about 1 MB of JSON."""
+        windows_after = since - REJOIN if since else 0.0
         return {
             "bucket_seconds": self.bucket,
             "every_seconds": self.every,
             "buckets": [b for b in self._ring if b["t"] + self.bucket > since],
-            "windows": {route: list(windows) for route, windows in self._windows.items()},
+            "windows": {
+                route: [w for w in windows if (w["ended"] or 0.0) > windows_after]
+                for route, windows in self._windows.items()
+            },
             "status": self.latest,
         }
 

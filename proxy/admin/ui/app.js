@@ -213,15 +213,31 @@
     document.body.dataset.updates = String(+(document.body.dataset.updates || 0) + 1);
   }
 
+  // After the first answer, only what changed: the buckets from the last one on, the windows that ended lately.
+  function merge(fresh) {
+    if (!data) return fresh;
+    const from = fresh.buckets.length ? fresh.buckets[0].t : Infinity;
+    const buckets = data.buckets.filter((b) => b.t < from).concat(fresh.buckets);
+    const limit = 3600 / (fresh.bucket_seconds || 10);
+    const windows = {};
+    Object.keys(Object.assign({}, data.windows, fresh.windows)).forEach((r) => {
+      const byKey = new Map();
+      (data.windows[r] || []).concat(fresh.windows[r] || []).forEach((w) => byKey.set(w.model + "|" + w.version + "|" + w.index, w));
+      windows[r] = [...byKey.values()].slice(-limit);
+    });
+    return Object.assign({}, fresh, { buckets: buckets.slice(-limit), windows: windows });
+  }
+
   async function poll() {
     try {
-      const answer = await fetch("/history", { headers: headers(), cache: "no-store" });
+      const since = data && data.buckets.length ? data.buckets[data.buckets.length - 1].t : 0;
+      const answer = await fetch("/history" + (since ? "?since=" + since : ""), { headers: headers(), cache: "no-store" });
       if (answer.status === 401) {
         const token = window.prompt("This mlmirror admin endpoint needs its admin token:");
         if (token) sessionStorage.setItem("mlmirror-token", token);
         $("updated").textContent = "needs the admin token";
       } else if (answer.ok) {
-        data = await answer.json();
+        data = merge(await answer.json());
         draw();
       } else {
         $("updated").textContent = "history: HTTP " + answer.status;
