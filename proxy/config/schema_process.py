@@ -1,0 +1,76 @@
+"""The configuration's process-wide sections: TLS (to upstreams and on the listener), the observing process, and
+who may report outcomes (``feedback``). Declared like the rest of the schema (``mlmirror.config.schema``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlmirror.config.keys import setting
+
+__all__ = ["OBSERVER_SCHEDULING", "Feedback", "Observer", "TlsClient", "TlsServer"]
+
+OBSERVER_SCHEDULING = ("idle", "nice")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsClient:
+    """TLS from the proxy to an upstream. Paths to PEM files; all optional (system roots when ``ca`` is unset)."""
+
+    ca: str | None = setting(None, "CA bundle that signs the upstream's certificate", kind="file", shown="system roots")
+    cert: str | None = setting(None, "client certificate for mutual TLS (with `key`)", kind="file")
+    key: str | None = setting(None, "private key of `cert`", kind="file")
+    server_name: str | None = setting(None, "overrides the name checked in the upstream's certificate")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TlsServer:
+    """TLS on the listener; ``client_ca`` set means clients must present a certificate it signed (mTLS)."""
+
+    cert: str = setting(doc="the listener's certificate (PEM)", kind="file")
+    key: str = setting(doc="its private key (PEM)", kind="file")
+    client_ca: str | None = setting(None, "require client certificates signed by this CA (mTLS)", kind="file")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observer:
+    """The observing process of ``mlmirror serve``: shadows, drift, ground truth and capture, apart from serving."""
+
+    nice: int = setting(
+        10, "how much lower its CPU priority is than the serving workers' (`nice`): serving first", minimum=0,
+        maximum=19,
+    )  # fmt: skip
+    scheduling: str = setting(
+        "idle", "`idle`: its threads run only on a CPU nothing else wants (Linux `SCHED_IDLE`, its scheduling "
+        "group at nice 19); `nice`: only the niceness above", choices=OBSERVER_SCHEDULING,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Feedback:
+    """Who may report outcomes (``mlmirror.v1.Feedback/ReportOutcome``, ``POST /outcomes``): docs/SECURITY.md.
+
+    On a listener that is not loopback, a call needs a credential: ``authorization: Bearer <token>`` with the token
+    of ``token_file`` (gRPC metadata or HTTP header), or a client certificate (mTLS, ``tls.client_ca``) whose
+    subject, common name or a SAN is in ``clients``. With neither, Feedback is served only on a loopback listener,
+    or on ``listen``, a loopback address of its own.
+    """
+
+    token_file: str | None = setting(
+        None, "a file holding the bearer token a Feedback call must send (`authorization: Bearer <token>`, over "
+        "gRPC and on `POST /outcomes`); read at start", kind="file",
+    )  # fmt: skip
+    clients: tuple[str, ...] = setting(
+        (), "client certificates (mTLS on the listener: needs `tls.client_ca`) allowed to report, by subject "
+        "(`CN=labeler,O=ml`), common name or SAN (`spiffe://...`, a DNS name)",
+    )  # fmt: skip
+    listen: str | None = setting(
+        None, "a listener of its own for Feedback only (plain gRPC): loopback, or any address with `token_file`",
+        kind="address", shown="none",
+    )  # fmt: skip
+    early_max: int = setting(
+        10_000, "outcomes that arrive before their prediction, parked until it lands (counted `early`); beyond this "
+        "the oldest is dropped and counted `unknown`; under 500 bytes each (under 5 MB at the default); 0: none parked",
+        minimum=0, maximum=10_000_000,
+    )  # fmt: skip
+    early_ttl: float = setting(10.0, "how long a parked outcome waits for its prediction; then it counts `unknown`",
+                               kind="duration", minimum=0.001)  # fmt: skip
