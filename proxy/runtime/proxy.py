@@ -45,7 +45,7 @@ from mlmirror.runtime.promotion import promote
 from mlmirror.runtime.role import ALONE, Role
 from mlmirror.runtime.shutdown import Door, serve_out
 from mlmirror.runtime.signals import serve_until_stopped
-from mlmirror.runtime.status import proxy_status
+from mlmirror.runtime.status import proxy_status, readiness
 from mlmirror.runtime.upstreams import UpstreamPool
 from mlmirror.serving.handler import ProxyHandler, TableSource
 from mlmirror.serving.sampling import RequestIds
@@ -246,21 +246,8 @@ class Proxy:
     # --- health and readiness ---------------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        """(ready, reason per route): ready when not draining and every route has a reachable, non-ejected
-        upstream. A static default does not count: it answers, but it is not a model."""
-        assert self.table is not None
-        if self.draining:
-            return False, {"proxy": "draining: shutting down"}
-        if self.role.hub:  # the workers carry the calls
-            return True, {"proxy": "hub: watching the calls the workers hand off"}
-        if self._first_config.mode == "observer":  # Envoy carries the calls; the observer needs no upstream
-            return True, {"proxy": "observing calls streamed by Envoy (ext_proc)"}
-        reasons = {}
-        ready = True
-        for route in self.table.routes:
-            route_ready, reasons[route.name] = route.readiness()
-            ready = ready and route_ready
-        return ready, reasons
+        """(ready, reason per route): see ``status.readiness``."""
+        return readiness(self, self._first_config.mode)  # the mode a restart would change, not a reload
 
     async def _refresh_serving_status(self) -> None:
         if self.draining:

@@ -12,7 +12,25 @@ from prometheus_client import Counter
 if TYPE_CHECKING:
     from mlmirror.runtime.proxy import Proxy
 
-__all__ = ["proxy_status"]
+__all__ = ["proxy_status", "readiness"]
+
+
+def readiness(proxy: Proxy, mode: str) -> tuple[bool, dict[str, str]]:
+    """(ready, reason per route): ready when not draining and every route has a reachable, non-ejected upstream.
+    A static default does not count: it answers, but it is not a model."""
+    assert proxy.table is not None
+    if proxy.draining:
+        return False, {"proxy": "draining: shutting down"}
+    if proxy.role.hub:  # the workers carry the calls
+        return True, {"proxy": "hub: watching the calls the workers hand off"}
+    if mode == "observer":  # Envoy carries the calls; the observer needs no upstream
+        return True, {"proxy": "observing calls streamed by Envoy (ext_proc)"}
+    reasons = {}
+    ready = True
+    for route in proxy.table.routes:
+        route_ready, reasons[route.name] = route.readiness()
+        ready = ready and route_ready
+    return ready, reasons
 
 
 def proxy_status(proxy: Proxy) -> dict[str, object]:
