@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from .ghz import compare
 from .ports import free_port, wait_for_port
 from .processes import python_process
 from .scrape import by_label, metric_samples, total
-from .systems import Load, System, add_load_arguments, failed_lines, ghz_report, request_file, rounds
+from .systems import Load, System, add_load_arguments, failed_lines, ghz_report, print_report, request_file, rounds
 
 DIRECT = "direct (the model server)"
 MLMIRROR = "mlmirror proxy"
@@ -181,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     add_load_arguments(parser, saturation_calls=10000)
     parser.add_argument("--out", type=Path, help="write each system's ghz-format report into this folder")
     args = parser.parse_args(argv)
-    command = "python -m loadtest.bench_envoy " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(run(args, command.strip()))
-    return 0
+    return print_report("bench_envoy", run, args, argv)
 
 
 if __name__ == "__main__":

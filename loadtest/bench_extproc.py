@@ -29,7 +29,7 @@ from .h2load import ProcessCPU, run_h2load
 from .ports import free_port, wait_for_port
 from .processes import python_process
 from .scrape import metric_samples, total
-from .systems import MODEL_INFER, request_file
+from .systems import MODEL_INFER, print_report, request_file
 
 __all__ = ["VARIANTS", "main"]
 
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
     parser.add_argument("--no-drift", action="store_true", help="the observer only counts (no drift engine)")
     args = parser.parse_args(argv)
-    command = "python -m loadtest.bench_extproc " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(run(args, command.strip()))
-    return 0
+    return print_report("bench_extproc", run, args, argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from .h2load import run_h2load
 from .ports import free_port, wait_for_port
 from .processes import python_process
 from .scrape import drift_counts, metric_samples, mirror_counts
-from .systems import MODEL_INFER, Load, System, add_load_arguments, failed_lines, request_file, rounds
+from .systems import MODEL_INFER, Load, System, add_load_arguments, failed_lines, print_report, request_file, rounds
 
 __all__ = ["CONFIGURATIONS", "main"]
 
@@ -301,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hub-workers must be >= 1")
     if not 0 < args.load <= 1:
         parser.error("--load must be in (0, 1]")
-    command = "python -m loadtest.bench_observer " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(run(args, command.strip()))
-    return 0
+    return print_report("bench_observer", run, args, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import tempfile
 import time
 import urllib.request
@@ -31,7 +30,7 @@ from pathlib import Path
 from .ghz import compare
 from .ports import free_port, wait_for_port
 from .processes import python_process
-from .systems import Load, System, add_load_arguments, failed_lines, ghz_report, request_file, rounds
+from .systems import Load, System, add_load_arguments, failed_lines, ghz_report, print_report, request_file, rounds
 
 ALONE = "1 process"
 WORKERS = "--workers 2"
@@ -129,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_load_arguments(parser, saturation_calls=12000)
     args = parser.parse_args(argv)
-    command = "python -m loadtest.bench_workers " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(run(args, command.strip()))
-    return 0
+    return print_report("bench_workers", run, args, argv)
 
 
 if __name__ == "__main__":

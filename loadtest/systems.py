@@ -47,6 +47,14 @@ def add_load_arguments(parser: argparse.ArgumentParser, saturation_calls: int) -
     parser.add_argument("--batch", type=int, default=1, help="rows per ModelInfer request")
 
 
+def print_report(module: str, run: Callable[[argparse.Namespace, str], str], args: argparse.Namespace,
+                 argv: list[str] | None) -> int:  # fmt: skip
+    """Run the benchmark ``loadtest.<module>`` and print its report, headed by the command that gives it; 0."""
+    command = f"python -m loadtest.{module} " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(run(args, command.strip()))
+    return 0
+
+
 def request_file(folder: Path, rows: int) -> Path:
     """The framed ModelInfer request every call sends (``rows`` iris-like rows), written into ``folder``."""
     body = folder / "infer.bin"

@@ -260,6 +260,16 @@ def iris_config(port: int, route: str, *, match: str = "{model: iris}") -> str:
     )
 
 
+def promtool_accepts(exposition: str) -> None:
+    """Assert that ``promtool check metrics`` finds nothing wrong with a /metrics text (it lists each problem)."""
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool (Debian package prometheus) is needed; .ci/run installs it"
+    checked = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
+                             check=False)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == checked.stderr.strip() == "", checked.stdout + checked.stderr
+
+
 def http_get(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None) -> tuple[int, str]:
     """(status, text) of one admin request; a POST sends ``body`` (empty by default); ``token`` goes as
     ``Authorization: Bearer``."""

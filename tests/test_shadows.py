@@ -28,6 +28,7 @@ from tests.support import (
     FunctionModel,
     http_get,
     model_server,
+    promtool_accepts,
     through_proxy,
     wait_until,
 )
@@ -647,7 +648,6 @@ async def test_reload_keeps_unchanged_shadows_and_their_statistics():
 
 @pytest.mark.process
 async def test_shadow_metrics_are_exported_and_pass_promtool():
-    import shutil
 
     rng = np.random.default_rng(7)
     async with FunctionModel(probabilities) as production, FunctionModel(shifted_probabilities) as candidate:
@@ -688,10 +688,4 @@ async def test_shadow_metrics_are_exported_and_pass_promtool():
     assert value("mlmirror_shadow_abs_error", stat="max") > 0
     assert value("mlmirror_shadow_promotable") == 0
     assert value("mlmirror_shadow_agreement_lower_bound") == 0.0
-    promtool = shutil.which("promtool")
-    assert promtool is not None, "promtool (Debian package prometheus) is needed; .ci/run installs it"
-    checked = await asyncio.to_thread(
-        subprocess.run, [promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert checked.stdout.strip() == checked.stderr.strip() == ""
+    await asyncio.to_thread(promtool_accepts, body)
