@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from mlmirror.kernels.methods import DRIFT_METHODS
 from mlmirror.observing.drift.engine import DriftEngine, WindowResult
+from mlmirror.observing.drift.quality_report import QualityFamilies, quality_lines, quality_status
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.figures import json_number
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -118,7 +119,9 @@ class DriftCollector(Collector):
             "mlmirror_drift_reference_bins", "Reference counts per bin, for the series in export_bins.",
             labels=["route", "series", "bin"],
         )  # fmt: skip
+        qualities = QualityFamilies()
         for engine in self._engines():
+            qualities.add(engine.route, engine.quality)
             # Read once: the worker publishes the reference (never changes it) meanwhile, and one scrape shows one.
             reference = engine.reference
             snapshot = engine.snapshot()
@@ -170,6 +173,7 @@ class DriftCollector(Collector):
         yield reference_rows
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
         yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
+        yield from qualities.families()
 
 
 def _export_bins(
@@ -224,6 +228,7 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "sliding_windows": engine.spec.sliding,
         "history": [_summary(result) for result in snapshot["history"]],
         "ground_truth": _ground_truth(engine),
+        "quality": quality_status(engine.quality, snapshot["decode_errors"]),
     }
 
 
@@ -360,6 +365,7 @@ def render_drift(status: Mapping) -> str:
             for q in truth["latest"]:
                 metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in q["metrics"].items())
                 lines.append(f"    {q['model']} v{q['version']} window {q['index']} ({q['rows']} rows): {metrics}")
+        lines += quality_lines(drift.get("quality"), (truth or {}).get("latest", ()))
     return "\n".join(lines) if lines else "no drift monitoring configured"
 
 

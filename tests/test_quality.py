@@ -1,0 +1,192 @@
+"""Model and data quality per drift window: the label-free accuracy estimate against realized accuracy under a
+seeded covariate shift, data-quality shares against numpy counts, segments against a numpy group-by, and the whole
+through the proxy with outcomes reported over gRPC."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from mlmirror.config import Drift, GroundTruth
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.observing.drift.report import render_drift
+from mlmirror.observing.groundtruth.estimate import Calibrator, isotonic_fit
+from mlmirror.protos import inference_pb2
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+# --- a seeded classification world: P(y | x) fixed, x moved (covariate shift) ---------------------------------------
+
+W = np.array([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])  # three classes, 120 degrees apart
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def world(rng: np.random.Generator, n: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [n, 2], the model's probabilities [n, 3], true classes [n]): x around the class directions at
+    ``radius`` (smaller: nearer the boundaries, lower accuracy); y drawn from the true posterior softmax(W x); the
+    model is overconfident (softmax(1.8 W x)), so its probabilities need calibrating."""
+    c = rng.integers(0, 3, n)
+    x = W[c] / np.linalg.norm(W[c], axis=1, keepdims=True) * radius + rng.normal(size=(n, 2)) * 0.6
+    truth = softmax(x @ W.T)
+    y = (rng.random(n)[:, None] > truth.cumsum(axis=1)).sum(axis=1)
+    return x, softmax(1.8 * (x @ W.T)), y
+
+
+def call(request_id: str, x: np.ndarray, p: np.ndarray, region: list[bytes] | None = None) -> CallRecord:
+    """An answered call: FP64 input "x" (and BYTES input "region"), FP64 output "p", model "m" version "1"."""
+    request = inference_pb2.ModelInferRequest(model_name="m", id=request_id)
+    request.inputs.add(name="x", datatype="FP64", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, "<f8").tobytes())
+    if region is not None:
+        request.inputs.add(name="region", datatype="BYTES", shape=[len(region)])
+        request.raw_input_contents.append(b"".join(len(v).to_bytes(4, "little") + v for v in region))
+    response = inference_pb2.ModelInferResponse(model_name="m", model_version="1")
+    response.outputs.add(name="p", datatype="FP64", shape=list(p.shape))
+    response.raw_output_contents.append(np.ascontiguousarray(p, "<f8").tobytes())
+    return CallRecord(
+        route="m", method=MODEL_INFER, request=request.SerializeToString(), response=response.SerializeToString(),
+        code=grpc.StatusCode.OK, served_by="p", role="primary", request_id=request_id, metadata=(), started=0.0,
+        latency=0.0, upstream_latency=0.0,
+    )  # fmt: skip
+
+
+def feed(engine: DriftEngine, calls) -> None:
+    for i, record in enumerate(calls):
+        engine.offer(record)
+        if i % 500 == 499:
+            engine.drain()
+    engine.drain()
+
+
+def spec(**truth) -> Drift:
+    return Drift(window=1000, capture=1000, multivariate=None, ground_truth=GroundTruth(output="p", **truth))
+
+
+def test_isotonic_fit_is_monotone_and_least_squares_among_monotone_fits():
+    rng = np.random.default_rng(3)
+    x = rng.random(300).round(2)
+    y = (rng.random(300) < x).astype(float)
+    xs, ys = isotonic_fit(x, y)
+    fitted = np.interp(x, xs, ys)
+    assert np.all(np.diff(ys) >= 0)
+    # Pooling every violator leaves each block at its mean: the residuals of a block sum to zero, so any
+    # monotone perturbation (here: adding a small increasing step) raises the squared error.
+    error = ((fitted - y) ** 2).sum()
+    for cut in (0.2, 0.5, 0.8):
+        for eps in (0.01, -0.01):
+            bumped = np.clip(fitted + eps * (x >= cut), 0, 1)
+            if np.all(np.diff(bumped[np.argsort(x, kind="stable")]) >= -1e-12):
+                assert ((bumped - y) ** 2).sum() >= error - 1e-12
+    assert np.interp([-1.0, 2.0], xs, ys).tolist() == [ys[0], ys[-1]]  # clipped beyond the data
+
+
+def run_shift(seed: int, radius: float) -> list[tuple[float, float, float]]:
+    """(estimated accuracy, realized accuracy, estimated F1 - realized F1) of 5 windows of 1000 calls at
+    ``radius``, after a capture and a labelled reference of 5000 calls at radius 1.75 (accuracy ~0.95)."""
+    rng = np.random.default_rng(seed)
+    engine = DriftEngine("m", spec(calibration=5000, target=0.9, target_windows=3))
+    x, p, y = world(rng, 6000, 1.75)
+    feed(engine, (call(f"ref-{i}", x[i : i + 1], p[i : i + 1]) for i in range(6000)))
+    for i in range(1000, 6000):  # the labelled reference: the outcomes of the windowed reference calls
+        assert engine.ground_truth.report(f"ref-{i}", [], [str(y[i])]) == "matched"
+    assert engine.quality.calibration() == {("m", "1"): 5000}
+    figures = []
+    for w in range(5):
+        x, p, y = world(rng, 1000, radius)
+        feed(engine, (call(f"w{w}-{i}", x[i : i + 1], p[i : i + 1]) for i in range(1000)))
+        (window,) = engine.quality.snapshot().values()
+        assert window.calibrated
+        assert window.rows == 1000
+        predicted = p.argmax(axis=1)
+        f1 = np.mean([2 * np.sum((predicted == c) & (y == c)) / (np.sum(predicted == c) + np.sum(y == c))
+                      for c in range(3)])  # fmt: skip
+        figures.append((window.estimated_accuracy, float(np.mean(predicted == y)), window.estimated_f1 - f1))
+    return figures
+
+
+def test_the_estimate_follows_accuracy_down_a_covariate_shift():
+    figures = run_shift(seed=11, radius=0.95)
+    realized = [r for _, r, _ in figures]
+    assert 0.76 < np.mean(realized) < 0.84  # the shift took accuracy from ~0.95 to ~0.80
+    for estimated, actual, f1_error in figures:
+        assert abs(estimated - actual) <= 0.03, figures
+        assert abs(f1_error) <= 0.04, figures
+
+
+def test_the_estimate_matches_accuracy_without_shift():
+    figures = run_shift(seed=12, radius=1.75)
+    assert 0.93 < np.mean([r for _, r, _ in figures]) < 0.97
+    for estimated, actual, _ in figures:
+        assert abs(estimated - actual) <= 0.02, figures
+
+
+def test_without_a_labelled_reference_probabilities_are_assumed_calibrated_and_the_target_flag_waits():
+    rng = np.random.default_rng(5)
+    engine = DriftEngine("m", spec(calibration=0, target=0.99, target_windows=2))
+    x, p, _ = world(rng, 3000, 1.0)
+    feed(engine, (call(f"c{i}", x[i : i + 1], p[i : i + 1]) for i in range(2000)))
+    (window,) = engine.quality.snapshot().values()
+    assert not window.calibrated
+    assert window.estimated_accuracy == pytest.approx(np.mean(p[1000:2000].max(axis=1)), abs=1e-12)
+    assert (window.low_windows, window.below_target) == (1, False)
+    feed(engine, (call(f"d{i}", x[i : i + 1], p[i : i + 1]) for i in range(2000, 3000)))
+    (window,) = engine.quality.snapshot().values()
+    assert (window.low_windows, window.below_target) == (2, True)
+    status = render_drift({"routes": [{"name": "m", "drift": __import__("mlmirror.observing.drift.report",
+                                       fromlist=["drift_status"]).drift_status(engine)}]})  # fmt: skip
+    assert "estimate (assumed calibrated)" in status
+    assert "BELOW TARGET for 2 windows" in status
+
+
+def test_the_calibrator_undoes_overconfidence():
+    rng = np.random.default_rng(6)
+    _, p, y = world(rng, 20000, 1.0)
+    calibrated = Calibrator.fit(p[:10000], y[:10000]).apply(p[10000:])
+    top = p[10000:].argmax(axis=1)
+    hit = top == y[10000:]
+    assert abs(calibrated[np.arange(10000), top].mean() - hit.mean()) < 0.01
+    assert p[10000:].max(axis=1).mean() - hit.mean() > 0.05  # uncalibrated, it would be well off
+
+
+# --- data quality --------------------------------------------------------------------------------------------------
+
+
+def test_data_quality_shares_equal_numpy_counts():
+    rng = np.random.default_rng(7)
+    engine = DriftEngine("m", Drift(window=1000, capture=1000, multivariate=None))
+    regions = np.array([b"north", b"south", b"east", b""], dtype=object)
+    x = rng.normal(size=(2000, 2))
+    region = regions[rng.choice(4, size=2000, p=[0.5, 0.3, 0.15, 0.05])]
+    # The window: NaNs, values beyond the reference's range (infinities too), new and empty categories.
+    x[1000:][rng.random((1000, 2)) < 0.07] = np.nan
+    x[1000:, 0][rng.random(1000) < 0.04] = 9.0
+    x[1000:, 1][rng.random(1000) < 0.02] = -np.inf
+    region[1000:][rng.random(1000) < 0.08] = b"west"
+    region[1000:][rng.random(1000) < 0.03] = b""
+    p = softmax(rng.normal(size=(2000, 3)))
+    feed(engine, (call(str(i), x[i : i + 1], p[i : i + 1], [region[i]]) for i in range(2000)))
+    (window,) = engine.quality.snapshot().values()
+    got = {(d.series, d.check): (d.ratio, d.reference, d.detected) for d in window.data}
+    ref, live = x[:1000], x[1000:]
+    finite = np.isfinite(ref)
+    for j in range(2):
+        low, high = ref[finite[:, j], j].min(), ref[finite[:, j], j].max()
+        missing = np.count_nonzero(np.isnan(live[:, j])) / 1000
+        outside = np.count_nonzero((live[:, j] < low) | (live[:, j] > high)) / 1000
+        assert got[f"x[{j}]", "missing"] == (missing, 0.0, missing > 0.05)
+        assert got[f"x[{j}]", "out_of_range"] == (outside, 0.0, outside > 0.05)
+    known = set(region[:1000].tolist())
+    blank = np.count_nonzero(region[1000:] == b"") / 1000
+    unseen = sum(1 for v in region[1000:] if v not in known) / 1000
+    reference_blank = np.count_nonzero(region[:1000] == b"") / 1000
+    assert got["region", "missing"] == (blank, reference_blank, blank - reference_blank > 0.05)
+    assert got["region", "unseen_category"] == (unseen, 0.0, unseen > 0.05)
+    assert got["x[0]", "missing"][2]  # the seeded window is flagged
+    assert got["region", "unseen_category"][2]
+    assert len(got) == 2 * 6  # two checks per series: x[0], x[1], region, and the outputs p[0..2]
