@@ -4,15 +4,22 @@ through the proxy with outcomes reported over gRPC."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
 from mlmirror.config import Drift, GroundTruth
+from mlmirror.demo.models import MODELS, sample_features
+from mlmirror.demo.traffic import infer_request
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.drift.report import render_drift
+from mlmirror.observing.drift.segments import MIN_ROWS
 from mlmirror.observing.groundtruth.estimate import Calibrator, isotonic_fit
-from mlmirror.protos import inference_pb2
+from mlmirror.protos import feedback_pb2, inference_pb2
+
+from tests.support import http_get, model_server, through_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -190,3 +197,139 @@ def test_data_quality_shares_equal_numpy_counts():
     assert got["x[0]", "missing"][2]  # the seeded window is flagged
     assert got["region", "unseen_category"][2]
     assert len(got) == 2 * 6  # two checks per series: x[0], x[1], region, and the outputs p[0..2]
+
+
+# --- segments ------------------------------------------------------------------------------------------------------
+
+
+def test_segment_figures_equal_a_numpy_group_by():
+    rng = np.random.default_rng(8)
+    truth = GroundTruth(output="p", calibration=0, window=1000)
+    engine = DriftEngine("m", Drift(window=1000, capture=1000, multivariate=None, ground_truth=truth,
+                                    segment="region", segment_values=4))  # fmt: skip
+    names = np.array([f"r{i}".encode() for i in range(12)], dtype=object)
+    weights = np.linspace(2.0, 0.2, 12) / np.linspace(2.0, 0.2, 12).sum()
+    region = names[rng.choice(12, size=3000, p=weights)]
+    x, p, y = world(rng, 3000, 1.0)
+    p[region == b"r1"] = softmax(0.3 * np.log(p[region == b"r1"]))  # one segment far less sure of itself
+    feed(engine, (call(str(i), x[i : i + 1], p[i : i + 1], [region[i]]) for i in range(2000)))
+    for i in range(1000, 2000):  # outcomes of the first window: the realized figures
+        assert engine.ground_truth.report(str(i), [], [str(y[i])]) == "matched"
+    feed(engine, (call(str(i), x[i : i + 1], p[i : i + 1], [region[i]]) for i in range(2000, 3000)))
+    (window,) = engine.quality.snapshot().values()
+    counts = {v: int(np.sum(region[:1000] == v)) for v in names}  # the reference's vocabulary order
+    kept = sorted(names, key=lambda v: -counts[v])[:4]
+    assert [s.name for s in window.segments] == [*(v.decode() for v in kept), "other"]
+
+    def group(values: np.ndarray) -> np.ndarray:
+        return np.array([kept.index(v) if v in kept else 4 for v in values])
+
+    live, joined = group(region[2000:]), group(region[1000:2000])
+    predicted = p.argmax(axis=1)
+    expected_shares, expected_estimate, expected_accuracy = [], [], []
+    for s, segment in enumerate(window.segments):
+        mine = live == s
+        assert segment.rows == np.count_nonzero(mine)
+        shares = np.bincount(predicted[2000:][mine], minlength=3) / np.count_nonzero(mine)
+        assert segment.shares == pytest.approx(shares, abs=1e-12)
+        estimate = p[2000:][mine].max(axis=1).mean()  # assumed calibrated: the mean top probability
+        assert segment.estimated_accuracy == pytest.approx(estimate, abs=1e-12)
+        answered = joined == s
+        accuracy = np.mean(predicted[1000:2000][answered] == y[1000:2000][answered])
+        assert segment.outcome_rows == np.count_nonzero(answered)
+        assert segment.accuracy == pytest.approx(accuracy, abs=1e-12)
+        if segment.rows >= MIN_ROWS:
+            expected_shares.append(shares)
+            expected_estimate.append(estimate)
+        if segment.outcome_rows >= MIN_ROWS:
+            expected_accuracy.append(accuracy)
+    shares = np.array(expected_shares)
+    assert window.gaps["demographic_parity"] == pytest.approx((shares.max(axis=0) - shares.min(axis=0)).max())
+    assert window.gaps["estimated_accuracy"] == pytest.approx(max(expected_estimate) - min(expected_estimate))
+    assert window.gaps["accuracy"] == pytest.approx(max(expected_accuracy) - min(expected_accuracy))
+    assert window.gaps["estimated_accuracy"] > 0.1  # the unsure segment stands out
+
+
+def test_segments_need_a_classification_ground_truth_and_a_known_feature(tmp_path):
+    from mlmirror.config import load_config
+    from mlmirror.errors import ConfigError
+
+    def load(drift: str):
+        path = tmp_path / "c.yaml"
+        route = f"{{name: r, match: {{model: m}}, primary: p, drift: {drift}}}"
+        path.write_text(f"upstreams: {{p: 127.0.0.1:1}}\nroutes:\n  - {route}\n")
+        return load_config(path)
+
+    with pytest.raises(ConfigError, match="segments need a classification ground_truth"):
+        load("{segment: region}")
+    with pytest.raises(ConfigError, match="not one of the features"):
+        load("{segment: region, features: [{input: x}], ground_truth: {output: p}}")
+    with pytest.raises(ConfigError, match="unknown data-quality check 'nan'"):
+        load("{data_quality: {nan: 0.1}}")
+    drift = load("{segment: region, ground_truth: {output: p, target: 0.9}, data_quality: {missing: 0.2}}")
+    drift = drift.routes[0].drift
+    assert (drift.segment, drift.ground_truth.target, drift.data_quality["missing"]) == ("region", 0.9, 0.2)
+    assert drift.data_quality["out_of_range"] == 0.05
+
+
+# --- through the proxy ---------------------------------------------------------------------------------------------
+
+
+async def test_the_estimate_and_data_quality_through_the_proxy_with_outcomes_over_grpc():
+    rng = np.random.default_rng(9)
+    async with model_server("production") as production:
+        config = f"""
+        mirror_shed_lag: off
+        upstreams: {{production: 127.0.0.1:{production}}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            drift:
+              window: 100
+              capture: 100
+              ground_truth: {{output: probabilities, window: 100, calibration: 200, target: 0.995, target_windows: 2}}
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary(MODEL_INFER)
+            features = [sample_features(rng, 1) for _ in range(400)]
+            features[350][0, 1] = np.nan  # one missing value in the last window
+            ids = [f"call-{i}" for i in range(400)]
+            predicted = [int(MODELS["production"].predict(f)[1][0]) for f in features]
+            engine = proxy.parts.get("iris", "drift").engine
+            for lo, hi in ((0, 300), (300, 400)):
+                await asyncio.gather(*(infer(infer_request(features[i], request_id=ids[i])) for i in range(lo, hi)))
+                await wait_until(lambda hi=hi: engine.queued == 0 and engine.accepted == hi, what="calls counted")
+                if hi == 300:  # outcomes of the first 300 calls over gRPC: the 200 windowed are the labelled reference
+                    report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome",
+                                                 feedback_pb2.ReportOutcomeRequest.SerializeToString,
+                                                 feedback_pb2.ReportOutcomeResponse.FromString)  # fmt: skip
+                    truth = [(label + (rng.random() < 0.05)) % 3 for label in predicted[:300]]  # 5% wrong
+                    outcomes = [feedback_pb2.Outcome(request_id=ids[i], labels=[str(truth[i])]) for i in range(300)]
+                    answer = await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes))
+                    assert answer.matched == 300
+                    await wait_until(lambda: engine.quality.calibration() == {("iris", "1"): 200}, what="calibrated")
+            await wait_until(lambda: engine.windows.get(("iris", "1")) == 3, what="three windows")
+            quality = proxy.status()["routes"][0]["drift"]["quality"]
+            (window,) = quality["latest"]
+            # 99 rows: the call with a NaN input got NaN probabilities, left out of the estimate
+            assert (window["index"], window["rows"], window["calibrated"]) == (2, 99, True)
+            assert quality["estimate"]["unestimated_calls"] == 1
+            realized = np.mean(np.array(truth) == np.array(predicted[:300]))  # ~0.95, same inputs, same model
+            assert abs(window["estimated_accuracy"] - realized) < 0.06
+            assert (window["below_target"], window["low_windows"]) == (True, 2)  # the 2nd and 3rd windows
+            missing = next(d for d in window["data_quality"] if (d["series"], d["check"]) == ("input[1]", "missing"))
+            assert missing["ratio"] == 0.01
+            assert quality["estimate"]["labelled"] == {"iris v1": 200}
+            status, metrics = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+            assert status == 200
+            labels = 'model="iris",route="iris",version="1"'
+            name = f"mlmirror_quality_estimated_accuracy{{{labels}}}"
+            (line,) = [x for x in metrics.splitlines() if x.startswith(name)]
+            assert float(line.split()[-1]) == pytest.approx(window["estimated_accuracy"], abs=1e-5)
+            assert f"mlmirror_quality_estimate_below_target{{{labels}}} 1.0" in metrics
+            ratio = 'mlmirror_data_quality_ratio{check="missing",model="iris",route="iris",series="input[1]",'
+            assert ratio + 'version="1"} 0.01' in metrics
+            text = render_drift(proxy.status())
+            assert "estimate (calibrated): accuracy" in text
+            assert "BELOW TARGET for 2 windows" in text
