@@ -152,6 +152,8 @@ class QualityMonitor:
             found = window.blanks if window.blanks is not None else np.zeros(len(schema.categorical), np.int64)
             data = data_quality(schema, reference, counts, found, self.spec.data_quality)
             expected = window.expected
+            if expected is not None:
+                expected.flush()
             accuracy = expected.accuracy() if expected is not None else float("nan")
             streak = 0
             target = self.truth.target if self.truth is not None else None

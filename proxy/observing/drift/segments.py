@@ -88,6 +88,7 @@ def summarize(
 ) -> tuple[tuple[SegmentResult, ...], dict[str, float]]:
     """The segments of a window and its gaps (``demographic_parity``, ``estimated_accuracy``, ``accuracy``; NaN
     when fewer than two segments have ``MIN_ROWS`` rows)."""
+    expected.flush()
     results = []
     for s, name in enumerate(names):
         n = int(expected.rows[s])

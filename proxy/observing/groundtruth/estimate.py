@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Calibrator", "Expected", "isotonic_fit"]
+__all__ = ["FLUSH_ROWS", "Calibrator", "Expected", "isotonic_fit"]
+
+#: Rows an ``Expected`` buffers before summing them (at most FLUSH_ROWS · k · 2 floats waiting).
+FLUSH_ROWS = 1024
 
 
 def isotonic_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,30 +103,49 @@ class Expected:
         self.correct = np.zeros(s)
         self.tp, self.fp, self.fn = np.zeros((s, k)), np.zeros((s, k)), np.zeros((s, k))
         self.predicted = np.zeros((s, k), np.int64)
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
 
     def add(self, probabilities: np.ndarray, calibrated: np.ndarray, segments: np.ndarray | None = None) -> None:
         """Count rows: raw ``probabilities`` [rows, k] decide the prediction, ``calibrated`` ones the expectations;
-        ``segments`` [rows] the segment index of each row (all 0 when None)."""
+        ``segments`` [rows] the segment index of each row (all 0 when None). Rows are buffered and summed
+        ``FLUSH_ROWS`` at a time (numpy costs per call, not per row); reading a figure sums what is buffered."""
         n = probabilities.shape[0]
-        seg = np.zeros(n, np.int64) if segments is None else segments
+        self._buffer.append((probabilities, calibrated, np.zeros(n, np.int64) if segments is None else segments))
+        self._buffered += n
+        if self._buffered >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        probabilities = np.concatenate([b[0] for b in self._buffer])
+        calibrated = np.concatenate([b[1] for b in self._buffer])
+        seg = np.concatenate([b[2] for b in self._buffer])
+        self._buffer, self._buffered = [], 0
+        n = probabilities.shape[0]
         predicted = np.argmax(probabilities, axis=1)
         hit = np.zeros_like(calibrated, dtype=bool)
         hit[np.arange(n), predicted] = True
-        np.add.at(self.rows, seg, 1)
-        np.add.at(self.correct, seg, calibrated[np.arange(n), predicted])
-        np.add.at(self.tp, seg, np.where(hit, calibrated, 0.0))
-        np.add.at(self.fp, seg, np.where(hit, 1.0 - calibrated, 0.0))
-        np.add.at(self.fn, seg, np.where(hit, 0.0, calibrated))
-        np.add.at(self.predicted, seg, hit.astype(np.int64))
+        s = self.segments
+        self.rows += np.bincount(seg, minlength=s)
+        self.correct += np.bincount(seg, weights=calibrated[np.arange(n), predicted], minlength=s)
+        for c in range(self.classes):
+            self.tp[:, c] += np.bincount(seg, weights=np.where(hit[:, c], calibrated[:, c], 0.0), minlength=s)
+            self.fp[:, c] += np.bincount(seg, weights=np.where(hit[:, c], 1.0 - calibrated[:, c], 0.0), minlength=s)
+            self.fn[:, c] += np.bincount(seg, weights=np.where(hit[:, c], 0.0, calibrated[:, c]), minlength=s)
+            self.predicted[:, c] += np.bincount(seg, weights=hit[:, c], minlength=s).astype(np.int64)
 
     def accuracy(self, segment: int | None = None) -> float:
         """Expected accuracy of one segment, or of all rows (None); NaN without rows."""
+        self.flush()
         rows = self.rows.sum() if segment is None else self.rows[segment]
         correct = self.correct.sum() if segment is None else self.correct[segment]
         return float(correct / rows) if rows else float("nan")
 
     def f1(self, segment: int | None = None) -> float:
         """Expected macro F1 over the k classes; NaN without rows."""
+        self.flush()
         pick = slice(None) if segment is None else slice(segment, segment + 1)
         tp, fp, fn = (a[pick].sum(axis=0) for a in (self.tp, self.fp, self.fn))
         if not self.rows[pick].sum():
