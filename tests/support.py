@@ -30,11 +30,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from mlmirror.config import parse_config
-from mlmirror.demo.models import MODELS, serve_model
+from mlmirror.demo.models import MODELS, sample_features, serve_model
+from mlmirror.demo.traffic import infer_request
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine
-from mlmirror.protos import inference_pb2, inference_pb2_grpc
+from mlmirror.protos import feedback_pb2, inference_pb2, inference_pb2_grpc
 from mlmirror.runtime.proxy import Proxy
 
 from loadtest.envoy import running_envoy
@@ -248,6 +250,16 @@ async def wait_ready(proxy: Proxy, within: float = 10.0) -> None:
     await wait_until(lambda: proxy.readiness()[0], within, "the proxy to be ready")
 
 
+def iris_config(port: int, route: str, *, match: str = "{model: iris}") -> str:
+    """The YAML of one route ``iris`` (matching ``match``) to the model server on ``port`` (upstream ``production``),
+    with the route's other keys in ``route`` (YAML at any indentation) and the mirror's lag shedding off."""
+    body = textwrap.indent(textwrap.dedent(route).strip("\n"), " " * 4)
+    return (
+        f"mirror_shed_lag: off\nupstreams: {{production: 127.0.0.1:{port}}}\n"
+        f"routes:\n  - name: iris\n    match: {match}\n    primary: production\n{body}\n"
+    )
+
+
 def http_get(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None) -> tuple[int, str]:
     """(status, text) of one admin request; a POST sends ``body`` (empty by default); ``token`` goes as
     ``Authorization: Bearer``."""
@@ -344,3 +356,49 @@ def make_certificates(folder: Path, subjects: dict[str, str], extensions: dict[s
             *(["-extfile", f"{name}.ext"] if extension is not None else []),
         )
     return folder
+
+
+async def exposition_with_every_metric(tmp_path: Path) -> str:
+    """The /metrics text of a live proxy with shadows, drift (attribution, sliding, exported bins), ground truth and
+    capture on, after traffic, an outcome report over gRPC and a fallback."""
+    rng = np.random.default_rng(0)
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config = f"""
+        mirror_shed_lag: off
+        upstreams:
+          production: 127.0.0.1:{production}
+          candidate: 127.0.0.1:{candidate}
+          dead: {{address: 127.0.0.1:1, timeout: 1s}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            shadows: [{{upstream: candidate}}]
+            drift:
+              window: 50
+              capture: 50
+              sliding: 2
+              export_bins: ["input[2]"]
+              attribution: {{}}
+              ground_truth: {{output: probabilities, window: 10}}
+            capture: {{path: {tmp_path / "captures"}}}
+          - name: broken
+            match: {{model: broken}}
+            primary: dead
+            fallback: [production]
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            ids = [f"r{i}" for i in range(120)]
+            await asyncio.gather(*(infer(infer_request(sample_features(rng, 1), request_id=i)) for i in ids))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:  # a move along the chain: the fallback's answer is
+                await infer(infer_request(sample_features(rng, 1), model="broken"))  # NOT_FOUND for this model name
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            await wait_until(lambda: proxy.status()["routes"][0]["drift"]["latest"] != [], what="a drift window")
+            report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome")
+            outcomes = [feedback_pb2.Outcome(request_id=i, labels=["1"]) for i in ids[:20]]
+            await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes).SerializeToString())
+            await wait_until(lambda: proxy.status()["routes"][0]["shadows"][0]["window"]["calls"] == 120)
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+    assert status == 200
+    return body

@@ -485,16 +485,16 @@ def test_a_path_the_system_refuses_is_a_located_error(path: str, reason: str, te
     assert len(str(error)) < 400  # the path is cut short in the message
 
 
-def test_the_package_exports_the_same_names_as_before_the_schema_split():
-    """The names exported before the split (plus ``Observer``, the observing process's section, added since)."""
+def test_the_package_exports_the_names_exported_before_the_schema_split_and_all_of_the_schema():
+    """The names exported before the split (plus ``Observer``, the observing process's section, added since) are
+    still there; so is every name of the schema modules' ``__all__``."""
     import mlmirror.config as config
+    from mlmirror.config import schema, schema_observing
 
-    assert sorted(config.__all__) == sorted(
-        ["CALL_TYPES", "CAPTURE_INCLUDE", "CLASSIFICATION_MODES", "DEFAULT_FALLBACK_CODES", "DEMOTE_TO",
-         "DRIFT_METHODS", "MODEL_INFER", "MODES", "Attribution", "Capture", "CircuitPolicy", "Compare", "Config",
-         "Drift", "DriftFeature", "GroundTruth", "HealthCheck", "Keepalive", "Multivariate", "Observer", "Promotion",
-         "Route",
-         "RouteMatch", "Shadow", "StaticResponse", "StaticTensor", "TlsClient", "TlsServer", "Upstream",
-         "load_config", "parse_config"]
-    )  # fmt: skip
+    assert {"CALL_TYPES", "CAPTURE_INCLUDE", "CLASSIFICATION_MODES", "DEFAULT_FALLBACK_CODES", "DEMOTE_TO",
+            "DRIFT_METHODS", "MODEL_INFER", "MODES", "Attribution", "Capture", "CircuitPolicy", "Compare", "Config",
+            "Drift", "DriftFeature", "GroundTruth", "HealthCheck", "Keepalive", "Multivariate", "Observer",
+            "Promotion", "Route", "RouteMatch", "Shadow", "StaticResponse", "StaticTensor", "TlsClient",
+            "TlsServer", "Upstream", "load_config", "parse_config"} <= set(config.__all__)  # fmt: skip
+    assert set(config.__all__) == {*schema.__all__, *schema_observing.__all__, "load_config", "parse_config"}
     assert all(getattr(config, name) is not None for name in config.__all__)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 import yaml
 from mlmirror.admin.endpoints import ENDPOINTS
@@ -21,13 +20,10 @@ from mlmirror.config import Config, load_config, parse_config
 from mlmirror.config.docs import BEGIN, END, reference, replace_reference
 from mlmirror.config.keys import KeyDoc, schema_keys
 from mlmirror.config.yamlsource import parse_duration, parse_yaml
-from mlmirror.demo.models import sample_features
-from mlmirror.demo.traffic import infer_request
 from mlmirror.errors import ConfigError
-from mlmirror.protos import feedback_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, http_get, model_server, through_proxy, wait_until
+from tests.support import REPO, exposition_with_every_metric, http_get, model_server, through_proxy
 
 CONFIGURATION = REPO / "docs" / "CONFIGURATION.md"
 SCHEMA = {doc.path: doc for doc in schema_keys(Config)}
@@ -268,47 +264,8 @@ def documented_metrics(file: Path = METRICS) -> set[str]:
 
 
 async def scraped_metrics(tmp_path: Path) -> set[str]:
-    """The families a live proxy exports with shadows, drift (attribution, sliding, exported bins), ground truth
-    and capture on, after traffic, an outcome report and a fallback."""
-    rng = np.random.default_rng(0)
-    async with model_server("production") as production, model_server("candidate") as candidate:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams:
-          production: 127.0.0.1:{production}
-          candidate: 127.0.0.1:{candidate}
-          dead: {{address: 127.0.0.1:1, timeout: 1s}}
-        routes:
-          - name: iris
-            match: {{model: iris}}
-            primary: production
-            shadows: [{{upstream: candidate}}]
-            drift:
-              window: 50
-              capture: 50
-              sliding: 2
-              export_bins: ["input[2]"]
-              attribution: {{}}
-              ground_truth: {{output: probabilities, window: 10}}
-            capture: {{path: {tmp_path / "captures"}}}
-          - name: broken
-            match: {{model: broken}}
-            primary: dead
-            fallback: [production]
-        """
-        async with through_proxy(config) as (proxy, channel):
-            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-            ids = [f"r{i}" for i in range(120)]
-            await asyncio.gather(*(infer(infer_request(sample_features(rng, 1), request_id=i)) for i in ids))
-            with pytest.raises(grpc.aio.AioRpcError):  # moves along the chain to a model that has not got it
-                await infer(infer_request(sample_features(rng, 1), model="broken"))
-            await wait_until(lambda: proxy.status()["routes"][0]["drift"]["latest"] != [], what="a drift window")
-            report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome")
-            outcomes = [feedback_pb2.Outcome(request_id=i, labels=["1"]) for i in ids[:20]]
-            await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes).SerializeToString())
-            await wait_until(lambda: proxy.status()["routes"][0]["shadows"][0]["window"]["calls"] == 120)
-            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
-    assert status == 200
+    """The families a live proxy exports with every feature on (``exposition_with_every_metric``)."""
+    body = await exposition_with_every_metric(tmp_path)
     return {_sample_name(family.name, family.type) for family in text_string_to_metric_families(body)}
 
 

@@ -41,6 +41,7 @@ from tests.support import (
     feed_rows,
     fp64_call,
     http_get,
+    iris_config,
     model_server,
     running_proxy,
     through_proxy,
@@ -566,15 +567,7 @@ async def test_a_profile_without_a_configured_feature_stops_the_start(tmp_path: 
 async def test_drift_through_the_proxy_shows_in_status_metrics_and_the_cli():
     rng = np.random.default_rng(10)
     async with model_server("production") as port:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams: {{production: 127.0.0.1:{port}}}
-        routes:
-          - name: iris
-            match: {{}}
-            primary: production
-            drift: {{window: 300, capture: 600, bins: 10}}
-        """
+        config = iris_config(port, "drift: {window: 300, capture: 600, bins: 10}", match="{}")
         async with through_proxy(config) as (proxy, channel):
             infer = channel.unary_unary(MODEL_INFER)
             limit = asyncio.Semaphore(16)

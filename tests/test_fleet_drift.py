@@ -24,7 +24,7 @@ from mlmirror.observing.drift.profile_build import build_profile
 
 from loadtest.ports import free_port
 from loadtest.processes import stop_process
-from tests.support import REPO, model_server, running_proxy, wait_until
+from tests.support import REPO, iris_config, model_server, running_proxy, wait_until
 
 pytestmark = pytest.mark.process  # starts Prometheus
 
@@ -77,15 +77,9 @@ async def test_fleet_psi_and_js_from_prometheus_equal_mlmirror_on_the_merged_cou
     build_profile(tmp_path / "ref.npy", profile, bins=8, model="iris", version="1", input_name="input", names=None)
     exported = ["input[0]", "input[2]"]
     async with model_server("production") as production:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams: {{production: 127.0.0.1:{production}}}
-        routes:
-          - name: iris
-            match: {{model: iris}}
-            primary: production
-            drift: {{profile: {profile}, window: 100, export_bins: {json.dumps(exported)}}}
-        """
+        config = iris_config(
+            production, f"drift: {{profile: {profile}, window: 100, export_bins: {json.dumps(exported)}}}"
+        )
         async with running_proxy(config) as a, running_proxy(config) as b:
             for proxy, shift in ((a, 1.0), (b, 0.0)):  # one replica sees drifting petals, the other does not
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:

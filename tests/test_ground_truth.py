@@ -16,7 +16,7 @@ from mlmirror.observing.groundtruth.outcomes import GroundTruthStore, classifica
 from mlmirror.protocol.kserve import Tensor
 from mlmirror.protos import feedback_pb2
 
-from tests.support import http_get, model_server, through_proxy, wait_until
+from tests.support import http_get, iris_config, model_server, through_proxy, wait_until
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 REPORT = "/mlmirror.v1.Feedback/ReportOutcome"
@@ -112,18 +112,8 @@ def true_classes(x: np.ndarray) -> np.ndarray:
 async def test_outcomes_reported_late_over_grpc_and_http_give_quality_per_version():
     rng = np.random.default_rng(2)
     async with model_server("production") as production:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams: {{production: 127.0.0.1:{production}}}
-        routes:
-          - name: iris
-            match: {{model: iris}}
-            primary: production
-            drift:
-              window: 100
-              capture: 50
-              ground_truth: {{output: probabilities, window: 100}}
-        """
+        drift = "drift: {window: 100, capture: 50, ground_truth: {output: probabilities, window: 100}}"
+        config = iris_config(production, drift)
         async with through_proxy(config) as (proxy, channel):
             infer = channel.unary_unary(MODEL_INFER)
             features = [sample_features(rng, 1) for _ in range(240)]

@@ -4,21 +4,15 @@ really exports. (Grafana itself is not installable here; its dashboard is checke
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
 import subprocess
 
-import grpc
-import numpy as np
 import pytest
-from mlmirror.demo.models import sample_features
-from mlmirror.demo.traffic import infer_request
-from mlmirror.protos import feedback_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, http_get, model_server, through_proxy, wait_until
+from tests.support import REPO, exposition_with_every_metric
 
 RULES = REPO / "deploy" / "prometheus" / "mlmirror-rules.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "tests" / "mlmirror-rules.test.yml"
@@ -47,7 +41,7 @@ def test_the_rules_pass_their_unit_tests():
 DASHBOARD = REPO / "deploy" / "grafana" / "mlmirror-dashboard.json"
 
 
-async def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_live_proxy():
+async def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_live_proxy(tmp_path):
     rule_names = set(re.findall(r"\b(mlmirror_[a-z0-9_]+)", RULES.read_text()))
     assert len(rule_names) >= 12
     dashboard = json.loads(DASHBOARD.read_text())
@@ -58,43 +52,7 @@ async def test_every_metric_the_rules_and_the_dashboard_use_is_exported_by_a_liv
     used_records = {name for query in queries for name in re.findall(r"\b(mlmirror:[a-z0-9_:]+)", query)}
     assert used_records <= recorded, f"the dashboard uses recording rules that do not exist: {used_records - recorded}"
     names = rule_names | panel_names
-    rng = np.random.default_rng(0)
-    async with model_server("production") as production, model_server("candidate") as candidate:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams:
-          production: 127.0.0.1:{production}
-          candidate: 127.0.0.1:{candidate}
-          dead: {{address: 127.0.0.1:1, timeout: 1s}}
-        routes:
-          - name: iris
-            match: {{model: iris}}
-            primary: production
-            shadows: [{{upstream: candidate}}]
-            drift:
-              window: 50
-              capture: 50
-              attribution: {{}}
-              ground_truth: {{output: probabilities, window: 10}}
-          - name: broken
-            match: {{model: broken}}
-            primary: dead
-            fallback: [production]
-        """
-        async with through_proxy(config) as (proxy, channel):
-            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-            ids = [f"r{i}" for i in range(120)]
-            await asyncio.gather(*(infer(infer_request(sample_features(rng, 1), request_id=i)) for i in ids))
-            with pytest.raises(grpc.aio.AioRpcError) as caught:  # a move along the chain: the fallback's answer is
-                await infer(infer_request(sample_features(rng, 1), model="broken"))  # NOT_FOUND for this model name
-            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            await wait_until(lambda: proxy.status()["routes"][0]["drift"]["latest"] != [], what="a drift window")
-            report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome")
-            outcomes = [feedback_pb2.Outcome(request_id=i, labels=["1"]) for i in ids[:20]]
-            await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes).SerializeToString())
-            await wait_until(lambda: proxy.status()["routes"][0]["shadows"][0]["window"]["calls"] == 120)
-            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
-    assert status == 200
+    body = await exposition_with_every_metric(tmp_path)
     families = list(text_string_to_metric_families(body))
     exported = {sample.name for family in families for sample in family.samples} | {f.name for f in families}
     # A counter with no sample yet (no decode error, say) is still exported, under its name with _total.

@@ -19,7 +19,7 @@ import pytest
 from mlmirror.demo.models import CLASS_MEANS, MODELS
 from mlmirror.protos import feedback_pb2, inference_pb2
 
-from tests.support import REPO, http_get, model_server, through_proxy, wait_until
+from tests.support import REPO, http_get, iris_config, model_server, through_proxy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +56,7 @@ async def make_capture(directory: Path) -> IrisCapture:
     x = (CLASS_MEANS[classes] + rng.normal(size=(CALLS, ROWS, 4)) * np.array([0.35, 0.35, 0.45, 0.2])).astype("<f4")
     ids = [f"call-{i:04d}" for i in range(CALLS)]
     async with model_server("production") as port:
-        config = f"""
-        mirror_shed_lag: off
-        upstreams: {{production: 127.0.0.1:{port}}}
-        routes:
-          - name: iris
-            match: {{}}
-            primary: production
-            capture: {{path: {directory}}}
-        """
+        config = iris_config(port, f"capture: {{path: {directory}}}", match="{}")
         async with through_proxy(config) as (proxy, channel):
             infer = channel.unary_unary(MODEL_INFER)
             for i, request_id in enumerate(ids):

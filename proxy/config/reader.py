@@ -29,22 +29,14 @@ from mlmirror.config.schema import (
     Upstream,
 )
 from mlmirror.config.values import Reader, existing_file, is_scalar, read_section, schema_reader, shown
-from mlmirror.config.yamlsource import Located, parse_yaml
-from mlmirror.errors import ConfigError
+from mlmirror.config.yamlsource import Located, parse_yaml, read_yaml_text
 
 __all__ = ["load_config", "parse_config"]
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML configuration file."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such file", file=file) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"cannot read: {exc}", file=file) from None
-    return parse_config(text, file)
+    return parse_config(read_yaml_text(path), str(path))
 
 
 def parse_config(text: str, file: str = "<string>") -> Config:

@@ -16,13 +16,14 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
 import yaml.constructor
 from mlmirror.errors import ConfigError
 
-__all__ = ["MAX_ALIAS_EXPANSION", "MAX_DURATION", "Located", "parse_duration", "parse_yaml"]
+__all__ = ["MAX_ALIAS_EXPANSION", "MAX_DURATION", "Located", "parse_duration", "parse_yaml", "read_yaml_text"]
 
 #: Nodes that aliases may add to a document, beyond those written in it.
 MAX_ALIAS_EXPANSION = 10_000
@@ -41,6 +42,17 @@ def parse_duration(text: object) -> float | None:
     """Seconds in a duration such as ``250ms``, ``2s``, ``1.5m`` or ``1h``; None when it is not one."""
     match = _DURATION.match(text) if isinstance(text, str) else None
     return None if match is None else float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def read_yaml_text(path: str | Path, what: str = "file") -> str:
+    """The text of the YAML file at ``path``; a missing or unreadable file raises ``ConfigError`` naming it."""
+    file = str(path)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no such {what}", file=file) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=file) from None
 
 
 def parse_yaml(text: str, file: str) -> Located:

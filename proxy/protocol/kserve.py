@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -55,20 +56,22 @@ class Tensor:
 
 def response_outputs(data: bytes) -> tuple[str, list[Tensor]]:
     """(model_version, outputs) of a serialized ``ModelInferResponse``."""
-    try:
-        message = inference_pb2.ModelInferResponse.FromString(data)
-    except DecodeError as exc:
-        raise TensorError("malformed", f"not a ModelInferResponse: {exc}") from None
+    message = _parse(inference_pb2.ModelInferResponse, data)
     return message.model_version, _tensors(message.outputs, message.raw_output_contents)
 
 
 def request_inputs(data: bytes) -> tuple[str, list[Tensor]]:
     """(model_name, inputs) of a serialized ``ModelInferRequest``."""
-    try:
-        message = inference_pb2.ModelInferRequest.FromString(data)
-    except DecodeError as exc:
-        raise TensorError("malformed", f"not a ModelInferRequest: {exc}") from None
+    message = _parse(inference_pb2.ModelInferRequest, data)
     return message.model_name, _tensors(message.inputs, message.raw_input_contents)
+
+
+def _parse(kind: Any, data: bytes) -> Any:
+    """``kind`` parsed from ``data``; malformed bytes raise ``TensorError("malformed")``."""
+    try:
+        return kind.FromString(data)
+    except DecodeError as exc:
+        raise TensorError("malformed", f"not a {kind.__name__}: {exc}") from None
 
 
 def _tensors(specs: Sequence, raw: Sequence[bytes]) -> list[Tensor]:

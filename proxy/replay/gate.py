@@ -24,8 +24,7 @@ from pathlib import Path
 
 import yaml
 from mlmirror.config import CLASSIFICATION_MODES, DRIFT_METHODS, Compare, Promotion
-from mlmirror.config.yamlsource import Located, parse_yaml
-from mlmirror.errors import ConfigError
+from mlmirror.config.yamlsource import Located, parse_yaml, read_yaml_text
 
 __all__ = ["QUALITY_METRICS", "DriftGate", "Gate", "QualityGate", "load_gate", "parse_gate"]
 
@@ -77,14 +76,7 @@ class Gate:
 
 def load_gate(path: str | Path) -> Gate:
     """Read a gate file; raises ``ConfigError`` (``file:line: key: reason``)."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such gate file", file=file) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", file=file) from None
-    return parse_gate(text, file)
+    return parse_gate(read_yaml_text(path, "gate file"), str(path))
 
 
 def parse_gate(text: str, file: str = "<string>") -> Gate:

@@ -22,6 +22,7 @@ from typing import Any, NoReturn, Protocol
 import grpc
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.protocol.names import HOP_BY_HOP_METADATA, MODEL_INFER, REQUEST_ID, SERVED_BY, STATIC_DEFAULT
+from mlmirror.serving.chain import FallbackChain, cancelled_attempt
 from mlmirror.serving.replay import RequestReplay
 from mlmirror.serving.table import RouteRuntime, RouteTable
 from mlmirror.serving.upstream import UpstreamTarget
@@ -42,63 +43,6 @@ class TableSource(Protocol):
     """Whatever holds the current route table (the proxy); read once per call."""
 
     table: RouteTable
-
-
-class _Chain:
-    """Walks a route's fallback chain for one call: circuit breakers, the client's deadline, fallback metrics."""
-
-    __slots__ = ("_from", "_next", "_reason", "deadline", "route", "skipped")
-
-    def __init__(self, route: RouteRuntime, remaining: float | None) -> None:
-        self.route = route
-        self.deadline = None if remaining is None else time.monotonic() + remaining
-        self._next = 0
-        self._from: str | None = None  # the upstream we are moving away from, and why
-        self._reason = ""
-        self.skipped: list[str] = []
-
-    def next_target(self) -> tuple[UpstreamTarget, str, float | None] | None:
-        """The next upstream to try, its role and its timeout (seconds); None when the chain or time ran out."""
-        chain = self.route.chain
-        while self._next < len(chain):
-            target = chain[self._next]
-            role = "primary" if self._next == 0 else "fallback"
-            self._next += 1
-            timeout = target.timeout
-            if self.deadline is not None:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                if timeout is None or remaining < timeout:
-                    timeout = remaining
-            if self._from is not None:
-                self.route.metrics.fallback(self._from, target.name, self._reason)
-                self._from = None
-            if not target.breaker.allow():
-                self._from, self._reason = target.name, "circuit_open"
-                self.skipped.append(target.name)
-                continue
-            return target, role, timeout
-        return None
-
-    def failed(self, target: UpstreamTarget, role: str, code: grpc.StatusCode, seconds: float, retry: bool) -> bool:
-        """Record a failed attempt; True when the call should move on to the next target."""
-        target.breaker.record(code)
-        self.route.metrics.attempt(target.name, role, code.name, seconds)
-        if retry and code in self.route.fallback_on:
-            self._from, self._reason = target.name, code.name.lower()
-            return True
-        return False
-
-    def finish(self, to: str) -> None:
-        """The chain ended with a pending move: to the static default, or to ``none`` (the call fails)."""
-        if self._from is not None:
-            self.route.metrics.fallback(self._from, to, self._reason)
-            self._from = None
-
-    @property
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and self.deadline <= time.monotonic()
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -217,7 +161,7 @@ async def _unary_response(
     if tap is not None:
         request_id, metadata = route.ids.identify(method, request, metadata)
         trailers = ((REQUEST_ID, request_id),)
-    chain = _Chain(route, context.time_remaining())
+    chain = FallbackChain(route, context.time_remaining())
     last_error: grpc.aio.AioRpcError | None = None
     last_target = ""
     while (step := chain.next_target()) is not None:
@@ -242,7 +186,7 @@ async def _unary_response(
                 route, context, target.name, error.code(), error.details(), (*error.trailing_metadata(), *trailers)
             )
         except asyncio.CancelledError:
-            _cancelled(chain, call, target, role, started)
+            cancelled_attempt(chain, call, target, role, started)
             raise
         initial = await call.initial_metadata()
         if initial:
@@ -282,7 +226,7 @@ async def _stream_response(
     """Relay a call with a streamed response (unary-stream, stream-stream). ``request()`` gives the request bytes
     or a fresh iterator over the request stream for each attempt."""
     metadata = forwarded_metadata(context.invocation_metadata())
-    chain = _Chain(route, context.time_remaining())
+    chain = FallbackChain(route, context.time_remaining())
     last_error: grpc.aio.AioRpcError | None = None
     last_target = ""
     while (step := chain.next_target()) is not None:
@@ -298,7 +242,7 @@ async def _stream_response(
             await _relay_error(route, context, target.name, error.code(), error.details(), error.trailing_metadata())
             return
         except asyncio.CancelledError:
-            _cancelled(chain, call, target, role, started)
+            cancelled_attempt(chain, call, target, role, started)
             raise
         # Committed to this upstream: from here on its stream and its status are the client's.
         try:
@@ -313,7 +257,7 @@ async def _stream_response(
             await _relay_error(route, context, target.name, error.code(), error.details(), error.trailing_metadata())
             return
         except asyncio.CancelledError:
-            _cancelled(chain, call, target, role, started)
+            cancelled_attempt(chain, call, target, role, started)
             raise
         await _succeeded(route, context, call, target, role, started)
         return
@@ -322,7 +266,7 @@ async def _stream_response(
 
 async def _exhausted(
     route: RouteRuntime,
-    chain: _Chain,
+    chain: FallbackChain,
     context: grpc.aio.ServicerContext,
     last_error: grpc.aio.AioRpcError | None,
     last_target: str,
@@ -370,16 +314,6 @@ async def _succeeded(
     context.set_trailing_metadata((*(await call.trailing_metadata()), (SERVED_BY, target.name), *trailers))
     route.metrics.answered("OK")
     return seconds
-
-
-def _cancelled(chain: _Chain, call: Any, target: UpstreamTarget, role: str, started: float) -> None:
-    """The client went away (or its deadline passed) mid-attempt: cancel the upstream call, free a half-open probe
-    slot, count the call."""
-    call.cancel()
-    target.breaker.record(_CANCELLED)
-    code = grpc.StatusCode.DEADLINE_EXCEEDED if chain.out_of_time else _CANCELLED
-    chain.route.metrics.attempt(target.name, role, code.name, time.perf_counter() - started)
-    chain.route.metrics.answered(code.name)
 
 
 async def _unrouted(table: RouteTable, method: str, model: str | None, context: grpc.aio.ServicerContext) -> NoReturn:
