@@ -10,14 +10,14 @@ import grpc
 import numpy as np
 import pytest
 from mlmirror.config import Drift, GroundTruth
-from mlmirror.demo.models import MODELS, sample_features
+from mlmirror.demo.models import CLASS_MEANS, MODELS, ModelServicer, sample_features
 from mlmirror.demo.traffic import infer_request
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.drift.report import render_drift
 from mlmirror.observing.drift.segments import MIN_ROWS
 from mlmirror.observing.groundtruth.estimate import Calibrator, isotonic_fit
-from mlmirror.protos import feedback_pb2, inference_pb2
+from mlmirror.protos import feedback_pb2, inference_pb2, inference_pb2_grpc
 
 from tests.support import http_get, model_server, through_proxy, wait_until
 
@@ -333,3 +333,92 @@ async def test_the_estimate_and_data_quality_through_the_proxy_with_outcomes_ove
             text = render_drift(proxy.status())
             assert "estimate (calibrated): accuracy" in text
             assert "BELOW TARGET for 2 windows" in text
+
+
+class RegionModel(ModelServicer):
+    """The production demo model behind a second input, ``region`` (BYTES [n]): the model reads ``input`` only, as
+    a model with a feature it does not use (the segment) would."""
+
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC method name
+        kept = inference_pb2.ModelInferRequest(model_name=request.model_name, id=request.id)
+        kept.inputs.append(request.inputs[0])
+        kept.raw_input_contents.append(request.raw_input_contents[0])
+        return await super().ModelInfer(kept, context)
+
+
+def region_request(x: np.ndarray, region: bytes, request_id: str) -> bytes:
+    request = inference_pb2.ModelInferRequest(model_name="iris", id=request_id)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, "<f4").tobytes())
+    request.inputs.add(name="region", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(len(region).to_bytes(4, "little") + region)
+    return request.SerializeToString()
+
+
+async def test_segments_through_the_proxy_with_outcomes_over_grpc():
+    rng = np.random.default_rng(10)
+    server = grpc.aio.server()
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(RegionModel(MODELS["production"]), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        config = f"""
+        mirror_shed_lag: off
+        upstreams: {{production: 127.0.0.1:{port}}}
+        routes:
+          - name: iris
+            match: {{model: iris}}
+            primary: production
+            drift:
+              window: 200
+              capture: 200
+              segment: region
+              segment_values: 2
+              ground_truth: {{output: probabilities, window: 200, calibration: 0}}
+        """
+        async with through_proxy(config) as (proxy, channel):
+            infer = channel.unary_unary(MODEL_INFER)
+            engine = proxy.parts.get("iris", "drift").engine
+            regions = [b"north", b"south", b"east"]
+            # North, south, east in 5:3:2; east's flowers are shifted towards the class boundaries.
+            region = [regions[int(rng.choice(3, p=[0.5, 0.3, 0.2]))] for _ in range(600)]
+            x = [sample_features(rng, 1, shift=1.2 if r == b"east" else 0.0) for r in region]
+            # The truth: the nearest class mean (standardized), which the model misses near the boundaries.
+            truth = [str(int(np.argmin((((f[0] - CLASS_MEANS) / 0.4) ** 2).sum(axis=1)))) for f in x]
+            ids = [f"c{i}" for i in range(600)]
+            # In three steps, each counted before the next: the capture (reference), window 0, window 1.
+            for lo, hi in ((0, 200), (200, 400), (400, 600)):
+                await asyncio.gather(*(infer(region_request(x[i], region[i], ids[i])) for i in range(lo, hi)))
+                await wait_until(lambda hi=hi: engine.queued == 0 and engine.accepted == hi, what="calls counted")
+                if hi == 400:  # the outcomes of window 0 over gRPC: the realized figures per segment
+                    report = channel.unary_unary("/mlmirror.v1.Feedback/ReportOutcome",
+                                                 feedback_pb2.ReportOutcomeRequest.SerializeToString,
+                                                 feedback_pb2.ReportOutcomeResponse.FromString)  # fmt: skip
+                    outcomes = [feedback_pb2.Outcome(request_id=ids[i], labels=[truth[i]]) for i in range(200, 400)]
+                    assert (await report(feedback_pb2.ReportOutcomeRequest(outcomes=outcomes))).matched == 200
+            await wait_until(lambda: engine.windows.get(("iris", "1")) == 2, what="two windows")
+            (window,) = proxy.status()["routes"][0]["drift"]["quality"]["latest"]
+            status, metrics = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
+    finally:
+        await server.stop(None)
+    assert status == 200
+    kept = sorted(regions, key=lambda r: -region[:200].count(r))[:2]  # the reference's two most frequent
+    assert [s["name"] for s in window["segments"]] == [*(r.decode() for r in kept), "other"]
+    probabilities = np.concatenate([MODELS["production"].predict(f)[0] for f in x]).astype(np.float64)
+    predicted = probabilities.argmax(axis=1)
+    group = np.array([kept.index(r) if r in kept else 2 for r in region])
+    correct = predicted == np.array([int(t) for t in truth])
+    estimates = []
+    for s, segment in enumerate(window["segments"]):
+        live = np.flatnonzero(group[400:] == s) + 400
+        joined = np.flatnonzero(group[200:400] == s) + 200
+        assert segment["rows"] == live.size
+        assert segment["shares"] == pytest.approx(np.bincount(predicted[live], minlength=3) / live.size, abs=1e-6)
+        estimates.append(probabilities[live].max(axis=1).mean())  # calibration 0: assumed calibrated
+        assert segment["estimated_accuracy"] == pytest.approx(estimates[-1], abs=1e-6)
+        assert segment["outcome_rows"] == joined.size
+        assert segment["accuracy"] == pytest.approx(correct[joined].mean(), abs=1e-6)
+    assert window["segments"][-1]["estimated_accuracy"] == min(w["estimated_accuracy"] for w in window["segments"])
+    assert window["gaps"]["estimated_accuracy"] == pytest.approx(max(estimates) - min(estimates), abs=1e-6)
+    assert 'mlmirror_segment_rows{model="iris",route="iris",segment="other",version="1"}' in metrics
+    assert 'mlmirror_segment_gap{gap="demographic_parity",model="iris",route="iris",version="1"}' in metrics
