@@ -98,9 +98,10 @@ class QualityMonitor:
             window = self._open.setdefault(key, _Window())
             found = blanks(rows)
             window.blanks = found if window.blanks is None else window.blanks + found
+            truth = self.truth
             probabilities = self._probabilities(outputs)
-            if probabilities is None:
-                self.unestimated += self.truth is not None
+            if truth is None or probabilities is None:
+                self.unestimated += truth is not None
                 return
             calibrator = self.calibrators.get(key)
             if calibrator is not None and calibrator.classes != probabilities.shape[1]:
@@ -113,10 +114,10 @@ class QualityMonitor:
                 return
             window.expected.add(probabilities, calibrated, segments)
             window.calibrated_rows += probabilities.shape[0] if calibrator is not None else 0
-            if self.segmenter is not None or (key not in self.calibrators and self.truth.calibration > 0):
+            if self.segmenter is not None or (key not in self.calibrators and truth.calibration > 0):
                 self._pending[request_id] = (key, probabilities.astype(np.float32), segments)
                 self._pending.move_to_end(request_id)
-                while len(self._pending) > self.truth.max_pending:
+                while len(self._pending) > truth.max_pending:
                     self._pending.popitem(last=False)
 
     def _segments(self, reference: Reference, rows: Rows) -> np.ndarray | None:
@@ -155,12 +156,13 @@ class QualityMonitor:
             if expected is not None:
                 expected.flush()
             accuracy = expected.accuracy() if expected is not None else float("nan")
-            streak = 0
+            streak, needed = 0, self.truth.target_windows if self.truth is not None else 0
             target = self.truth.target if self.truth is not None else None
             if target is not None and accuracy == accuracy:
                 streak = self._streak.get(key, 0) + 1 if accuracy < target else 0
                 self._streak[key] = streak
-            segments, gaps = (), None
+            segments: tuple[SegmentResult, ...] = ()
+            gaps = None
             if self.segmenter is not None and expected is not None and expected.segments == len(self.segmenter):
                 segments, gaps = summarize(self.segmenter.names, expected, self._realized_latest.get(key))
             rows = int(expected.rows.sum()) if expected is not None else 0
@@ -168,7 +170,7 @@ class QualityMonitor:
                 key[0], key[1], index, rows, accuracy,
                 expected.f1() if expected is not None else float("nan"),
                 rows > 0 and window.calibrated_rows == rows,
-                target is not None and streak >= self.truth.target_windows, streak,
+                target is not None and streak >= needed, streak,
                 data, segments, gaps,
             )  # fmt: skip
 
