@@ -321,6 +321,8 @@ async def test_the_estimate_and_data_quality_through_the_proxy_with_outcomes_ove
             missing = next(d for d in window["data_quality"] if (d["series"], d["check"]) == ("input[1]", "missing"))
             assert missing["ratio"] == 0.01
             assert quality["estimate"]["labelled"] == {"iris v1": 200}
+            realized = proxy.status()["routes"][0]["drift"]["ground_truth"]["latest"][0]["metrics"]["accuracy"]
+            assert window["realized_accuracy"] == realized  # the latest realized accuracy, next to the estimate
             status, metrics = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
             assert status == 200
             labels = 'model="iris",route="iris",version="1"'

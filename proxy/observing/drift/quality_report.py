@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping
 
 from mlmirror.observing.drift.quality import QualityMonitor, QualityWindow
 from mlmirror.observing.figures import json_number
@@ -95,8 +96,12 @@ class QualityFamilies:
         yield from (self.segment_rows, self.segment_share, self.segment_estimated, self.segment_accuracy, self.gap)
 
 
-def quality_status(monitor: QualityMonitor, violations: Mapping[str, int]) -> dict[str, object]:
-    """The ``quality`` part of a route's ``/status`` drift entry; ``violations``: the engine's decode errors."""
+def quality_status(
+    monitor: QualityMonitor, violations: Mapping[str, int], realized: Mapping[tuple[str, str], float] | None = None
+) -> dict[str, object]:
+    """The ``quality`` part of a route's ``/status`` drift entry; ``violations``: the engine's decode errors;
+    ``realized``: the latest realized accuracy per (model, version), shown next to the estimate."""
+    realized = realized or {}
     truth = monitor.truth
     calibration = monitor.calibration()
     return {
@@ -117,7 +122,10 @@ def quality_status(monitor: QualityMonitor, violations: Mapping[str, int]) -> di
             "type": sum(n for reason, n in violations.items() if reason in TYPE_REASONS),
             "shape": sum(n for reason, n in violations.items() if reason in SHAPE_REASONS),
         },
-        "latest": [_window(w) for w in monitor.snapshot().values()],
+        "latest": [
+            {**_window(w), "realized_accuracy": json_number(realized.get((w.model, w.version), math.nan))}
+            for w in monitor.snapshot().values()
+        ],
     }
 
 
@@ -166,16 +174,15 @@ def _window(window: QualityWindow) -> dict[str, object]:
     }
 
 
-def quality_lines(quality: Mapping | None, realized: Iterable[Mapping] = ()) -> list[str]:
-    """``mlmirror drift`` lines for a route's ``quality`` status entry (``realized``: its ground-truth windows)."""
+def quality_lines(quality: Mapping | None) -> list[str]:
+    """``mlmirror drift`` lines for a route's ``quality`` status entry."""
     if not quality:
         return []
-    accuracy = {(q["model"], q["version"]): q["metrics"].get("accuracy") for q in realized}
     lines = []
     for w in quality["latest"]:
         if w["rows"]:
             how = "calibrated" if w["calibrated"] else "assumed calibrated"
-            real = accuracy.get((w["model"], w["version"]))
+            real = w.get("realized_accuracy")
             lines.append(
                 f"  {w['model']} v{w['version']} window {w['index']} estimate ({how}): accuracy "
                 f"{_fmt(w['estimated_accuracy'])}, macro F1 {_fmt(w['estimated_f1'])}; realized accuracy {_fmt(real)}"

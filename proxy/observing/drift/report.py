@@ -228,8 +228,15 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "sliding_windows": engine.spec.sliding,
         "history": [_summary(result) for result in snapshot["history"]],
         "ground_truth": _ground_truth(engine),
-        "quality": quality_status(engine.quality, snapshot["decode_errors"]),
+        "quality": quality_status(engine.quality, snapshot["decode_errors"], _realized(engine)),
     }
+
+
+def _realized(engine: DriftEngine) -> dict[tuple[str, str], float]:
+    if engine.ground_truth is None:
+        return {}
+    latest = engine.ground_truth.snapshot()["latest"]
+    return {key: q.metrics["accuracy"] for key, q in latest.items() if "accuracy" in q.metrics}
 
 
 def _ground_truth(engine: DriftEngine) -> dict[str, object] | None:
@@ -365,7 +372,7 @@ def render_drift(status: Mapping) -> str:
             for q in truth["latest"]:
                 metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in q["metrics"].items())
                 lines.append(f"    {q['model']} v{q['version']} window {q['index']} ({q['rows']} rows): {metrics}")
-        lines += quality_lines(drift.get("quality"), (truth or {}).get("latest", ()))
+        lines += quality_lines(drift.get("quality"))
     return "\n".join(lines) if lines else "no drift monitoring configured"
 
 
