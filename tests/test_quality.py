@@ -424,3 +424,18 @@ async def test_segments_through_the_proxy_with_outcomes_over_grpc():
     assert window["gaps"]["estimated_accuracy"] == pytest.approx(max(estimates) - min(estimates), abs=1e-6)
     assert 'mlmirror_segment_rows{model="iris",route="iris",segment="other",version="1"}' in metrics
     assert 'mlmirror_segment_gap{gap="demographic_parity",model="iris",route="iris",version="1"}' in metrics
+
+
+def test_what_waits_for_outcomes_is_bounded_and_stops_once_calibrated():
+    rng = np.random.default_rng(13)
+    engine = DriftEngine("m", spec(calibration=20, max_pending=50))
+    x, p, y = world(rng, 1300, 1.5)
+    feed(engine, (call(f"a{i}", x[i : i + 1], p[i : i + 1]) for i in range(1200)))
+    assert len(engine.quality._pending) == 50  # the 1200 - 1000 windowed calls, the oldest forgotten
+    for i in range(1150, 1200):
+        label = "cat" if i % 10 == 0 else str(y[i])  # not a class index: left out of the calibration
+        assert engine.ground_truth.report(f"a{i}", [], [label]) == "matched"
+    assert engine.quality.calibration() == {("m", "1"): 20}  # fitted on the first 20 class-index labels
+    assert len(engine.quality._pending) == 0
+    feed(engine, (call(f"b{i}", x[i : i + 1], p[i : i + 1]) for i in range(1200, 1300)))
+    assert len(engine.quality._pending) == 0  # calibrated and no segment: nothing waits any more
