@@ -1,17 +1,20 @@
 """Benchmark: what watching costs production, for a lone proxy and for the hub shape (workers + an observing hub).
 
-    python -m loadtest.bench_observer [--rounds 3] [--calls 8000] [--hub-workers 1] [--profile DIR]
+    python -m loadtest.bench_observer [--rounds 3] [--calls 8000] [--hub-workers 1] [--shapes lone,workers]
+                                      [--profile DIR]
 
 One route (``iris`` -> the demo ``production`` model server, KServe V2 tensors: ``--batch`` rows of 4 FP32
 features in, FP32 probabilities and INT64 labels out) behind mlmirror in five configurations:
 
 - nothing watched; 1 shadow at 100% (the ``candidate`` model, compared); drift only (windows of 1000 calls);
-  1 shadow + drift; 1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
+  1 shadow + drift; the same with the shadow's copies over one ModelStreamInfer stream (``transport: stream``);
+  1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
 
-Each configuration runs in two shapes: a lone proxy (``mlmirror serve --single-process``), and ``serve --workers N``
-(``--hub-workers``, default 1), where N serving workers relay and hand watched calls over the door to the observing
-process, which makes the copies and runs the drift engine. The shadow model servers (candidate and hung) run
-at ``nice -n 19``; production and h2load at normal priority.
+Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``: ``mlmirror serve
+--single-process``), and ``serve --workers N`` (``workers``; ``--hub-workers``, default 1), where N serving workers
+relay and hand watched calls over the door to the observing process, which makes the copies and runs the drift
+engine; ``workers-nice`` is the same with ``observer.scheduling: nice`` (niceness only, no ``SCHED_IDLE``). The
+shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
 is the fixed load for every configuration of that shape. Then rounds (configurations interleaved, order rotated):
@@ -55,30 +58,36 @@ NONE = "nothing watched"
 SHADOW = "1 shadow, 100%"
 DRIFT = "drift only"
 BOTH = "1 shadow + drift"
+STREAMED = "1 shadow (transport: stream) + drift"
 HUNG = "hung shadow"
-#: configuration -> (shadow upstream or None, drift on?)
-CONFIGURATIONS: dict[str, tuple[str | None, bool]] = {
-    NONE: (None, False), SHADOW: ("candidate", False), DRIFT: (None, True), BOTH: ("candidate", True),
-    HUNG: ("hung", False),
+#: configuration -> (shadow upstream or None, drift on?, the shadow's transport)
+CONFIGURATIONS: dict[str, tuple[str | None, bool, str]] = {
+    NONE: (None, False, "unary"), SHADOW: ("candidate", False, "unary"), DRIFT: (None, True, "unary"),
+    BOTH: ("candidate", True, "unary"), STREAMED: ("candidate", True, "stream"), HUNG: ("hung", False, "unary"),
 }  # fmt: skip
 #: (configuration, measure) -> the largest ratio to nothing watched the issue allows
-TARGETS = {(BOTH, "saturation"): 0.90, (BOTH, "p99"): 1.10, (HUNG, "p99"): 1.05, (BOTH, "serving"): 1.05,
-           (BOTH, "tree"): 1.8}  # fmt: skip
+TARGETS = {
+    (both, measure): target
+    for both in (BOTH, STREAMED)
+    for measure, target in (("saturation", 0.90), ("p99", 1.10), ("serving", 1.05), ("tree", 1.8))
+}
+TARGETS[HUNG, "p99"] = 1.05
 OBSERVED_TARGET = 0.99
 
 
-def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, int]) -> None:
-    shadow, drift = CONFIGURATIONS[name]
+def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, int], scheduling: str) -> None:
+    shadow, drift, transport = CONFIGURATIONS[name]
     upstreams = [f"  production: {{address: 127.0.0.1:{backends['production']}, timeout: 2s}}"]
     route = ["  - name: iris", "    match: {model: iris}", "    primary: production"]
     if shadow is not None:
         circuit = ", circuit: {codes: []}" if shadow == "hung" else ""
         upstreams.append(f"  {shadow}: {{address: 127.0.0.1:{backends[shadow]}{circuit}}}")
-        route += [f"    shadows: [{{upstream: {shadow}, percent: 100, {SHADOW_LIMITS}}}]",
+        route += [f"    shadows: [{{upstream: {shadow}, percent: 100, transport: {transport}, {SHADOW_LIMITS}}}]",
                   "    compare: {classification: argmax, output: probabilities}"]  # fmt: skip
     if drift:
         route.append("    drift: {window: 1000, capture: 1000, bins: 10}")
-    lines = [f"listen: 127.0.0.1:{listen}", f"admin: 127.0.0.1:{admin}", "mirror_shed_lag: off", "upstreams:"]
+    lines = [f"listen: 127.0.0.1:{listen}", f"admin: 127.0.0.1:{admin}", "mirror_shed_lag: off",
+             f"observer: {{scheduling: {scheduling}}}", "upstreams:"]  # fmt: skip
     path.write_text("\n".join([*lines, *upstreams, "routes:", *route, ""]))
 
 
@@ -108,7 +117,7 @@ class Observed:
             time.sleep(0.3)
 
     def __call__(self, system: System, when: str) -> None:
-        shadow, drift_on = CONFIGURATIONS[system.name.split(" | ")[1]]
+        shadow, drift_on, _ = CONFIGURATIONS[system.name.split(" | ")[1]]
         settle = shadow == "candidate" or drift_on  # a hung shadow's copies never settle: nothing to wait for
         if when == "before":
             self._before[system.name] = self._counts(system.name, settle)
@@ -190,7 +199,11 @@ def _shape_rows(
 
 
 def run(args: argparse.Namespace, command: str) -> str:
-    shapes = {"lone proxy": ["--single-process"], f"--workers {args.hub_workers}": ["--workers", str(args.hub_workers)]}
+    workers = ["--workers", str(args.hub_workers)]
+    every = {"lone": ("lone proxy", ["--single-process"], "idle"),
+             "workers": (f"--workers {args.hub_workers}", workers, "idle"),
+             "workers-nice": (f"--workers {args.hub_workers}, observer.scheduling: nice", workers, "nice")}  # fmt: skip
+    shapes = {every[key][0]: every[key][1:] for key in args.shapes}
     rows: list[str] = []
     notes: list[str] = []
     all_systems: list[System] = []
@@ -209,7 +222,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                                                 nice=19))  # fmt: skip
             for port in backends.values():
                 wait_for_port(port)
-            for shape, flags in shapes.items():
+            for shape, (flags, scheduling) in shapes.items():
                 grouped = flags[0] == "--workers"
                 systems: list[System] = []
                 admins: dict[str, int] = {}
@@ -217,7 +230,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                     for name in CONFIGURATIONS:
                         listen, admin = free_port(), free_port()
                         path = folder / f"{len(all_systems) + len(systems)}.yaml"
-                        _config(path, name, listen, admin, backends)
+                        _config(path, name, listen, admin, backends, scheduling)
                         process = stack.enter_context(python_process("-m", "mlmirror", "serve", "--config",
                                                                      str(path), *flags))  # fmt: skip
                         wait_for_port(listen, 60)
@@ -278,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", type=float, default=0.5, help="fixed load, share of unwatched saturation")
     parser.add_argument("--hub-workers", type=int, default=1, help="serving workers of the hub shape (default 1)")
     parser.add_argument("--profile", type=Path, help="py-spy the processes of '1 shadow + drift'; raw stacks here")
+    parser.add_argument("--shapes", type=lambda text: text.split(","), default=["lone", "workers"],
+                        help="comma-separated: lone, workers (observer.scheduling: idle, the default), workers-nice "
+                        "(observer.scheduling: nice); default lone,workers")  # fmt: skip
     args = parser.parse_args(argv)
+    if not set(args.shapes) <= {"lone", "workers", "workers-nice"}:
+        parser.error("--shapes: lone, workers, workers-nice")
     if args.hub_workers < 1:
         parser.error("--hub-workers must be >= 1")
     if not 0 < args.load <= 1:

@@ -37,6 +37,11 @@ def autogroup_nice(pid: int) -> str | None:
     return group.read_text().split()[-1] if group.exists() else None
 
 
+def thread_policies(pid: int) -> list[int]:
+    """The scheduling policy of each thread of ``pid``."""
+    return [os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()]
+
+
 def samples_of(text: str) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
@@ -87,7 +92,12 @@ async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(t
             base = os.getpriority(os.PRIO_PROCESS, 0)  # the test's own niceness (higher when run under `nice`)
             assert os.getpriority(os.PRIO_PROCESS, first) == min(19, base + 10)  # it runs below the serving worker
             assert os.getpriority(os.PRIO_PROCESS, state["workers"][0]["pid"]) == base
-            assert autogroup_nice(first) in (None, "10")  # session groups on: its group is niced too
+            assert state["observer"]["scheduling"] == "idle"
+            # session groups on: its group is niced to the lowest; every thread runs only on a CPU nothing else wants
+            assert autogroup_nice(first) in (None, "19")
+            policies = thread_policies(first)
+            assert len(policies) > 1
+            assert set(policies) == {os.SCHED_IDLE}
             await send(listen, 100, rng, "before")
 
             stop = asyncio.Event()

@@ -20,6 +20,8 @@ from mlmirror.config.schema_observing import Capture, Drift
 from mlmirror.protocol.names import MODEL_INFER
 
 __all__ = [
+    "OBSERVER_SCHEDULING",
+    "SHADOW_TRANSPORTS",
     "CALL_TYPES",
     "CLASSIFICATION_MODES",
     "DEFAULT_FALLBACK_CODES",
@@ -54,6 +56,8 @@ HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
 DEMOTE_TO = ("shadow", "fallback", "none")
 MODES = ("proxy", "observer")
+OBSERVER_SCHEDULING = ("idle", "nice")
+SHADOW_TRANSPORTS = ("unary", "stream")
 #: Request metadata that shadow copies never carry unless a shadow's ``forward_metadata`` names it: credentials.
 CREDENTIAL_METADATA = ("authorization", "cookie", "proxy-authorization", "x-api-key")
 #: Where the ext_proc observer listens when ``mode: observer`` gives no ``listen``: Envoy runs beside it.
@@ -88,6 +92,10 @@ class Observer:
     nice: int = setting(
         10, "how much lower its CPU priority is than the serving workers' (`nice`): serving first", minimum=0,
         maximum=19,
+    )  # fmt: skip
+    scheduling: str = setting(
+        "idle", "`idle`: its threads run only on a CPU nothing else wants (Linux `SCHED_IDLE`, its scheduling "
+        "group at nice 19); `nice`: only the niceness above", choices=OBSERVER_SCHEDULING,
     )  # fmt: skip
 
 
@@ -260,6 +268,11 @@ class Shadow:
     )  # fmt: skip
     forward_metadata: tuple[str, ...] = setting(
         (), "dropped metadata copies carry all the same (say `authorization`, for a shadow that checks it)"
+    )  # fmt: skip
+    transport: str = setting(
+        "unary", "`unary`: one call per copy; `stream`: ModelInfer copies as messages of one `ModelStreamInfer` "
+        "stream (Triton's streaming extension; cheaper, without the client's metadata; README, Shadow models)",
+        choices=SHADOW_TRANSPORTS,
     )  # fmt: skip
 
     @property

@@ -15,10 +15,13 @@ echoing the request id, and implements the other KServe V2 methods.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from mlmirror.protocol.names import INFERENCE_SERVICE
+from mlmirror.protocol.wire import encode_bytes_field, encode_string_field
 from mlmirror.protos import inference_pb2, inference_pb2_grpc
 
 __all__ = ["CLASS_MEANS", "DemoModel", "MODELS", "ModelServicer", "sample_features", "serve_model"]
@@ -95,7 +98,8 @@ class ModelServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return inference_pb2.ServerMetadataResponse(name=self.server_name, version="1", extensions=[])
 
     async def ModelMetadata(self, request, context):  # noqa: N802
-        await self._check_name(request.name, context)
+        if request.name not in self.names:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request.name))
         tensor = inference_pb2.ModelMetadataResponse.TensorMetadata
         return inference_pb2.ModelMetadataResponse(
             name=self.model.name,
@@ -109,9 +113,17 @@ class ModelServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            return self.answer(request)
+        except RefusedError as exc:
+            await context.abort(exc.code, exc.message)
+
+    def answer(self, request: inference_pb2.ModelInferRequest) -> inference_pb2.ModelInferResponse:
+        """The model's answer to ``request``; raises ``RefusedError`` (a gRPC code and why)."""
         self.calls += 1
-        await self._check_name(request.model_name, context)
-        x = await _features(request, context)
+        if request.model_name not in self.names:
+            raise RefusedError(grpc.StatusCode.NOT_FOUND, self._unknown(request.model_name))
+        x = _features(request)
         probabilities, labels = self.model.predict(x)
         rows = len(x)
         response = inference_pb2.ModelInferResponse(
@@ -122,34 +134,53 @@ class ModelServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         response.raw_output_contents.extend([probabilities.tobytes(), labels.tobytes()])
         return response
 
-    async def _check_name(self, name: str, context: grpc.aio.ServicerContext) -> None:
-        if name not in self.names:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server has {self.model.name!r}"
-            )
+    def _unknown(self, name: str) -> str:
+        return f"unknown model {name!r}; this server has {self.model.name!r}"
+
+    async def stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        """Triton's ``ModelStreamInfer``: one ``ModelStreamInferResponse`` per request, in order; a bad request is
+        answered with its ``error_message`` (and its id), and the stream goes on."""
+        async for data in requests:
+            request = inference_pb2.ModelInferRequest.FromString(data)
+            try:
+                yield stream_response(self.answer(request).SerializeToString())
+            except RefusedError as exc:
+                partial = inference_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+                yield stream_response(partial.SerializeToString(), f"{exc.code.name}: {exc.message}")
 
 
-async def _features(request, context: grpc.aio.ServicerContext) -> np.ndarray:
-    """The [n, 4] FP32 input, raw or typed; INVALID_ARGUMENT with the reason otherwise."""
+class RefusedError(Exception):
+    """A request the model refuses: the gRPC ``code`` and ``message`` to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def stream_response(response: bytes, error: str = "") -> bytes:
+    """A serialized ``ModelStreamInferResponse`` (Triton: ``error_message = 1``, ``infer_response = 2``)."""
+    return encode_string_field(1, error) + encode_bytes_field(2, response)
+
+
+def _features(request: inference_pb2.ModelInferRequest) -> np.ndarray:
+    """The [n, 4] FP32 input, raw or typed; raises ``RefusedError`` (INVALID_ARGUMENT) with the reason otherwise."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
     if len(request.inputs) != 1:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected 1 input tensor, got {len(request.inputs)}")
+        raise RefusedError(invalid, f"expected 1 input tensor, got {len(request.inputs)}")
     tensor = request.inputs[0]
     shape = tuple(tensor.shape)
     if len(shape) != 2 or shape[1] != 4 or not 1 <= shape[0] <= 65536:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"input shape must be [n, 4] with n >= 1, got {list(shape)}"
-        )
+        raise RefusedError(invalid, f"input shape must be [n, 4] with n >= 1, got {list(shape)}")
     dtype = {"FP32": np.float32, "FP64": np.float64}.get(tensor.datatype)
     if dtype is None:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"input datatype must be FP32 or FP64, got {tensor.datatype}"
-        )
+        raise RefusedError(invalid, f"input datatype must be FP32 or FP64, got {tensor.datatype}")
     count = shape[0] * 4
     if request.raw_input_contents:
         raw = request.raw_input_contents[0]
         if len(raw) != count * np.dtype(dtype).itemsize:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise RefusedError(
+                invalid,
                 f"raw input has {len(raw)} bytes, shape {list(shape)} of {tensor.datatype} needs "
                 f"{count * np.dtype(dtype).itemsize}",
             )
@@ -157,7 +188,7 @@ async def _features(request, context: grpc.aio.ServicerContext) -> np.ndarray:
     else:
         field = tensor.contents.fp32_contents if dtype is np.float32 else tensor.contents.fp64_contents
         if len(field) != count:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(field)} values for shape {list(shape)}")
+            raise RefusedError(invalid, f"{len(field)} values for shape {list(shape)}")
         values = np.asarray(field, dtype=dtype)
     return values.reshape(shape[0], 4).astype(np.float32)
 
@@ -167,7 +198,12 @@ async def serve_model(
 ) -> tuple[grpc.aio.Server, int]:
     """Start a KServe V2 server for ``model`` on ``address``; returns the started server and its port."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ModelServicer(model, aliases=aliases), server)
+    servicer = ModelServicer(model, aliases=aliases)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    streaming: dict[str, grpc.RpcMethodHandler] = {  # raw bytes in and out
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.stream_infer)
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, streaming),))
     port = server.add_insecure_port(address)
     await server.start()
     return server, port

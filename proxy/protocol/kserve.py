@@ -88,12 +88,12 @@ def _tensor(spec, raw: bytes | None) -> Tensor:
     shape = tuple(spec.shape)
     if len(shape) > MAX_RANK:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: {len(shape)} dimensions (at most {MAX_RANK})")
-    if any(d < 0 or d > MAX_ELEMENTS for d in shape):
+    if shape and (min(shape) < 0 or max(shape) > MAX_ELEMENTS):
         raise TensorError("bad_shape", f"tensor {spec.name!r}: dimension out of [0, {MAX_ELEMENTS}] in {list(shape)}")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} declares {count} elements")
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # empty, but numpy cannot shape even an empty array so
+    if not count and math.prod(d for d in shape if d) > MAX_ELEMENTS:  # numpy cannot shape even an empty array so
         raise TensorError("bad_shape", f"tensor {spec.name!r}: shape {list(shape)} is too large even though empty")
     if raw is not None:
         if datatype == "BYTES":

@@ -61,27 +61,37 @@ class Deliveries:
 
 
 AUTOGROUP = Path("/proc/self/autogroup")
+TASKS = Path("/proc/self/task")
 
 
-def _lower_priority(config: Config, autogroup: Path = AUTOGROUP) -> None:
-    """Serving first: raise this process's niceness by ``observer.nice`` (a no-op at 0).
+def _lower_priority(config: Config, autogroup: Path = AUTOGROUP, tasks: Path = TASKS) -> None:
+    """Serving first: raise this process's niceness by ``observer.nice`` and, with ``observer.scheduling: idle``,
+    move its threads to ``SCHED_IDLE`` (they run only when a CPU has nothing else to run; those started later
+    inherit it).
 
     Where Linux groups processes by session for scheduling (``kernel.sched_autogroup_enabled``), a niceness only
     ranks a process within its own session's group, and every child of the supervisor has a session of its own: the
-    group's niceness must be raised too (``/proc/self/autogroup``), or the observer competes with the workers as an
-    equal."""
+    group's niceness must be raised too (``/proc/self/autogroup``; 19 with ``idle``), or the observer competes with
+    the workers as an equal."""
     nice = config.observer.nice
-    if not nice:
-        return
-    try:
-        os.nice(nice)
-    except OSError as exc:
-        log.warning("observer: cannot lower its CPU priority by %d: %s", nice, exc)
-    if autogroup.exists():
+    idle = config.observer.scheduling == "idle"
+    if nice:
         try:
-            autogroup.write_text(f"{nice}\n")
+            os.nice(nice)
         except OSError as exc:
-            log.warning("observer: cannot lower its scheduling group's priority to nice %d: %s", nice, exc)
+            log.warning("observer: cannot lower its CPU priority by %d: %s", nice, exc)
+    if idle:
+        for task in sorted(tasks.iterdir()) if tasks.exists() else [Path("0")]:
+            try:
+                os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+            except OSError as exc:  # a thread that ended meanwhile; or no SCHED_IDLE here: the niceness stays
+                log.debug("observer: thread %s stays at its policy: %s", task.name, exc)
+    group = 19 if idle else nice
+    if group and autogroup.exists():
+        try:
+            autogroup.write_text(f"{group}\n")
+        except OSError as exc:
+            log.warning("observer: cannot lower its scheduling group's priority to nice %d: %s", group, exc)
 
 
 async def run_observer(

@@ -231,7 +231,7 @@ class Supervisor:
         status.update(ready=ready and not self._stopping, inflight_calls=inflight, workers=workers)
         status["observer"] = {
             "up": code == 200 and self.observer.up, "pid": self.observer.pid, "restarts": self.observer.restarts,
-            "nice": self.config.observer.nice,
+            "nice": self.config.observer.nice, "scheduling": self.config.observer.scheduling,
             "lost_on_restart": _LOST_ON_RESTART,
             **({} if code == 200 else {"error": body.decode(errors="replace")}),
         }  # fmt: skip

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 
-from tests.interop.harness import INFER, Mlmirror, infer_request, raw_call
+from tests.interop.harness import INFER, Mlmirror, infer_request, outputs_of, raw_call
 from tests.interop.servers import Peer, wait_for
 
 REQUEST_ID = "x-mlmirror-request-id"
 
 
 def one_route(peer: Peer, extra: str = "", *, primary: str | None = None, fallback: str | None = None,
-              shadow: bool = False) -> str:  # fmt: skip
+              shadow: bool = False, transport: str = "unary") -> str:  # fmt: skip
     """A config with one route for the peer's model: primary (the session's v1 server unless given), optional
-    fallback and v2 shadow, plus ``extra`` route keys (indented 4)."""
+    fallback and v2 shadow (its copies by ``transport``), plus ``extra`` route keys (indented 4)."""
     upstreams = {"v1": primary or peer.primary.address, "v2": peer.shadow.address}
     if fallback:
         upstreams["backup"] = fallback
@@ -28,7 +29,9 @@ def one_route(peer: Peer, extra: str = "", *, primary: str | None = None, fallba
     if fallback:
         lines.append("    fallback: [backup]")
     if shadow:
-        lines.append("    shadows: [{upstream: v2, queue_size: 1000, max_inflight: 8, timeout: 10s}]")
+        lines.append(
+            f"    shadows: [{{upstream: v2, queue_size: 1000, max_inflight: 8, timeout: 10s, transport: {transport}}}]"
+        )
     return "\n".join(lines) + "\n" + extra
 
 
@@ -53,6 +56,24 @@ def send_all(mirror: Mlmirror, peer: Peer, batches: list[np.ndarray], prefix: st
     with mirror.channel() as channel:
         return [raw_call(channel, INFER, infer(peer, x), metadata=[(REQUEST_ID, f"{prefix}-{i}")])[0]
                 for i, x in enumerate(batches)]  # fmt: skip
+
+
+def offline_agreement(peer: Peer, batches: list[np.ndarray]) -> tuple[int, int]:
+    """(rows on which v1 and v2 agree, rows): both versions asked directly, argmax of ``peer.output`` per row."""
+    agree = n = 0
+    with grpc.insecure_channel(peer.primary.address) as v1, grpc.insecure_channel(peer.shadow.address) as v2:
+        for x in batches:
+            p1 = outputs_of(raw_call(v1, INFER, infer(peer, x))[0])[1][peer.output]
+            p2 = outputs_of(raw_call(v2, INFER, infer(peer, x))[0])[1][peer.output]
+            agree += int((p1.argmax(axis=1) == p2.argmax(axis=1)).sum())
+            n += x.shape[0]
+    return agree, n
+
+
+def shadow_window(mirror: Mlmirror, peer: Peer, calls: int) -> dict | None:
+    """The v2 shadow's status once ``calls`` copies are compared (else None)."""
+    status = mirror.shadow(peer.kind, "v2")
+    return status if sum(status["comparisons"].values()) >= calls else None
 
 
 def drift_config(peer: Peer, profile: Path, window: int) -> str:

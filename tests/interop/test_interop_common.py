@@ -12,7 +12,16 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.interop.flows import check_drift, drift_config, infer, one_route, rows, send_all
+from tests.interop.flows import (
+    check_drift,
+    drift_config,
+    infer,
+    offline_agreement,
+    one_route,
+    rows,
+    send_all,
+    shadow_window,
+)
 from tests.interop.harness import (
     INFER,
     SERVICE,
@@ -130,26 +139,13 @@ def test_shadow_agreement_equals_the_agreement_of_the_two_models_offline(peer: P
              "    promotion: {window: 10000, min_samples: 10}\n")  # fmt: skip
     with running_mlmirror(one_route(peer, extra, shadow=True), tmp_path) as mirror:
         send_all(mirror, peer, batches, "shadow")
-        status = wait_for(lambda: done_shadow(mirror, peer, len(batches)), 120, "every copy compared")
-    # Offline: both versions asked directly, argmax per row.
-    agree = n = 0
-    with grpc.insecure_channel(peer.primary.address) as v1, grpc.insecure_channel(peer.shadow.address) as v2:
-        for x in batches:
-            p1 = outputs_of(raw_call(v1, INFER, infer(peer, x))[0])[1][peer.output]
-            p2 = outputs_of(raw_call(v2, INFER, infer(peer, x))[0])[1][peer.output]
-            agree += int((p1.argmax(axis=1) == p2.argmax(axis=1)).sum())
-            n += x.shape[0]
+        status = wait_for(lambda: shadow_window(mirror, peer, len(batches)), 120, "every copy compared")
+    agree, n = offline_agreement(peer, batches)
     assert 0.5 < agree / n < 1.0, "the two versions should disagree on some rows, not on most"
     window = status["window"]
     assert window["samples"] == n
     assert window["agreement"] == round(agree / n, 6)
     assert status["comparisons"]["error"] == 0
-
-
-def done_shadow(mirror: Mlmirror, peer: Peer, calls: int) -> dict | None:
-    status = mirror.shadow(peer.kind, "v2")
-    compared = sum(status["comparisons"].values())
-    return status if compared >= calls else None
 
 
 # --- 5: drift against a profile built from the training data ---------------------------------------------------

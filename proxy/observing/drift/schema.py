@@ -8,6 +8,7 @@ every column of every input is watched; unless outputs are, every column of ever
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -51,6 +52,11 @@ class Schema:
         self.series = tuple(series)
         self.numeric = tuple(s for s in self.series if not s.categorical)
         self.categorical = tuple(s for s in self.series if s.categorical)
+        #: (kind, tensor) -> its series as (position among the numeric or categorical ones, series), in the order
+        #: the series first name the tensor: one reshape per tensor and call, however many columns it gives
+        self._reads: dict[tuple[str, str | None], list[tuple[int, Series]]] = {}
+        for position, s in (*enumerate(self.numeric), *enumerate(self.categorical)):
+            self._reads.setdefault((s.kind, s.tensor), []).append((position, s))
 
     def names(self) -> list[str]:
         return [s.name for s in (*self.numeric, *self.categorical)]
@@ -69,25 +75,29 @@ class Schema:
         tensors: dict[tuple[str, str | None], Tensor] = {("feature", t.name): t for t in inputs}
         tensors |= {("output", t.name): t for t in outputs}  # an unbound series (tensor None) finds none
         n: int | None = None
-        numeric: list[np.ndarray] = []
-        categorical: list[np.ndarray] = []
-        for series in (*self.numeric, *self.categorical):
-            tensor = tensors.get((series.kind, series.tensor))
+        columns: list[tuple[int, Series, np.ndarray]] = []
+        for key, reads in self._reads.items():
+            tensor = tensors.get(key)
             if tensor is None:
-                raise TensorError("missing_tensor", f"no {series.kind} tensor {series.tensor!r}")
-            column = _column(tensor, series)
+                raise TensorError("missing_tensor", f"no {key[0]} tensor {key[1]!r}")
+            table = _table(tensor)
+            columns += [(position, series, _column(table, series)) for position, series in reads]
             if n is None:
-                n = column.shape[0]
+                n = table.shape[0]
                 if n > MAX_ROWS_PER_CALL:
                     raise TensorError("too_many_rows", f"{n} rows (at most {MAX_ROWS_PER_CALL})")
-            elif column.shape[0] != n:
-                raise TensorError("row_mismatch", f"{series.name}: {column.shape[0]} rows, others {n}")
-            (categorical if series.categorical else numeric).append(column)
+            elif table.shape[0] != n:
+                raise TensorError("row_mismatch", f"{reads[0][1].name}: {table.shape[0]} rows, others {n}")
         n = n or 0
-        return Rows(
-            numeric=np.stack(numeric, axis=1).astype(np.float64) if numeric else np.empty((n, 0)),
-            categorical=np.stack(categorical, axis=1) if categorical else np.empty((n, 0), dtype=object),
-        )
+        numeric = np.empty((n, len(self.numeric)))
+        categorical = np.empty((n, len(self.categorical)), dtype=object)
+        for position, series, column in columns:
+            if series.categorical:
+                # Categories are compared as bytes, whatever the tensor's datatype (labels may be integers).
+                categorical[:, position] = [as_category(v) for v in column.tolist()]
+            else:
+                numeric[:, position] = column
+        return Rows(numeric=numeric, categorical=categorical)
 
 
 def as_category(value: object) -> bytes:
@@ -96,11 +106,16 @@ def as_category(value: object) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _column(tensor: Tensor, series: Series) -> np.ndarray:
+def _table(tensor: Tensor) -> np.ndarray:
+    """The tensor's values as [rows, columns] (a scalar is one row, a vector one column)."""
     values = tensor.values
     if values.ndim == 0:
         values = values.reshape(1)
-    table = values.reshape(values.shape[0], int(np.prod(values.shape[1:])) if values.ndim > 1 else 1)
+    return values.reshape(values.shape[0], math.prod(values.shape[1:]))
+
+
+def _column(table: np.ndarray, series: Series) -> np.ndarray:
+    """The series' column of its tensor's ``table``; raises ``TensorError`` when the tensor does not have it."""
     if series.width is not None and table.shape[1] != series.width:
         raise TensorError("shape_mismatch", f"{series.tensor}: {table.shape[1]} columns, expected {series.width}")
     if series.column is None:
@@ -111,10 +126,7 @@ def _column(tensor: Tensor, series: Series) -> np.ndarray:
         raise TensorError("shape_mismatch", f"{series.name}: no column {series.column} in {table.shape[1]}")
     else:
         column = table[:, series.column]
-    if series.categorical:
-        # Categories are compared as bytes, whatever the tensor's datatype (labels may come as integers).
-        return np.array([as_category(v) for v in column.tolist()], dtype=object)
-    if column.dtype == object:
+    if not series.categorical and column.dtype == object:
         raise TensorError("dtype_mismatch", f"{series.name}: BYTES values for a numeric series")
     return column
 

@@ -48,9 +48,10 @@ from mlmirror.metrics import LATENCY_BUCKETS
 from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
 from mlmirror.observing.shadows.headers import ShadowHeaders
+from mlmirror.observing.shadows.stream import StreamCopies
 from mlmirror.observing.shadows.verdict import Outcome, Verdict, Window, WindowSummary, judge
 from mlmirror.protocol.kserve import TensorError
-from mlmirror.protocol.names import SHADOW
+from mlmirror.protocol.names import MODEL_INFER, SHADOW
 from mlmirror.serving.resilience import CircuitState
 from mlmirror.serving.sampling import sampled
 from mlmirror.serving.upstream import UpstreamTarget
@@ -123,6 +124,8 @@ class ShadowMirror:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._warned = False
+        #: ``transport: stream``: ModelInfer copies over one ModelStreamInfer stream (see ``stream``)
+        self._stream = StreamCopies(target, self.name, ((SHADOW, self.name),)) if spec.transport == "stream" else None
 
     def same_as(self, spec: Shadow, target: UpstreamTarget, compare: Compare, promotion: Promotion) -> bool:
         """Whether a reload may keep this mirror (and its statistics) for the given settings."""
@@ -182,17 +185,10 @@ class ShadowMirror:
                 return
 
     async def _mirror(self, record: CallRecord, request: bytes, production: ProductionAnswer | None) -> None:
-        metadata = (*self._headers(record.metadata), (SHADOW, self.name))
-        stub = self.target.stub("unary_unary", record.method)
-        call = stub(request, metadata=metadata, timeout=self.spec.timeout)
         started = time.perf_counter()
         try:
-            answer: bytes | None = await call
-            code = _OK
-        except grpc.aio.AioRpcError as error:
-            answer, code = None, error.code()
+            answer, code = await self._copy(record, request)
         except asyncio.CancelledError:  # close(): a reload or promotion removed the shadow, or the proxy stops
-            call.cancel()
             self.target.breaker.record(grpc.StatusCode.CANCELLED)
             self.stats.finished(grpc.StatusCode.CANCELLED.name, time.perf_counter() - started)
             raise
@@ -211,6 +207,20 @@ class ShadowMirror:
                 log.exception(
                     "shadow %s of route %s: comparison failed (further errors only counted)", self.name, self.route
                 )
+
+    async def _copy(self, record: CallRecord, request: bytes) -> tuple[bytes | None, grpc.StatusCode]:
+        """Send one copy: (the shadow's answer or None, its code)."""
+        if self._stream is not None and record.method == MODEL_INFER:
+            return await self._stream.send(request, self.spec.timeout)
+        metadata = (*self._headers(record.metadata), (SHADOW, self.name))
+        call = self.target.stub("unary_unary", record.method)(request, metadata=metadata, timeout=self.spec.timeout)
+        try:
+            return await call, _OK
+        except grpc.aio.AioRpcError as error:
+            return None, error.code()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
 
     def _judge(
         self, record: CallRecord, production: ProductionAnswer | None, answer: bytes | None, seconds: float
@@ -247,6 +257,10 @@ class ShadowMirror:
         self._queue.clear()
         for task in list(self._tasks):
             task.cancel()
+        if self._stream is not None:
+            stream = asyncio.get_running_loop().create_task(self._stream.close())
+            self._tasks.add(stream)
+            stream.add_done_callback(self._tasks.discard)
 
     @property
     def circuit_open(self) -> bool:

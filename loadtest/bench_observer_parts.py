@@ -1,0 +1,157 @@
+"""Benchmark: the observing process's CPU per watched call, part by part.
+
+    python -m loadtest.bench_observer_parts [--rounds 5] [--calls 4000] [--inflight 32]
+
+Real KServe V2 calls like bench_observer's (FP32 [8, 4] in; FP32 [8, 3] probabilities and INT64 [8] labels out,
+answered by the demo models). In this process, interleaved rounds of:
+
+- a shadow copy, one unary call each (``transport: unary``) and as one message of a ModelStreamInfer stream
+  (``transport: stream``, proxy/observing/shadows/stream.py), to the demo ``candidate`` model server running at
+  ``nice -n 19`` in a process of its own (the stand-in for a remote machine), ``--inflight`` copies at a time;
+- the comparison of the shadow's answer with production's (``Comparator.compare``, both answers decoded);
+- the drift engine's work for one call (``DriftEngine.drain``: decoding, the window's counts; windows of 1000).
+
+Each figure is this process's CPU time (user + system) over the calls, per call; median of the rounds (range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import statistics
+import sys
+import time
+
+import grpc
+import numpy as np
+from mlmirror import kernels
+from mlmirror.config import parse_config
+from mlmirror.demo.models import MODELS, ModelServicer, sample_features
+from mlmirror.demo.traffic import infer_request
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.metrics import Metrics
+from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.observing.shadows.compare import Comparator, ProductionAnswer
+from mlmirror.observing.shadows.stream import StreamCopies
+from mlmirror.protocol.names import MODEL_INFER
+from mlmirror.protos import inference_pb2
+from mlmirror.serving.upstream import UpstreamTarget
+
+from .ports import free_port, wait_for_port
+from .processes import python_process
+
+__all__ = ["main"]
+
+CONFIG = """
+upstreams: {{production: 127.0.0.1:1, candidate: 127.0.0.1:{port}}}
+routes:
+  - name: iris
+    match: {{model: iris}}
+    primary: production
+    compare: {{classification: argmax, output: probabilities}}
+    shadows: [{{upstream: candidate}}]
+    drift: {{window: 1000, capture: 1000, bins: 10}}
+"""
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _records(calls: int, seed: int) -> list[CallRecord]:
+    rng = np.random.default_rng(seed)
+    servicer = ModelServicer(MODELS["production"])  # production's own answers, serialized as its server sends them
+    out = []
+    for i in range(calls):
+        x = sample_features(rng, 8)
+        request = infer_request(x, request_id=f"r{i}")
+        answer = servicer.answer(inference_pb2.ModelInferRequest.FromString(request))
+        out.append(CallRecord("iris", MODEL_INFER, request, answer.SerializeToString(), grpc.StatusCode.OK,
+                              "production", "primary", f"r{i}", (), time.time(), 0.001, 0.001))  # fmt: skip
+    return out
+
+
+async def _copies(target: UpstreamTarget, requests: list[bytes], inflight: int, stream: StreamCopies | None) -> float:
+    """CPU seconds per copy of ``requests`` (unary calls, or messages of ``stream``); every copy must be OK."""
+    limit = asyncio.Semaphore(inflight)
+    stub = target.stub("unary_unary", MODEL_INFER)
+
+    async def one(request: bytes) -> bytes:
+        async with limit:
+            if stream is not None:
+                answer, code = await stream.send(request, 10.0)
+                if code is not grpc.StatusCode.OK or answer is None:
+                    raise RuntimeError(f"a streamed copy failed: {code.name}")
+                return answer
+            return await stub(request, timeout=10.0)
+
+    started = _cpu()
+    await asyncio.gather(*(one(r) for r in requests))
+    return (_cpu() - started) / len(requests)
+
+
+async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]:
+    config = parse_config(CONFIG.format(port=port))
+    route = config.routes[0]
+    target = UpstreamTarget(config.upstreams["candidate"], max_message_size=config.max_message_size, metrics=Metrics())
+    stream = StreamCopies(target, "candidate", (("x-mlmirror-shadow", "candidate"),))
+    records = _records(args.calls, 0)
+    requests = [r.request for r in records]
+    shadow_answers = [await target.stub("unary_unary", MODEL_INFER)(r) for r in requests]
+    comparator = Comparator(route.compare)
+    assert route.drift is not None
+    kernels.warm_up()
+    figures: dict[str, list[float]] = {"copy, transport: unary": [], "copy, transport: stream": [],
+                                       "comparison": [], "drift engine": []}  # fmt: skip
+    await _copies(target, requests[:500], args.inflight, None)  # warm-up: connections, streams, caches
+    await _copies(target, requests[:500], args.inflight, stream)
+    for k in range(args.rounds):
+        order = [None, stream] if k % 2 == 0 else [stream, None]
+        for transport in order:
+            seconds = await _copies(target, requests, args.inflight, transport)
+            figures["copy, transport: " + ("stream" if transport else "unary")].append(seconds)
+        started = _cpu()
+        for record, answer in zip(records, shadow_answers, strict=True):
+            comparator.compare(ProductionAnswer(record.method, record.response or b""), answer)
+        figures["comparison"].append((_cpu() - started) / len(records))
+        engine = DriftEngine("iris", route.drift)
+        for record in records[:1000]:  # the reference
+            engine.offer(record)
+        engine.drain()
+        for record in records:
+            engine.offer(record)
+        started = _cpu()
+        engine.drain()
+        figures["drift engine"].append((_cpu() - started) / len(records))
+        print(f"round {k + 1}/{args.rounds} done", file=sys.stderr)
+    await stream.close()
+    await target.channel.close()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_observer_parts", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=4000, help="calls per round (default 4000)")
+    parser.add_argument("--inflight", type=int, default=32, help="shadow copies at a time (default 32)")
+    args = parser.parse_args(argv)
+    port = free_port()
+    with python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{port}", "--model", "candidate",
+                        nice=19):  # fmt: skip
+        wait_for_port(port)
+        figures = asyncio.run(_rounds(args, port))
+    command = "python -m loadtest.bench_observer_parts " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"`{command.strip()}`\n")
+    print(f"{args.calls} calls per round, {args.rounds} interleaved rounds; copies {args.inflight} at a time to the "
+          "demo candidate model at nice 19; CPU of this process per call, median (range).\n")  # fmt: skip
+    print("| part of a watched call | CPU per call (µs) |\n|---|---:|")
+    for part, values in figures.items():
+        micro = [v * 1e6 for v in values]
+        print(f"| {part} | {statistics.median(micro):.0f} ({min(micro):.0f}-{max(micro):.0f}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
