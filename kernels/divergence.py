@@ -25,7 +25,13 @@ ks               ``D = max_k |P_k - Q_k|`` over cumulative proportions (never mo
 chi_square       Pearson's statistic of the 2 x K table of counts, over the columns with a non-zero total:
                  ``sum (O - E)^2 / E``, ``E = row total * column total / (N + M)``; ``df = columns - 1``; p-value
                  the regularized upper incomplete gamma ``Q(df / 2, statistic / 2)``, 1 when df = 0 (as
-                 ``scipy.stats.chi2_contingency(..., correction=False)``)
+                 ``scipy.stats.chi2_contingency(..., correction=False)``). With ``min_expected`` > 0, sparse
+                 columns are pooled first (Cochran's rule): a column's size is ``e_k = min(N, M) *
+                 max(reference[f, k] / N, total_k / (N + M))`` (the reference's share, so that the pooling does
+                 not pick the bins where the current sample happens to be low; the column's share when larger, so
+                 that a category the reference never saw, in bulk, stands alone); in increasing order of ``e_k``
+                 (ties by slot), a column joins one pooled column while the pool's size or its own is below
+                 ``min_expected``; the statistic is then that of the coarser table
 ===============  =========================================================================================
 """
 
@@ -157,34 +163,58 @@ def _kolmogorov_q(d, n):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _chi_square(reference, current):  # pragma: no cover - compiled
-    """(statistic, degrees of freedom, p-value) per feature."""
+def _chi_square(reference, current, min_expected):  # pragma: no cover - compiled
+    """(statistic, degrees of freedom, p-value) per feature, sparse columns pooled below ``min_expected``."""
     features, slots = reference.shape
     out = np.empty((3, features))
+    totals = np.empty(slots)
     for f in range(features):
         n, m = _totals(reference, current, f)
         if n == 0.0 or m == 0.0:
             out[:, f] = np.nan
             continue
         total = n + m
+        small = min(n, m)
+        for k in range(slots):
+            totals[k] = small * max(reference[f, k] / n, (reference[f, k] + current[f, k]) / total)
+        order = np.argsort(totals, kind="mergesort")
         stat = 0.0
         columns = 0
-        for k in range(slots):
-            column = reference[f, k] + current[f, k]
-            if column == 0.0:
+        pool_r = 0.0
+        pool_c = 0.0
+        for i in range(slots):
+            k = order[i]
+            if reference[f, k] + current[f, k] == 0.0:
+                continue
+            pool = small * max(pool_r / n, (pool_r + pool_c) / total)
+            if (pool_r + pool_c > 0.0 and pool < min_expected) or totals[k] < min_expected:
+                pool_r += reference[f, k]
+                pool_c += current[f, k]
                 continue
             columns += 1
-            expected_r = n * column / total
-            expected_c = m * column / total
-            if expected_r > 0.0:  # an expected count can underflow to 0 only for tiny fractional counts
-                stat += (reference[f, k] - expected_r) ** 2 / expected_r
-            if expected_c > 0.0:
-                stat += (current[f, k] - expected_c) ** 2 / expected_c
+            stat += _cell_terms(reference[f, k], current[f, k], n, m, total)
+        if pool_r + pool_c > 0.0:
+            columns += 1
+            stat += _cell_terms(pool_r, pool_c, n, m, total)
         df = columns - 1
         out[0, f] = stat
         out[1, f] = df
         out[2, f] = _gamma_q(0.5 * df, 0.5 * stat) if df > 0 else 1.0
     return out
+
+
+@njit(nogil=True, cache=True)
+def _cell_terms(observed_r, observed_c, n, m, total):  # pragma: no cover - compiled
+    """The two cells of one column of the 2 x K table: ``(O - E)^2 / E`` each."""
+    column = observed_r + observed_c
+    expected_r = n * column / total
+    expected_c = m * column / total
+    stat = 0.0
+    if expected_r > 0.0:  # an expected count can underflow to 0 only for tiny fractional counts
+        stat += (observed_r - expected_r) ** 2 / expected_r
+    if expected_c > 0.0:
+        stat += (observed_c - expected_c) ** 2 / expected_c
+    return stat
 
 
 @njit(nogil=True, cache=True)
@@ -287,9 +317,14 @@ def ks(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return out[1], out[2]
 
 
-def chi_square(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(statistic, degrees of freedom, p-value) per feature."""
-    out = _chi_square(*_pair(reference, current))
+def chi_square(
+    reference: np.ndarray, current: np.ndarray, min_expected: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(statistic, degrees of freedom, p-value) per feature; ``min_expected`` (counts, >= 0): columns whose smaller
+    expected count is below it are pooled first (0: every non-empty column stands alone, as scipy)."""
+    if not (math.isfinite(min_expected) and min_expected >= 0.0):
+        raise ValueError(f"min_expected must be a finite count >= 0, got {min_expected}")
+    out = _chi_square(*_pair(reference, current), float(min_expected))
     return out[0], out[1], out[2]
 
 

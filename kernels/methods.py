@@ -16,12 +16,17 @@ import numpy as np
 from mlmirror.kernels.divergence import chi_square, hellinger, js, kl, ks, linf, psi, wasserstein
 
 __all__ = [
+    "CHI2_MIN_EXPECTED",
     "DEFAULT_CATEGORICAL",
     "DEFAULT_NUMERIC",
     "DRIFT_METHODS",
     "DriftMethod",
     "methods_table",
 ]
+
+#: Cochran's rule: chi-square pools the columns whose smaller expected count is below this (counts), so that the
+#: asymptotic p-value holds at small windows and for rare categories (see divergence.chi_square).
+CHI2_MIN_EXPECTED = 5.0
 
 Score = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
@@ -71,8 +76,8 @@ DRIFT_METHODS: Mapping[str, DriftMethod] = MappingProxyType(
                 "Kolmogorov-Smirnov p-value over the bins",
             ),
             DriftMethod(
-                "chi2", lambda r, c, _: chi_square(r, c)[2], True, 0.01, True, True, frozenset({"categorical"}),
-                "Pearson's chi-square p-value",
+                "chi2", lambda r, c, _: chi_square(r, c, CHI2_MIN_EXPECTED)[2], True, 0.01, True, True,
+                frozenset({"categorical"}), "Pearson's chi-square p-value (sparse cells pooled)",
             ),
             DriftMethod("psi", lambda r, c, _: psi(r, c), False, 0.2, True, True, _BOTH, "population stability index"),
             DriftMethod("js", lambda r, c, _: js(r, c), False, 0.1, True, True, _BOTH, "Jensen-Shannon distance"),

@@ -183,6 +183,8 @@ RANGED = {path: doc for path, doc in SCHEMA.items() if doc.minimum is not None o
 COMPANIONS = {
     "routes[].promotion.window": {"min_samples": 1},
     "upstreams.<name>.circuit.max_ejection": {"ejection": "1ms"},
+    "routes[].drift.persistence.m": {"n": 1000},  # m is at most n
+    "routes[].drift.persistence.n": {"m": 1},
 }
 
 

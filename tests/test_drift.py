@@ -892,10 +892,10 @@ def test_a_scrape_during_calibration_sees_the_whole_reference():
     seen: list[tuple[float, float]] = []
 
     class ScrapedMidCalibration(Judge):
-        def series(self, reference, schema, counts, against=None):
+        def scores(self, reference, schema, counts, against=None):
             if against is not None:  # a calibration chunk, scored against the rest of the reference
                 seen.append(reference_seen(engine))
-            return super().series(reference, schema, counts, against)
+            return super().scores(reference, schema, counts, against)
 
     engine = DriftEngine("m", CALIBRATED)
     engine.judge = ScrapedMidCalibration("m", CALIBRATED)

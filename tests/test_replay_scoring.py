@@ -176,7 +176,7 @@ def test_prediction_drift_scores_as_the_live_engine_does():
     replayed = prediction_drift(pairs, DriftGate(method="psi", threshold=0.2, outputs=("y",)))
     # The live engine: production's outputs as the captured reference, the candidate's as the next window.
     engine = DriftEngine("m", Drift(outputs=("y",), capture=calls, window=calls, methods=("psi",), detect="psi",
-                                    multivariate=None))  # fmt: skip
+                                    multivariate=None, alarm_level=None))  # fmt: skip
     feed_calls(engine, (fp64_call(np.zeros((5, 1)), [("y", production_y[i])]) for i in range(calls)))
     feed_calls(engine, (fp64_call(np.zeros((5, 1)), [("y", candidate_y[i])]) for i in range(calls)))
     live = {s.name: s for s in engine.latest[("m", "1")].series if s.kind == "output"}

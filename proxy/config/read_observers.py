@@ -18,6 +18,7 @@ from mlmirror.config.schema_observing import (
     DriftFeature,
     GroundTruth,
     Multivariate,
+    Persistence,
 )
 from mlmirror.config.values import (
     Reader,
@@ -77,6 +78,8 @@ def read_drift(node: Located, base: Path) -> Drift:
         "ground_truth": _ground_truth,
         "attribution": _attribution,
         "multivariate": _multivariate,
+        "alarm_level": _alarm_level,
+        "persistence": _persistence,
     }
     values, keys = read_section(node, Drift, readers)
     drift = Drift(**values)
@@ -99,6 +102,21 @@ def _multivariate(node: Located) -> Multivariate | None:
     if node.is_null() or (is_scalar(node) and node.scalar() in (False, "off")):
         return None
     return Multivariate(**read_section(node, Multivariate)[0])
+
+
+def _alarm_level(node: Located) -> float | None:
+    """``off`` (or null): each series judged at its own threshold; else the family-wise level (0 is out of range)."""
+    if node.is_null() or (is_scalar(node) and (node.scalar() is False or node.scalar() == "off")):
+        return None
+    return schema_reader(Drift, "alarm_level")(node)
+
+
+def _persistence(node: Located) -> Persistence:
+    values, keys = read_section(node, Persistence)
+    persistence = Persistence(**values)
+    if persistence.m > persistence.n:
+        raise keys.get("m", node).error(f"m ({persistence.m}) cannot be more than n ({persistence.n})")
+    return persistence
 
 
 def _attribution(node: Located) -> Attribution:

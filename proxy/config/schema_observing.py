@@ -24,6 +24,7 @@ __all__ = [
     "DriftFeature",
     "GroundTruth",
     "Multivariate",
+    "Persistence",
 ]
 
 #: Drift methods and their default thresholds (from the method registry, mlmirror/kernels/methods.py): a feature
@@ -107,6 +108,15 @@ class Multivariate:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Persistence:
+    """A drifted state that lasts: a series is *persistent* when it drifted in at least ``m`` of the last ``n``
+    windows of its model version (``mlmirror_drift_persistent``, which the shipped alert rules read)."""
+
+    m: int = setting(2, "windows that must have drifted, of the last `n`", minimum=1, maximum=1000)
+    n: int = setting(3, "the windows looked at (at least `m`)", minimum=1, maximum=1000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Drift:
     """A route's drift monitoring: which inputs and outputs, how they are binned, windowed and judged.
 
@@ -115,7 +125,8 @@ class Drift:
     compared with the reference: a profile file, or the first ``capture`` calls the route sees. ``methods`` are
     computed for every series; ``detect`` is the one whose flag says "drifted"; ``thresholds`` override
     ``DRIFT_METHODS``' defaults, and ``calibrate`` (k) replaces the distance thresholds of each series by mean + k sd
-    of its scores on chunks of the captured reference.
+    of its scores on chunks of the captured reference. ``alarm_level``: the chance that any series of a healthy window
+    is called drifted (Holm over the window's p-values; docs/DRIFT.md); ``persistence``: m of the last n windows.
     """
 
     features: tuple[DriftFeature, ...] = setting((), "the input columns watched", shown="every column of every input")
@@ -172,6 +183,15 @@ class Drift:
     calibrate: float | None = setting(
         None, "`k`: each series' distance thresholds become mean + k·sd of its scores on window-sized chunks of the "
         "captured reference", shown="off", minimum=0, maximum=100,
+    )  # fmt: skip
+    alarm_level: float | None = setting(
+        0.01, "family-wise false-alarm level of a window: the chance that any of its series is called drifted when "
+        "none drifted (Holm's correction over the series' p-values; distances get theirs from a bootstrap of the "
+        "reference); `off`: each series at its own threshold", minimum=1e-6, maximum=0.5,
+    )  # fmt: skip
+    persistence: Persistence | None = setting(
+        None, "`{m, n}`: a series is persistent when it drifted in m of the last n windows (`{}`: 2 of 3)",
+        shown="off (persistent = drifted in the latest window)",
     )  # fmt: skip
     export_bins: tuple[str, ...] = setting(
         (), "series whose per-bin counts (latest window and reference) are exported, for fleet-wide drift in "

@@ -41,6 +41,7 @@ def prediction_drift(pairs: Iterable[tuple[list[Tensor], list[Tensor]]], gate: D
     spec = Drift(
         outputs=gate.outputs, bins=gate.bins, methods=(gate.method,), detect=gate.method,
         thresholds=MappingProxyType({**DRIFT_METHODS, gate.method: gate.threshold}), multivariate=None,
+        alarm_level=None,  # a gate's criterion is its threshold, per series (not the live alarms' family level)
     )  # fmt: skip
     schema: Schema | None = None
     production: list[Rows] = []

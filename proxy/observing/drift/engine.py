@@ -260,6 +260,7 @@ class DriftEngine:
         ``pending`` calls of this batch, count in ``retired_calls``), its latest results and series."""
         window = self._open.pop(key, None)
         self._recent.pop(key, None)
+        self.judge.forget(key)
         with self._lock:
             self.retired_calls += len(pending) + (window.counts.calls if window is not None else 0)
             for kept in (self.latest, self.windows, self.latest_counts, self.sliding):
@@ -332,6 +333,7 @@ class DriftEngine:
     def _close(self, key: tuple[str, str]) -> None:
         window = self._open.pop(key)
         result = self.score(window.counts, key, window.index, window.started, window.attribution, window.pca)
+        result = self.judge.persist(key, result)  # which series drifted in m of the last n windows
         self.quality.close(key, window.index, window.counts, self.reference)
         sliding = None
         if self.spec.sliding:

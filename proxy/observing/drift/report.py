@@ -8,6 +8,7 @@ from mlmirror.kernels.methods import DRIFT_METHODS
 from mlmirror.observing.drift.engine import DriftEngine, WindowResult
 from mlmirror.observing.drift.quality_report import QualityFamilies, quality_lines, quality_status
 from mlmirror.observing.drift.reference import Reference, WindowCounts
+from mlmirror.observing.drift.report_alarms import AlarmFamilies
 from mlmirror.observing.figures import json_number
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -120,12 +121,14 @@ class DriftCollector(Collector):
             labels=["route", "series", "bin"],
         )  # fmt: skip
         qualities = QualityFamilies()
+        alarms = AlarmFamilies()
         for engine in self._engines():
             qualities.add(engine.route, engine.quality)
             # Read once: the worker publishes the reference (never changes it) meanwhile, and one scrape shows one.
             reference = engine.reference
             snapshot = engine.snapshot()
             _export_bins(engine, reference, snapshot["counts"], window_bins, reference_bins)
+            alarms.add(engine.route, snapshot)
             if engine.ground_truth is not None:
                 truth = engine.ground_truth.snapshot()
                 pending.add_metric([engine.route], truth["pending"])
@@ -170,6 +173,7 @@ class DriftCollector(Collector):
                     for method, value in series.scores.items():
                         score.add_metric([*key, series.name, series.kind, method], value)
         yield from (score, detected, share, calls, rows, windows, records, queued, dropped, retired, errors)
+        yield from alarms.families()
         yield reference_rows
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
         yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
@@ -213,6 +217,10 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "reference": engine.reference.describe() if engine.reference else {"capturing": engine.spec.capture},
         "window": engine.spec.window,
         "detect": engine.spec.detect,
+        "alarm_level": engine.spec.alarm_level,
+        "persistence": None
+        if engine.spec.persistence is None
+        else [engine.spec.persistence.m, engine.spec.persistence.n],
         "calls": engine.accepted,
         "queued": engine.queued,
         "dropped": dict(engine.dropped),
@@ -293,6 +301,8 @@ def _window(result: WindowResult) -> dict[str, object]:
                 "drifted": s.drifted,
                 "nan": s.nan,
                 "threshold": json_number(s.threshold),
+                "p_value": json_number(s.p_value),
+                "adjusted": json_number(s.adjusted),
                 "scores": {m: json_number(v) for m, v in sorted(s.scores.items())},
             }
             for s in result.series
@@ -311,6 +321,7 @@ def _summary(result: WindowResult) -> dict[str, object]:
         "ended": result.ended,
         "feature_drift_share": json_number(result.feature_drift_share),
         "drifted": [s.name for s in result.series if s.drifted],
+        "persistent": sorted(result.persistent),
     }
 
 

@@ -30,7 +30,12 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class SeriesResult:
     """One series in one window: ``scores`` by method (p-values for ks and chi2), and whether it drifted by the
-    route's ``detect`` method (``chi2`` standing in for ``ks`` on categorical series)."""
+    route's ``detect`` method (``chi2`` standing in for ``ks`` on categorical series).
+
+    With a family-wise ``alarm_level``: ``p_value`` is the detecting method's p-value (a distance's from the
+    reference's bootstrap), ``adjusted`` its Holm-adjusted value over the window's series, and ``drifted`` means
+    ``adjusted <= alarm_level`` (and, for a distance, its score above ``threshold``). Both NaN without a level.
+    """
 
     name: str
     kind: str
@@ -40,6 +45,8 @@ class SeriesResult:
     drifted: bool
     nan: int
     threshold: float = math.nan
+    p_value: float = math.nan
+    adjusted: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,13 @@ class WindowResult:
     series: tuple[SeriesResult, ...]
     attribution: AttributionResult | None = None
     multivariate: MultivariateResult | None = None
+    #: series drifted in ``m`` of the last ``n`` windows (``drift.persistence``; without it, those drifted now)
+    persistent: frozenset[str] = frozenset()
+
+    @property
+    def drifted(self) -> bool:
+        """The window's decision: some series drifted (family-wise controlled at ``drift.alarm_level``)."""
+        return any(s.drifted for s in self.series)
 
     @property
     def feature_drift_share(self) -> float:
