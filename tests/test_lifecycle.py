@@ -37,6 +37,7 @@ def write_config(path: Path, admin_port: int, listen_port: int, primary: str, up
     lines = [
         f"listen: 127.0.0.1:{listen_port}",
         f"admin: 127.0.0.1:{admin_port}",
+        "shutdown_delay: 0s",  # straight to draining: the delay before it is tested in test_shutdown.py
         "shutdown_grace: 10s",
         f"method_types: {{{UNARY}: unary_unary}}",
         "upstreams:",

@@ -121,6 +121,13 @@ class Feedback:
         None, "a listener of its own for Feedback only (plain gRPC): loopback, or any address with `token_file`",
         kind="address", shown="none",
     )  # fmt: skip
+    early_max: int = setting(
+        10_000, "outcomes that arrive before their prediction, parked until it lands (counted `early`); beyond this "
+        "the oldest is dropped and counted `unknown`; under 500 bytes each (under 5 MB at the default); 0: none parked",
+        minimum=0, maximum=10_000_000,
+    )  # fmt: skip
+    early_ttl: float = setting(10.0, "how long a parked outcome waits for its prediction; then it counts `unknown`",
+                               kind="duration", minimum=0.001)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -387,7 +394,10 @@ class Config:
         2**20, "bytes of a client's request stream kept so that it can be replayed to a fallback", kind="size",
         minimum=0,
     )  # fmt: skip
-    shutdown_grace: float = setting(15.0, "how long in-flight calls may take to finish after SIGTERM", kind="duration")
+    shutdown_delay: float = setting(2.0, "after SIGTERM, how long the proxy still serves while it reports not-ready "
+        "(`/readyz` 503, grpc health `NOT_SERVING`), so that load balancers stop sending before it stops accepting "
+        "(docs/RELIABILITY.md)", kind="duration", minimum=0.0)  # fmt: skip
+    shutdown_grace: float = setting(15.0, "then, once it stops accepting, how long calls may take", kind="duration")
     observer: Observer = setting(factory=Observer, doc="the observing process (`mlmirror serve`)")
     feedback: Feedback = setting(factory=Feedback, doc="who may report outcomes (`ReportOutcome`, `POST /outcomes`)")
     mirror_shed_lag: float | None = setting(

@@ -5,6 +5,8 @@
 - the hub: nothing but Feedback (the workers relay it there) and health.
 
 Every listener also serves mlmirror's Feedback service, grpc.health.v1 and server reflection (of what it serves).
+
+The relay stands behind a ``Door`` (proxy/runtime/shutdown.py) that the graceful stop closes.
 """
 
 from __future__ import annotations

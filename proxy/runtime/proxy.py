@@ -4,8 +4,10 @@ Lifecycle: ``start()`` builds the first route table with its per-route parts (pr
 gRPC listener (proxy/runtime/listener.py) and the admin endpoint (proxy/admin/endpoints.py), and starts one
 health-check loop per upstream (proxy/runtime/upstreams.py). ``reload(config)`` swaps in a new route table; calls
 already running finish on the old one, and upstreams only the old one used are closed once it has drained.
-``stop(grace)`` stops in a fixed order: report not-serving, stop accepting and drain in-flight calls for up to
-``grace`` seconds, then stop health checks, the parts, upstream channels and the admin endpoint.
+``stop(grace)`` stops in the order load balancers expect: report not-ready (``/readyz`` 503, grpc health
+NOT_SERVING) while still serving for ``shutdown_delay``, then stop accepting (new calls get UNAVAILABLE, never
+CANCELLED: proxy/runtime/shutdown.py) and drain in-flight calls for up to ``grace`` seconds, then
+stop health checks, the parts, upstream channels and the admin endpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mlmirror.metrics import Metrics
 from mlmirror.observing.exposure import observer_warnings
 from mlmirror.observing.groundtruth.access import FeedbackEntrances
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService
+from mlmirror.observing.groundtruth.park import OutcomePark, ParkCollector
 from mlmirror.observing.kinds import PART_KINDS
 from mlmirror.observing.parts import PartContext, PartKind, RouteParts
 from mlmirror.observing.shadows.headers import HandoffFilter
@@ -39,6 +42,7 @@ from mlmirror.protocol.names import INFERENCE_SERVICE
 from mlmirror.runtime.listener import Listener, ext_proc_observer, start_listener
 from mlmirror.runtime.promotion import promote
 from mlmirror.runtime.role import ALONE, Role
+from mlmirror.runtime.shutdown import Door, serve_out
 from mlmirror.runtime.signals import serve_until_stopped
 from mlmirror.runtime.status import proxy_status
 from mlmirror.runtime.upstreams import UpstreamPool
@@ -82,6 +86,7 @@ class Proxy:
         self.feedback = FeedbackService(
             lambda: [p.engine.ground_truth for p in self.parts.of_kind("drift") if p.engine.ground_truth is not None],
             lambda: [p.writer for p in self.parts.of_kind("capture")],  # captured calls get their outcomes appended
+            OutcomePark(config.feedback.early_max, config.feedback.early_ttl),  # outcomes before their prediction
         )
         self._feedback_relay = FeedbackRelay(role.feedback_target) if role.feedback_target else None
         self.promotions: list[dict[str, object]] = []
@@ -93,6 +98,7 @@ class Proxy:
         self.table: RouteTable | None = None
         self._live_tables: set[RouteTable] = set()
         self._handler = ProxyHandler(cast(TableSource, self))  # serves only once start() has loaded a table
+        self._door = Door(self._handler)  # closed by stop(): then new calls are refused, UNAVAILABLE
         self._health = health.aio.HealthServicer()
         self._upstreams = UpstreamPool(self.metrics, config.max_message_size, self._refresh_serving_status)
         self._background: set[asyncio.Task[None]] = set()
@@ -110,6 +116,8 @@ class Proxy:
         self.metrics.process_tasks.set_function(self.tasks)
         for collector in self.parts.collectors():
             self.metrics.registry.register(collector)
+        if not role.worker:  # a worker relays Feedback to the hub, which parks
+            self.metrics.registry.register(ParkCollector(self.feedback.park))
 
     # --- start ------------------------------------------------------------------------------------------------
 
@@ -169,7 +177,7 @@ class Proxy:
             return Listener(
                 feedback, self._health, ext_proc=ext_proc_observer(cast(TableSource, self), self.metrics, config)
             )
-        return Listener(feedback, self._health, relay=self._handler)
+        return Listener(feedback, self._health, relay=self._door)
 
     async def _check_parts(self) -> None:
         """Let each part refuse the start once the upstreams can be asked (say, a drift profile that does not fit
@@ -231,6 +239,7 @@ class Proxy:
         self.table = table
         self._live_tables.add(table)
         self._handler.invalidate()
+        self.feedback.attach()  # the new table's ground-truth stores join early outcomes too
 
     # --- health and readiness ---------------------------------------------------------------------------------
 
@@ -318,21 +327,24 @@ class Proxy:
 
     # --- stop -------------------------------------------------------------------------------------------------
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls, let in-flight ones finish for up to ``grace`` seconds (default: the config's
-        ``shutdown_grace``), then release everything."""
+    async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Report not-ready and serve on for ``delay`` seconds, then stop accepting calls, let in-flight ones finish
+        for up to ``grace`` seconds, then release everything. Without ``grace``, both come from the config
+        (``shutdown_delay``, ``shutdown_grace``); with it, ``delay`` defaults to 0. The hub waits no delay: no load
+        balancer sends to it."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         self.draining = True
         assert self.table is not None
-        grace = self.table.config.shutdown_grace if grace is None else grace
+        config = self.table.config
+        if delay is None:
+            delay = config.shutdown_delay if grace is None and not self.role.hub else 0.0
+        grace = config.shutdown_grace if grace is None else grace
         self.metrics.ready.set(0)
         await self._health.enter_graceful_shutdown()
-        log.info("stopping: draining %d in-flight calls (grace %.1fs)", self.inflight_calls(), grace)
-        if self._server is not None:
-            await self._server.stop(grace)
+        await serve_out(self._server, self._door, delay=delay, grace=grace, inflight=self.inflight_calls)
         current = asyncio.current_task()  # stop() may itself run as a background task (signal handler)
         tasks = [task for task in (*self._upstreams.loops(), *self._background) if task is not current]
         for task in tasks:

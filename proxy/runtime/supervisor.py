@@ -14,6 +14,9 @@ promotion is kept by the supervisor until the next reload, and a child that rest
 (``--promote``), so every process serves the same primary from its first call. SIGTERM or SIGINT stops the
 workers first (each drains its calls, for the current config's ``shutdown_grace``), then the observer; a second one
 kills the children and exits 1. SIGHUP reloads.
+
+Each worker stops as a lone proxy does (proxy/runtime/proxy.py): not ready at once (and the supervisor's ``/readyz``
+503), still serving for ``shutdown_delay``, then it stops accepting and drains for ``shutdown_grace``.
 """
 
 from __future__ import annotations
@@ -136,13 +139,14 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        """SIGTERM every worker and wait for them to drain (``shutdown_grace`` plus 5 s), then the observer."""
+        """SIGTERM every worker and wait for them to stop (``shutdown_delay`` plus ``shutdown_grace`` plus 5 s), then
+        the observer (no delay: it serves no client)."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         grace = self.config.shutdown_grace + 5.0
-        await _terminate([w for w in self.workers if w.running], grace)
+        await _terminate([w for w in self.workers if w.running], self.config.shutdown_delay + grace)
         await _terminate([self.observer] if self.observer.running else [], grace)
         for child in self.children:
             child.close()

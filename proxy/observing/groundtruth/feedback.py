@@ -2,7 +2,9 @@
 ``POST /outcomes`` (admin HTTP, JSON). Each outcome goes to the route whose ground-truth store knows its request id.
 
 JSON body: ``{"outcomes": [{"request_id": "...", "labels": ["setosa"]}, {"request_id": "...", "values": [3.2]}]}``;
-the answer counts them by result, as ``ReportOutcomeResponse`` does. Each outcome is also offered to the routes'
+the answer counts them by result, as ``ReportOutcomeResponse`` does. An outcome that arrives before its prediction
+is parked (proxy/observing/groundtruth/park.py) and counted ``early``; it is joined when the prediction lands, or
+counted ``unknown`` once ``feedback.early_ttl`` has passed. Each outcome is also offered to the routes'
 captures, which append it to their files when they captured the call (see proxy/observing/capture/writer.py).
 
 Where a call enters (a listener, ``feedback.listen``) its handler is guarded by a ``FeedbackGate``
@@ -19,13 +21,17 @@ from typing import TYPE_CHECKING, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 from mlmirror.observing.groundtruth.outcomes import OUTCOME_RESULTS, GroundTruthStore
+from mlmirror.observing.groundtruth.park import OutcomePark
 from mlmirror.protocol.names import FEEDBACK_SERVICE
 from mlmirror.protos import feedback_pb2
 
 if TYPE_CHECKING:  # access.py opens feedback.listen with serve_feedback_only
     from mlmirror.observing.groundtruth.access import FeedbackGate
 
-__all__ = ["FeedbackRelay", "FeedbackService", "parse_outcomes_json", "serve_feedback_only"]
+__all__ = ["REPORT_RESULTS", "FeedbackRelay", "FeedbackService", "parse_outcomes_json", "serve_feedback_only"]
+
+#: what a report answers, per outcome: a store's result, or ``early`` (parked until its prediction lands)
+REPORT_RESULTS = (*OUTCOME_RESULTS, "early")
 
 Outcome = tuple[str, Sequence[float], Sequence[str]]
 Behaviour = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
@@ -72,23 +78,48 @@ class FeedbackService:
     the reason rather than gRPC's generic UNKNOWN."""
 
     def __init__(
-        self, stores: Callable[[], Iterable[GroundTruthStore]], sinks: Callable[[], Iterable[OutcomeSink]] = tuple
+        self,
+        stores: Callable[[], Iterable[GroundTruthStore]],
+        sinks: Callable[[], Iterable[OutcomeSink]] = tuple,
+        park: OutcomePark | None = None,
     ) -> None:
+        """``park``: where outcomes that arrive before their prediction wait (none: they are ``unknown``)."""
         self._stores = stores
         self._sinks = sinks
-        #: outcomes no route knew (counted apart: they belong to no route)
-        self.unknown = 0
+        self.park = park if park is not None else OutcomePark(0, 1.0)
+        self._unknown = 0  # not parked and known nowhere (counted on the event loop)
+
+    @property
+    def unknown(self) -> int:
+        """Outcomes no route knew (counted apart: they belong to no route), parked ones once dropped unjoined."""
+        return self._unknown + self.park.expired + self.park.evicted
+
+    def attach(self) -> list[GroundTruthStore]:
+        """Give the current stores the park, so that a prediction landing there takes its early outcome; the
+        stores. Called at every report, and by the proxy whenever it installs a route table."""
+        stores = list(self._stores())
+        for store in stores:
+            store.park = self.park
+        return stores
 
     def report(self, outcomes: Iterable[Outcome]) -> dict[str, int]:
-        counts = dict.fromkeys(OUTCOME_RESULTS, 0)
-        stores = list(self._stores())
+        counts = dict.fromkeys(REPORT_RESULTS, 0)
+        stores = self.attach()
         sinks = list(self._sinks())
+
+        def known(request_id: str) -> bool:
+            return any(s.knows(request_id) for s in stores)
+
         for request_id, values, labels in outcomes:
             for sink in sinks:
                 sink.offer_outcome(request_id, values, labels)
+            # no ground-truth store at all: no prediction will land, nothing to wait for
+            if stores and self.park.park_unless(known, request_id, (values, labels)):
+                counts["early"] += 1
+                continue
             store = next((s for s in stores if s.knows(request_id)), None)
             if store is None:
-                self.unknown += 1
+                self._unknown += 1
                 counts["unknown"] += 1
             else:
                 counts[store.report(request_id, values, labels)] += 1

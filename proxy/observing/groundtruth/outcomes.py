@@ -11,7 +11,8 @@ the quality window of the prediction's model version; every ``window`` joined ro
 
 Outcomes that cannot be joined are counted: ``unknown`` (never seen), ``late`` (its prediction expired after
 ``ttl`` or was pushed out by ``max_pending``), ``duplicate`` (already joined), ``invalid`` (not one value per row,
-or not numbers for regression).
+or not numbers for regression). An outcome reported before its prediction waits in the feedback service's park
+(proxy/observing/groundtruth/park.py): ``remember`` joins it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 from mlmirror.config import GroundTruth
 from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.protocol.kserve import Tensor, TensorError
+
+if TYPE_CHECKING:
+    from mlmirror.observing.groundtruth.park import OutcomePark
 
 __all__ = ["OUTCOME_RESULTS", "GroundTruthStore", "OutcomeSnapshot", "QualityResult"]
 
@@ -72,6 +76,8 @@ class GroundTruthStore:
         self.results: dict[str, int] = dict.fromkeys(OUTCOME_RESULTS, 0)
         #: called with (request id, key, outcomes) for each joined outcome, under the store's lock (drift.quality)
         self.joined: Callable[[str, tuple[str, str], list], None] | None = None
+        #: outcomes that came before their prediction (set by the feedback service): ``remember`` joins them
+        self.park: OutcomePark | None = None
 
     # --- predictions (worker thread) --------------------------------------------------------------------------
 
@@ -98,6 +104,9 @@ class GroundTruthStore:
             while len(self._pending) > self.spec.max_pending:
                 old, _ = self._pending.popitem(last=False)
                 self._forget(old, joined=False)
+        early = self.park.claim(request_id) if self.park is not None else None  # after the id is known: no race
+        if early is not None:
+            self.report(request_id, *early)
 
     def _expire(self, now: float) -> None:
         while self._pending:
