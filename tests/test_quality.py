@@ -439,3 +439,21 @@ def test_what_waits_for_outcomes_is_bounded_and_stops_once_calibrated():
     assert len(engine.quality._pending) == 0
     feed(engine, (call(f"b{i}", x[i : i + 1], p[i : i + 1]) for i in range(1200, 1300)))
     assert len(engine.quality._pending) == 0  # calibrated and no segment: nothing waits any more
+
+
+def test_outcomes_reported_before_their_call_still_calibrate():
+    """An early outcome waits in the feedback service's park and joins when the worker stores the prediction,
+    before the quality monitor has seen the call: it must still count in the labelled reference."""
+    from mlmirror.observing.groundtruth.park import OutcomePark
+
+    rng = np.random.default_rng(14)
+    engine = DriftEngine("m", spec(calibration=30))
+    engine.ground_truth.park = OutcomePark(100, 60.0)
+    x, p, y = world(rng, 1030, 1.5)
+    feed(engine, (call(f"a{i}", x[i : i + 1], p[i : i + 1]) for i in range(1000)))  # the capture
+    for i in range(1000, 1030):  # the outcomes first ...
+        assert engine.ground_truth.park.park_unless(engine.ground_truth.knows, f"a{i}", ([], [str(y[i])]))
+    feed(engine, (call(f"a{i}", x[i : i + 1], p[i : i + 1]) for i in range(1000, 1030)))  # ... then the calls
+    assert engine.ground_truth.snapshot()["results"]["matched"] == 30
+    assert engine.quality.calibration() == {("m", "1"): 30}
+    assert len(engine.quality._early) == 0

@@ -16,7 +16,9 @@ without one, or with a value that is not finite, are counted (``unestimated``) a
 Memory: per model version a window of O(segments · k) sums, the latest result, and the calibration rows
 (``calibration`` · k floats) until fitted; per call waiting for its outcome (only while a version is uncalibrated,
 or with segments) its probabilities and segment indices, at most ``ground_truth.max_pending`` calls (the oldest
-forgotten first): about 0.45 KB for a 1-row, 3-class call with segments (measured), 9 MiB at the default 20000.
+forgotten first; about 0.45 KB for a 1-row, 3-class call with segments, measured: 9 MiB at the default 20000),
+and as many outcomes joined before their call was observed (an early outcome, parked until its prediction was
+stored, joins before the worker observes the call; a captured call is never observed).
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class QualityMonitor:
         self._lock = threading.Lock()
         self._open: dict[Key, _Window] = {}
         self._pending: OrderedDict[str, tuple[Key, np.ndarray, np.ndarray | None]] = OrderedDict()
+        #: outcomes joined before the call was observed (a parked early outcome joins as its prediction is stored,
+        #: before the worker gets here; a captured call is never observed): at most ``max_pending``, oldest out
+        self._early: OrderedDict[str, tuple[Key, list]] = OrderedDict()
         self._labelled: dict[Key, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.calibrators: dict[Key, Calibrator] = {}
         self._realized: dict[Key, Realized] = {}
@@ -119,6 +124,9 @@ class QualityMonitor:
                 self._pending.move_to_end(request_id)
                 while len(self._pending) > truth.max_pending:
                     self._pending.popitem(last=False)
+                early = self._early.pop(request_id, None)
+                if early is not None:
+                    self._join(request_id, *early)
 
     def _segments(self, reference: Reference, rows: Rows) -> np.ndarray | None:
         if self.spec.segment is None or self.segment_error is not None:
@@ -186,21 +194,32 @@ class QualityMonitor:
         """An outcome joined its prediction (the ground-truth store calls it): calibration rows, realized segments."""
         assert self.truth is not None
         with self._lock:
-            entry = self._pending.pop(request_id, None)
-            if entry is None or entry[0] != key:
-                return
-            _, probabilities, segments = entry
-            k = probabilities.shape[1]
-            labels = np.array([int(t) if str(t).isdigit() and int(t) < k else -1 for t in truth], np.int64)
-            known = labels >= 0
-            if key not in self.calibrators and self.truth.calibration > 0:
-                self._calibrate(key, probabilities[known], labels[known])
-            if segments is not None and self.segmenter is not None:
-                realized = self._realized.setdefault(key, Realized.empty(len(self.segmenter)))
-                realized.add(segments[known], np.argmax(probabilities[known], axis=1) == labels[known])
-                if realized.rows.sum() >= self.truth.window:
-                    self._realized_latest[key] = realized
-                    self._realized[key] = Realized.empty(len(self.segmenter))
+            self._join(request_id, key, truth)
+
+    def _join(self, request_id: str, key: Key, truth: list) -> None:
+        assert self.truth is not None
+        wanted = self.spec.segment is not None or (self.truth.calibration > 0 and key not in self.calibrators)
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            if wanted:  # its call may not be observed yet: joined when it is
+                self._early[request_id] = (key, truth)
+                while len(self._early) > self.truth.max_pending:
+                    self._early.popitem(last=False)
+            return
+        if entry[0] != key:
+            return
+        _, probabilities, segments = entry
+        k = probabilities.shape[1]
+        labels = np.array([int(t) if str(t).isdigit() and int(t) < k else -1 for t in truth], np.int64)
+        known = labels >= 0
+        if key not in self.calibrators and self.truth.calibration > 0:
+            self._calibrate(key, probabilities[known], labels[known])
+        if segments is not None and self.segmenter is not None:
+            realized = self._realized.setdefault(key, Realized.empty(len(self.segmenter)))
+            realized.add(segments[known], np.argmax(probabilities[known], axis=1) == labels[known])
+            if realized.rows.sum() >= self.truth.window:
+                self._realized_latest[key] = realized
+                self._realized[key] = Realized.empty(len(self.segmenter))
 
     def _calibrate(self, key: Key, probabilities: np.ndarray, labels: np.ndarray) -> None:
         assert self.truth is not None
