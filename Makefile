@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The demo prints its dashboard's address first and keeps it up for a minute after the traffic (LINGER=0s: not).
+LINGER ?= 60s
 run: $(STAMP)
-	$(BIN)/mlmirror demo
+	$(BIN)/mlmirror demo --linger $(LINGER)
 
 # Hypothesis runs its fixed (derandomized) examples here: the "ci" profile of tests/conftest.py.
 test: lint

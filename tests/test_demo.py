@@ -28,6 +28,8 @@ def test_the_demo_runs_its_story_with_no_client_errors():
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            "--linger",
+            "0s",
         ],
         capture_output=True,
         text=True,
@@ -64,3 +66,15 @@ def test_the_demo_models_classify_as_described():
     disagreement = (production != candidate).mean()
     assert 0.01 < disagreement < 0.15  # a changed model, not a different one
     assert set(baseline) == {0}
+
+
+@pytest.mark.slow
+def test_the_demo_prints_its_dashboard_first_and_lingers_then_ends_by_itself():
+    command = [sys.executable, "-m", "mlmirror", "demo", "--duration", "3s", "--rate", "20", "--listen",
+               "127.0.0.1:0", "--admin", "127.0.0.1:0", "--linger", "2s"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dashboard: http://127.0.0.1:")
+    address = lines[0].split()[1]
+    assert lines[-1] == f"the dashboard stays up for 2s at {address} (Ctrl-C stops it)"

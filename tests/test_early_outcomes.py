@@ -10,8 +10,9 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -101,7 +102,7 @@ def test_the_park_refuses_a_bad_bound():
 
 
 async def immediate_reports(
-    call: Callable[[int], object], report: Callable[[int], object], n: int, concurrency: int = 16
+    call: Callable[[int], Awaitable[Any]], report: Callable[[int], Awaitable[Any]], n: int, concurrency: int = 16
 ) -> list[dict[str, int]]:
     """``n`` calls from ``concurrency`` loops, each call's outcome reported the instant its answer returns."""
     answers: list[dict[str, int]] = []
@@ -116,7 +117,7 @@ async def immediate_reports(
     return answers
 
 
-def grpc_reporter(channel: grpc.aio.Channel, prefix: str) -> Callable[[int], object]:
+def grpc_reporter(channel: grpc.aio.Channel, prefix: str) -> Callable[[int], Awaitable[Any]]:
     stub = channel.unary_unary(REPORT, feedback_pb2.ReportOutcomeRequest.SerializeToString,
                                feedback_pb2.ReportOutcomeResponse.FromString)  # fmt: skip
 
@@ -128,7 +129,7 @@ def grpc_reporter(channel: grpc.aio.Channel, prefix: str) -> Callable[[int], obj
     return report
 
 
-def http_reporter(admin: int, prefix: str) -> Callable[[int], object]:
+def http_reporter(admin: int, prefix: str) -> Callable[[int], Awaitable[Any]]:
     async def report(i: int) -> dict[str, int]:
         body = json.dumps({"outcomes": [{"request_id": f"{prefix}-{i}", "labels": ["0"]}]}).encode()
         status, text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/outcomes", "POST", body)
@@ -138,7 +139,7 @@ def http_reporter(admin: int, prefix: str) -> Callable[[int], object]:
     return report
 
 
-def caller(channel: grpc.aio.Channel, prefix: str, rng: np.random.Generator) -> Callable[[int], object]:
+def caller(channel: grpc.aio.Channel, prefix: str, rng: np.random.Generator) -> Callable[[int], Awaitable[Any]]:
     infer = channel.unary_unary(MODEL_INFER)
 
     async def call(i: int) -> None:

@@ -49,6 +49,12 @@ def test_the_wheel_holds_one_typed_package_with_kernels_and_protos(wheel: Path):
         "mlmirror/protos/grpc_predict_v2.proto",
         "mlmirror/protos/feedback.proto",
         "mlmirror/serving/handler.py",
+        "mlmirror/admin/ui/index.html",  # the dashboard's assets are package data
+        "mlmirror/admin/ui/app.js",
+        "mlmirror/admin/ui/app.css",
+        "mlmirror/admin/ui/vendor/uPlot.iife.min.js",
+        "mlmirror/admin/ui/vendor/uPlot.min.css",
+        "mlmirror/admin/ui/vendor/uPlot.LICENSE",
     ):
         assert expected in names
     assert not [name for name in names if "__pycache__" in name or name.startswith("mlmirror/tests")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import subprocess
 import sys
@@ -140,7 +141,7 @@ async def test_rolling_restarts_behind_envoy_fail_no_client_call(tmp_path: Path)
             config = on_ports(load(FRONT_PROXY), listen, admin, {"mlmirror": [i.listen for i in instances]})
             async with envoy_running(config, tmp_path):
                 for instance in instances:
-                    await polled(lambda i=instance: healthy_in_envoy(admin, i.listen), "Envoy health checks")
+                    await polled(functools.partial(healthy_in_envoy, admin, instance.listen), "Envoy health checks")
                 started = time.monotonic()
                 async with Load(listen) as traffic:
                     await wait_until(lambda: traffic.codes["OK"] > 100, 60, "steady load through Envoy")
@@ -153,7 +154,7 @@ async def test_rolling_restarts_behind_envoy_fail_no_client_call(tmp_path: Path)
                             instance.start()
                             await polled(instance.ready, "the restarted instance to be ready")
                             events.append(f"{time.monotonic():.2f} ready {instance.config.stem}")
-                            await polled(lambda i=instance: healthy_in_envoy(admin, i.listen),
+                            await polled(functools.partial(healthy_in_envoy, admin, instance.listen),
                                          "Envoy to take the restarted instance back")  # fmt: skip
                             events.append(f"{time.monotonic():.2f} healthy in Envoy {instance.config.stem}")
                     before = traffic.codes["OK"]

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -103,7 +104,7 @@ def readyz(admin: int) -> int:
 
 def health(listen: int) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{listen}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # its stubs package declares no methods
         return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
@@ -150,14 +151,14 @@ async def test_sigterm_under_load_cancels_nothing_and_completes_every_accepted_c
             folder = tmp_path / str(run)
             folder.mkdir()
             seen = await one_stop(folder, upstream, shape, watch_readiness=run < 2)
-            outcomes: list[Outcome] = seen["outcomes"]  # type: ignore[assignment]
+            outcomes: list[Outcome] = seen["outcomes"]
             codes = {o.code for o in outcomes}
             where = f"run {run} ({' '.join(shape)}): {sorted(c.name for c in codes)}\n{seen['log'][-3000:]}"
             assert grpc.StatusCode.CANCELLED not in codes, where
             assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, where
             # Calls started before the proxy could have stopped accepting (half the delay after the signal) are
             # calls it accepted: every one completes OK.
-            closing = seen["signalled"] + seen["delay"] / 2  # type: ignore[operator]
+            closing = seen["signalled"] + seen["delay"] / 2
             accepted = [o for o in outcomes if o.started < closing]
             assert accepted, where
             assert all(o.code is grpc.StatusCode.OK for o in accepted), where

@@ -12,7 +12,13 @@ endpoint                 token  answer
 ``POST /promote``        yes    ``?route=R&shadow=S[&force=1]``: 200, 400 (usage), 404 (names), 409 (refused)
 ``POST /outcomes``       own    ground truth as JSON: the counts by result, or 400 for a bad body (the admin or
                                 the feedback token, checked by the target)
+``GET /``                own    the dashboard's page (the admin token as a bearer token or ``?token=``)
+``GET /ui``              no     ``?file=NAME``: the page's assets (its code and the vendored chart library)
+``GET /history``         yes    JSON: the dashboard's history (proxy/admin/history.py), ``?since=`` Unix s
 =======================  =====  ==========================================================================
+
+The last three are the dashboard (proxy/admin/dashboard.py), served where the data is merged: by a lone proxy and
+by a supervisor, not by a serving worker's internal endpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ ENDPOINTS: dict[tuple[str, str], str] = {
     ("POST", "/reload"): "admin",
     ("POST", "/promote"): "admin",
     ("POST", "/outcomes"): "own",
+    ("GET", "/"): "own",
+    ("GET", "/ui"): "open",
+    ("GET", "/history"): "admin",
 }
 PROMOTE_USAGE = "give route and shadow: POST /promote?route=ROUTE&shadow=SHADOW[&force=1]"
 
@@ -52,6 +61,7 @@ class Endpoint:
     path: str
     handler: Handler
     auth: str = "admin"
+    group: str = "api"  # or "dashboard": the 404 lists the groups apart
 
 
 class AdminTarget(Protocol):
@@ -136,5 +146,5 @@ def admin_endpoints(target: AdminTarget, refused: type[Exception]) -> tuple[Endp
         ("POST", "/promote"): promote,
         ("POST", "/outcomes"): outcomes,
     }
-    assert handlers.keys() == ENDPOINTS.keys()
-    return tuple(Endpoint(method, path, handlers[method, path], auth) for (method, path), auth in ENDPOINTS.items())
+    assert handlers.keys() <= ENDPOINTS.keys()  # the dashboard's are proxy/admin/dashboard.py's
+    return tuple(Endpoint(method, path, handlers[method, path], ENDPOINTS[method, path]) for method, path in handlers)

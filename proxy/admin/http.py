@@ -1,7 +1,9 @@
-"""A small HTTP/1.1 server for the admin endpoints (declared in proxy/admin/endpoints.py).
+"""The admin endpoints' HTTP server (declared in proxy/admin/endpoints.py), on aiohttp.
 
-It runs on the proxy's event loop, answers one request per connection (``Connection: close``), and bounds what a
-client can make it hold: 16 KiB of request head, 1 MiB of body, 10 s to send them.
+It runs on the proxy's event loop with HTTP/1.1 keep-alive (a browser loads the dashboard's page and assets over
+one connection), and bounds what clients can make it hold: 16 KiB per request line or header and 64 header lines,
+1 MiB of body, 10 s to send a request's head and body, 10 s idle between requests on a kept-alive connection, and
+128 connections at once (the next ones get a 503 and are closed).
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 __all__ = ["AdminRoute", "AdminServer", "Request", "Response"]
 
 log = logging.getLogger(__name__)
 
-_MAX_HEAD = 16 * 1024
+_MAX_LINE = 16 * 1024  # bytes per request line or header line
+_MAX_HEADERS = 64
 _MAX_BODY = 2**20
-_READ_TIMEOUT = 10.0
+_READ_TIMEOUT = 10.0  # seconds for a request's head and body
+_KEEPALIVE = 10.0  # seconds a kept-alive connection may stay idle
+_MAX_CONNECTIONS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,45 +82,86 @@ class AdminRoute(Protocol):
 class AdminServer:
     """Serves ``routes`` (method, path, handler, auth): a path whose routes are all ``auth="admin"`` needs the
     bearer ``token`` when one is set; ``open`` paths need nothing, and ``own`` paths check credentials in their
-    handler."""
+    handler. ``services``: started with the server and closed with it (the dashboard's history sampler)."""
 
-    def __init__(self, address: str, routes: Sequence[AdminRoute], *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        routes: Sequence[AdminRoute],
+        *,
+        token: str | None = None,
+        services: Sequence[Service] = (),
+    ) -> None:
         self.address = address
-        self._routes = {(route.method, route.path): route for route in routes}
-        self._unchecked = frozenset(route.path for route in routes if route.auth != "admin")
+        self._routes: dict[tuple[str, str], AdminRoute] = {}
+        self._unchecked: frozenset[str] = frozenset()
+        self.add_routes(routes)
         self._token = token
-        self._server: asyncio.Server | None = None
+        self._services = tuple(services)
+        self._server: web.Server | None = None
+        self._listening: asyncio.Server | None = None
+        self._transports: set[asyncio.BaseTransport] = set()  # the open connections
+
+    def add_routes(self, routes: Sequence[AdminRoute]) -> None:
+        self._routes.update({(route.method, route.path): route for route in routes})
+        self._unchecked = frozenset(route.path for route in self._routes.values() if route.auth != "admin")
+
+    @property
+    def token(self) -> str | None:
+        return self._token
 
     async def start(self) -> None:
         host, _, port = self.address.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._connection, host.strip("[]") or None, int(port), limit=_MAX_HEAD
-        )
+        loop = asyncio.get_running_loop()
+
+        def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
+            return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY)
+
+        self._server = server = web.Server(self._handle, request_factory=make_request, handler_cancellation=True)
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= _MAX_CONNECTIONS:
+                return _Refuse()
+            quiet: Any = None  # no access log (aiohttp's own way to say so, though its annotation wants a Logger)
+            handler = _Connection(server, loop=loop, max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
+                                  max_headers=_MAX_HEADERS, keepalive_timeout=_KEEPALIVE, access_log=quiet)  # fmt: skip
+            return _Timed(handler, self._transports)
+
+        self._listening = await loop.create_server(protocol, host.strip("[]") or None, int(port))
+        for service in self._services:
+            await service.start()
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        assert self._server.sockets
-        return self._server.sockets[0].getsockname()[1]
+        assert self._listening is not None
+        assert self._listening.sockets
+        return self._listening.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for service in self._services:
+            await service.close()
+        if self._listening is not None:
+            self._listening.close()
+            if self._server is not None:
+                await self._server.shutdown(1.0)  # lets the requests being answered finish, for up to 1 s
+            for transport in list(self._transports):  # aiohttp leaves idle kept-alive connections open
+                transport.close()
+            await self._listening.wait_closed()
+            self._listening = None
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
         try:
-            try:
-                request = await asyncio.wait_for(_read_request(reader), _READ_TIMEOUT)
-                response = await self._dispatch(request) if isinstance(request, Request) else request
-            except TimeoutError:
-                response = Response.text("request not received in time", HTTPStatus.REQUEST_TIMEOUT)
-            writer.write(_encode(response))
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+            async with asyncio.timeout(_READ_TIMEOUT):
+                body = await raw.read()
+        except TimeoutError:
+            return _answer(Response.text("request not received in time", HTTPStatus.REQUEST_TIMEOUT))
+        except web.HTTPRequestEntityTooLarge:
+            return _answer(Response.text(f"body larger than {_MAX_BODY} bytes", 413))
+        request = Request(
+            method=raw.method, path=raw.path, query={name: raw.query.getall(name)[-1] for name in raw.query},
+            headers={name.lower(): value for name, value in raw.headers.items()}, body=body,
+        )  # fmt: skip
+        return _answer(await self._dispatch(request))
 
     async def _dispatch(self, request: Request) -> Response:
         if self._token is not None and request.path not in self._unchecked and not self._authorized(request):
@@ -125,8 +174,12 @@ class AdminServer:
             if any(path == request.path for _, path in self._routes):
                 allowed = sorted(m for m, path in self._routes if path == request.path)
                 return Response.text(f"method {request.method} not allowed here (use {', '.join(allowed)})", 405)
-            known = ", ".join(sorted({path for _, path in self._routes}))
-            return Response.text(f"no such endpoint: {request.path} (known: {known})", 404)
+            groups: dict[str, set[str]] = {}
+            for known_route in self._routes.values():
+                groups.setdefault(getattr(known_route, "group", "api"), set()).add(known_route.path)
+            known = ", ".join(sorted(groups.pop("api", set())))
+            more = "".join(f"; {group}: {', '.join(sorted(paths))}" for group, paths in sorted(groups.items()))
+            return Response.text(f"no such endpoint: {request.path} (known: {known}{more})", 404)
         try:
             return await route.handler(request)
         except Exception:
@@ -139,44 +192,99 @@ class AdminServer:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token.encode())
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Request | Response:
-    """Parse one request, or return the error response it deserves."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        return Response.text("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        return Response.text("malformed request line", 400)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, sep, value = line.partition(":")
-            if not sep:
-                return Response.text("malformed header line", 400)
-            headers[name.strip().lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        return Response.text("chunked bodies are not accepted; send Content-Length", 411)
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        return Response.text("bad Content-Length", 400)
-    if length < 0 or length > _MAX_BODY:
-        return Response.text(f"body larger than {_MAX_BODY} bytes", 413)
-    body = await reader.readexactly(length) if length else b""
-    target = urlsplit(parts[1])
-    query = {name: values[-1] for name, values in parse_qs(target.query).items()}
-    return Request(method=parts[0], path=target.path, query=query, headers=headers, body=body)
+class Service(Protocol):
+    """Something that runs alongside the admin server (started after it binds, closed before it stops)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
 
 
-def _encode(response: Response) -> bytes:
-    reason = HTTPStatus(response.status).phrase
-    head = (
-        f"HTTP/1.1 {response.status} {reason}\r\n"
-        f"Content-Type: {response.content_type}\r\n"
-        f"Content-Length: {len(response.body)}\r\n"
-        + "".join(f"{name}: {value}\r\n" for name, value in response.headers)
-        + "Connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + response.body
+def _answer(response: Response) -> web.Response:
+    answer = web.Response(status=response.status, body=response.body, headers=dict(response.headers))
+    answer.headers["Content-Type"] = response.content_type
+    return answer
+
+
+class _Connection(RequestHandler):
+    """aiohttp's handler of one connection, answering requests it cannot parse as the admin always has: HTTP/1.1,
+    400 for a malformed request and 431 for a head over the limits, in plain words, without logging a traceback."""
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if status == 500:
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong) or "too many headers" in str(exc).lower():
+            status, text = 431, "request head too large"
+        else:
+            text = f"malformed request: {getattr(exc, 'message', None) or exc or message}"
+        log.debug("admin: bad request (%s): %s", status, exc)
+        answer = _Http11(status=status, text=text + "\n")
+        answer.force_close()
+        return answer
+
+
+class _Http11(web.Response):
+    """A response that says HTTP/1.1 even to a request whose version could not be read (aiohttp says 1.0 then)."""
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        assert writer is not None
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
+        writer.send_headers()
+
+
+class _Timed(asyncio.Protocol):
+    """aiohttp's protocol for one connection, closed when the first request's head has not arrived within
+    ``_READ_TIMEOUT`` of the connection opening (aiohttp bounds the idle time between requests, ``_KEEPALIVE``, and
+    the handler bounds reading the body, but nothing bounds a slow first head)."""
+
+    def __init__(self, inner: RequestHandler, open_transports: set[asyncio.BaseTransport]) -> None:
+        self._inner = inner
+        self._open = open_transports
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._open.add(transport)
+        self._inner.connection_made(transport)
+        self._timer = asyncio.get_running_loop().call_later(_READ_TIMEOUT, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> None:
+        self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._open.discard(self._transport)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _Refuse(asyncio.Protocol):
+    """Over ``_MAX_CONNECTIONS``: a 503 and the connection closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = b"too many admin connections; try again\n"
+        transport.write(  # type: ignore[attr-defined]  # a stream transport (uvloop's are not asyncio.Transport)
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.close()

@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=50.0, help="calls per second (default 50)")
     demo.add_argument("--listen", default="127.0.0.1:8500", help="proxy gRPC address (default 127.0.0.1:8500)")
     demo.add_argument("--admin", default="127.0.0.1:9500", help="admin HTTP address (default 127.0.0.1:9500)")
+    demo.add_argument("--linger", type=_duration, default=60.0,
+                      help="keep the dashboard up this long after the traffic (default 60s; Ctrl-C: stop)")  # fmt: skip
     demo.set_defaults(run=_demo)
 
     model = sub.add_parser("model-server", help="serve one demo model over KServe V2 gRPC")
@@ -228,7 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
     from mlmirror.demo.run import main as demo_main
 
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-    return demo_main(args.duration, args.rate, args.listen, args.admin)
+    return demo_main(args.duration, args.rate, args.listen, args.admin, args.linger)
 
 
 def _model_server(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ The story, over ``duration`` seconds in three equal acts:
 
 All along, the candidate model gets a fire-and-forget copy of every iris call as a shadow; the commentary follows
 its agreement with production and ends with the shadow table (``mlmirror shadows``).
+
+The dashboard (``GET /`` on the admin port) shows the same story; its address is the first line printed, and the
+proxy keeps serving it for ``linger`` seconds after the traffic ends (Ctrl-C stops it sooner).
 """
 
 from __future__ import annotations
@@ -75,9 +78,13 @@ async def run_demo(
     rate: float = 50.0,
     listen: str = "127.0.0.1:8500",
     admin: str = "127.0.0.1:9500",
+    linger: float = 60.0,
     out: TextIO = sys.stdout,
+    outcome: list[int] | None = None,
 ) -> int:
-    """Run the demo; returns 0 when clients saw no error, else 1."""
+    """Run the demo; returns 0 when clients saw no error, else 1. ``linger``: seconds the dashboard stays up after
+    the traffic (the proxy and models idle); ``outcome`` gets the result appended once the story is told, so a
+    Ctrl-C during the linger still knows it."""
 
     def say(text: str) -> None:
         print(text, file=out, flush=True)
@@ -94,6 +101,8 @@ async def run_demo(
         proxy = Proxy(parse_config(config_text, "<demo config>"))
         await proxy.start()
         target = f"127.0.0.1:{proxy.grpc_port}"
+        if proxy.admin_port:
+            say(f"dashboard: http://127.0.0.1:{proxy.admin_port}/   (open it in a browser; it updates every 2 s)")
         say(f"mlmirror demo: {duration:g}s of traffic at {rate:g} calls/s through the proxy on {target}")
         for role, port in ports.items():
             model = MODELS[role]
@@ -104,19 +113,33 @@ async def run_demo(
         await _play(proxy, servers, ports, stats, duration=duration, rate=rate, say=say)
         say("shadows (mlmirror shadows):\n" + textwrap.indent(render_shadows(proxy.status()), "  "))
         say("drift (mlmirror drift):\n" + textwrap.indent(render_drift(proxy.status()), "  "))
+        say(_summary(stats))
+        result = 0 if stats.total.calls == stats.total.codes.get("OK", 0) else 1
+        if outcome is not None:
+            outcome.append(result)
+        if linger > 0 and proxy.admin_port:
+            say(f"the dashboard stays up for {linger:g}s at http://127.0.0.1:{proxy.admin_port}/ (Ctrl-C stops it)")
+            try:
+                await asyncio.sleep(linger)
+            except asyncio.CancelledError:
+                say("stopped")
+                raise
     finally:
         if proxy is not None:
             await proxy.stop(grace=2.0)
         for server in servers.values():
             await server.stop(None)
+    return result
+
+
+def _summary(stats: TrafficStats) -> str:
     total = stats.total
     errors = total.calls - total.codes.get("OK", 0)
-    say(
+    return (
         f"done: {total.calls} calls, {errors} client errors; served by "
         + ", ".join(f"{k} {v}" for k, v in total.served_by.most_common())
         + f"; p50 {total.percentile(50) * 1e3:.2f} ms, p99 {total.percentile(99) * 1e3:.2f} ms"
     )
-    return 0 if errors == 0 else 1
 
 
 async def _play(
@@ -200,11 +223,14 @@ def _shadow_summary(route: dict | None) -> str:
     return f" | {shadow['name']} agrees {agreement} (n={window['samples']}) {verdict}"
 
 
-def main(duration: float, rate: float, listen: str, admin: str) -> int:
+def main(duration: float, rate: float, listen: str, admin: str, linger: float = 60.0) -> int:
     from mlmirror.eventloop import run
 
+    outcome: list[int] = []
     try:
-        return run(run_demo(duration=duration, rate=rate, listen=listen, admin=admin))
+        return run(run_demo(duration=duration, rate=rate, listen=listen, admin=admin, linger=linger, outcome=outcome))
+    except KeyboardInterrupt:
+        return outcome[0] if outcome else 130
     except (OSError, RuntimeError, grpc.RpcError) as exc:
         print(f"mlmirror demo: {exc}", file=sys.stderr)
         return 2

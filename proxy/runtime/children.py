@@ -161,7 +161,8 @@ class Child:
         except (OSError, TimeoutError) as exc:
             return 0, str(exc).encode()
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.kind}\r\n{auth}Content-Length: {len(body)}\r\n\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.kind}\r\nConnection: close\r\n{auth}"
+                f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
         try:
             writer.write(head.encode() + body)
             answer = await asyncio.wait_for(reader.read(), timeout)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc_health.v1 import health, health_pb2
 from mlmirror import __version__
-from mlmirror.admin.endpoints import admin_endpoints, outcomes_answer
+from mlmirror.admin.dashboard import admin_server, agreement_thresholds
+from mlmirror.admin.endpoints import outcomes_answer
 from mlmirror.admin.http import AdminServer, Request, Response
 from mlmirror.config import Config, load_config
 from mlmirror.errors import ConfigError, StartError
@@ -139,7 +140,8 @@ class Proxy:
                 raise StartError(f"cannot serve feedback.listen: {exc}") from None
             admin = self.admin_address
             if admin is not None:
-                self._admin = AdminServer(admin, admin_endpoints(self, PromotionError), token=admin_token(config))
+                limits = None if self.role.worker else lambda: agreement_thresholds(self.table and self.table.config)
+                self._admin = admin_server(admin, self, PromotionError, token=admin_token(config), thresholds=limits)
                 try:
                     await self._admin.start()
                 except OSError as exc:

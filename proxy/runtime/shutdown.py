@@ -41,7 +41,8 @@ class Door(grpc.GenericRpcHandler):
         self.closed = False
         self.refused = 0
         self.last_knock = 0.0
-        self._refusal = grpc.stream_stream_rpc_method_handler(self._refuse)  # any call type: it reads nothing
+        #: any call type: it reads nothing
+        self._refusal: grpc.RpcMethodHandler = grpc.stream_stream_rpc_method_handler(self._refuse)
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if not self.closed:

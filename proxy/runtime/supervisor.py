@@ -33,7 +33,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from mlmirror.admin.endpoints import admin_endpoints
+from mlmirror.admin.dashboard import admin_server, agreement_thresholds
 from mlmirror.admin.http import AdminServer, Request, Response
 from mlmirror.admin.metrics_merge import merge_expositions
 from mlmirror.config import Config, load_config
@@ -102,7 +102,8 @@ class Supervisor:
             await self._start_children([self.observer])
             await self._start_children(self.workers)
             if self.config.admin is not None:
-                self._admin = AdminServer(self.config.admin, admin_endpoints(self, PromotionError), token=self._token)
+                self._admin = admin_server(self.config.admin, self, PromotionError, token=self._token,
+                                           thresholds=lambda: agreement_thresholds(self.config))  # fmt: skip
                 try:
                     await self._admin.start()
                 except OSError as exc:
