@@ -373,7 +373,12 @@ def _example_paths() -> set[str]:
                     walk(item, f"{path}[]")
         elif isinstance(value, dict):
             for key, item in value.items():
-                free = {"upstreams": "<name>", "method_types": "<method>", "thresholds": "<method>"}
+                free = {
+                    "upstreams": "<name>",
+                    "method_types": "<method>",
+                    "thresholds": "<method>",
+                    "data_quality": "<check>",
+                }
                 name = free.get(path.rsplit(".", 1)[-1], key)
                 child = f"{path}.{name}" if path else name
                 paths.add(child)

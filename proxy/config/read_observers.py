@@ -9,6 +9,7 @@ from types import MappingProxyType
 
 from mlmirror.config.schema import MODEL_INFER, RouteMatch
 from mlmirror.config.schema_observing import (
+    DATA_QUALITY_CHECKS,
     DRIFT_METHODS,
     GROUND_TRUTH_TASKS,
     Attribution,
@@ -55,6 +56,14 @@ def read_drift(node: Located, base: Path) -> Drift:
             given[name] = item.number(minimum=0.0, maximum=1.0 if METHOD_REGISTRY[name].p_value else None)
         return MappingProxyType({**DRIFT_METHODS, **given})
 
+    def data_quality(n: Located) -> MappingProxyType:
+        given = {}
+        for name, item in n.dictionary().items():
+            if name not in DATA_QUALITY_CHECKS:
+                raise item.error(f"unknown data-quality check {name!r} (one of {', '.join(DATA_QUALITY_CHECKS)})")
+            given[name] = item.number(minimum=0.0, maximum=1.0)
+        return MappingProxyType({**DATA_QUALITY_CHECKS, **given})
+
     window = schema_reader(Drift, "window")
     readers: dict[str, Reader] = {  # the other keys are read as the schema declares them
         "features": lambda n: tuple(feature(item) for item in n.sequence()),
@@ -65,6 +74,7 @@ def read_drift(node: Located, base: Path) -> Drift:
         "profile": lambda n: existing_file(n, base),
         "methods": lambda n: tuple(method(item) for item in n.sequence()),
         "thresholds": thresholds,
+        "data_quality": data_quality,
         "ground_truth": _ground_truth,
         "attribution": _attribution,
         "multivariate": _multivariate,
@@ -78,6 +88,10 @@ def read_drift(node: Located, base: Path) -> Drift:
     names = [f.name for f in drift.features]
     if len(set(names)) != len(names):
         raise keys["features"].error(f"feature names must be unique, got {names}")
+    if drift.segment is not None and (drift.ground_truth is None or drift.ground_truth.task != "classification"):
+        raise keys["segment"].error("segments need a classification ground_truth (its output is the prediction)")
+    if drift.segment is not None and drift.features and drift.segment not in names:
+        raise keys["segment"].error(f"segment {drift.segment!r} is not one of the features {names}")
     if drift.detect not in drift.methods:
         raise keys.get("detect", node).error(f"detect method {drift.detect!r} is not in methods {list(drift.methods)}")
     return drift

@@ -15,6 +15,7 @@ from mlmirror.kernels.methods import DRIFT_METHODS as METHOD_REGISTRY
 
 __all__ = [
     "CAPTURE_INCLUDE",
+    "DATA_QUALITY_CHECKS",
     "DRIFT_METHODS",
     "GROUND_TRUTH_TASKS",
     "Attribution",
@@ -31,6 +32,8 @@ __all__ = [
 DRIFT_METHODS = {name: method.default_threshold for name, method in METHOD_REGISTRY.items()}
 CAPTURE_INCLUDE = ("request", "response", "both")
 GROUND_TRUTH_TASKS = ("classification", "regression")
+#: Data-quality checks per series and window and their default thresholds (shares, 0-1; docs/DRIFT.md).
+DATA_QUALITY_CHECKS = {"missing": 0.05, "out_of_range": 0.05, "unseen_category": 0.05}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +69,17 @@ class GroundTruth:
     )  # fmt: skip
     window: int = setting(1000, "outcome rows per quality window (per model version)", minimum=10,
                           maximum=10_000_000)  # fmt: skip
+    target: float | None = setting(
+        None, "classification: the estimated accuracy (label-free, docs/DRIFT.md) below which, for `target_windows` "
+        "drift windows in a row, `mlmirror_quality_estimate_below_target` is 1", shown="none", minimum=0, maximum=1,
+    )  # fmt: skip
+    target_windows: int = setting(3, "drift windows in a row below `target` before it is flagged", minimum=1,
+                                  maximum=1000)  # fmt: skip
+    calibration: int = setting(
+        1000, "classification: the first outcome rows joined for a model version are its labelled reference, on "
+        "which its probabilities are calibrated (isotonic); until then, or with 0, they are assumed calibrated",
+        minimum=0, maximum=1_000_000,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +163,19 @@ class Drift:
                               maximum=10_000_000)  # fmt: skip
     history: int = setting(20, "closed windows kept for `/status`", minimum=1, maximum=10_000)
     ground_truth: GroundTruth | None = setting(None, "join predictions with outcomes reported later (`ReportOutcome`)")
+    segment: str | None = setting(
+        None, "a categorical feature whose values are segments: prediction shares, estimated and realized accuracy per "
+        "value, and the largest gaps (needs a classification `ground_truth`)", shown="none",
+    )  # fmt: skip
+    segment_values: int = setting(
+        10, "segment values kept (the reference's most frequent); the rest are folded into `other`", minimum=1,
+        maximum=100,
+    )  # fmt: skip
+    data_quality: Mapping[str, float] = setting(
+        factory=lambda: MappingProxyType(dict(DATA_QUALITY_CHECKS)), each="<check>",
+        shown=", ".join(f"{c} `{t}`" for c, t in DATA_QUALITY_CHECKS.items()),
+        doc="a series' data-quality check is flagged when its share in a window exceeds the reference's by more",
+    )  # fmt: skip
     attribution: Attribution | None = setting(None, "feature-attribution drift (`{}` turns it on with the defaults)")
     multivariate: Multivariate | None = setting(
         factory=Multivariate, doc="PCA reconstruction error of the numeric features (`off` disables)"

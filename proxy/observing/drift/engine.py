@@ -26,12 +26,13 @@ from mlmirror.observing.drift.attribution import AttributionState, AttributionTr
 from mlmirror.observing.drift.binding import choose_input
 from mlmirror.observing.drift.judging import Judge
 from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
+from mlmirror.observing.drift.quality import QualityMonitor
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
 from mlmirror.observing.drift.scoring import EngineSnapshot, SeriesResult, WindowResult, concat, sum_counts
 from mlmirror.observing.drift.versions import RecentKeys
 from mlmirror.observing.groundtruth.outcomes import GroundTruthStore
-from mlmirror.protocol.kserve import TensorError, request_inputs, response_outputs
+from mlmirror.protocol.kserve import Tensor, TensorError, request_inputs, response_outputs
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.serving.sampling import sampled
 
@@ -82,6 +83,10 @@ class DriftEngine:
             if spec.ground_truth
             else None
         )
+        #: model and data quality per window (label-free estimate, data-quality checks, segments; see ``quality``)
+        self.quality = QualityMonitor(route, spec)
+        if self.ground_truth is not None and self.quality.truth is not None:
+            self.ground_truth.joined = self.quality.joined
         #: the (model, version) pairs tracked, at most ``max_versions``; ``versions.retired`` counts those dropped
         self.versions: RecentKeys[tuple[str, str]] = RecentKeys(spec.max_versions)
         self._tracker: AttributionTracker | None = None
@@ -173,7 +178,7 @@ class DriftEngine:
             decoded = self._decode(record)
             if decoded is None:
                 continue
-            key, rows = decoded
+            key, rows, outputs = decoded
             self.accepted += 1
             retired = self.versions.see(key)
             if retired is not None:
@@ -181,6 +186,7 @@ class DriftEngine:
             if self.reference is None:
                 self._capture(rows, key)
                 continue
+            self.quality.observe(key, record.request_id, outputs, rows, self.reference)
             group = pending.setdefault(key, [])
             group.append(rows)
             window = self._window(key)
@@ -192,7 +198,7 @@ class DriftEngine:
             if group:
                 self._add(self._window(key), group)
 
-    def _decode(self, record: CallRecord) -> tuple[tuple[str, str], Rows] | None:
+    def _decode(self, record: CallRecord) -> tuple[tuple[str, str], Rows, list[Tensor]] | None:
         try:
             model, inputs = request_inputs(record.request)
             version, outputs = response_outputs(record.response or b"")
@@ -207,7 +213,7 @@ class DriftEngine:
         except TensorError as exc:
             self._count_error(exc.reason)
             return None
-        return key, rows
+        return key, rows, outputs
 
     def _bind_from_call(self, inputs: list[str]) -> None:
         """Bind the profile's unnamed input to the only input of a call; a call with several is an error (its
@@ -261,6 +267,7 @@ class DriftEngine:
                 kept.pop(key, None)
         if self.ground_truth is not None:
             self.ground_truth.retire(key)
+        self.quality.retire(key)
         if self.versions.retired == 1 or self.versions.retired % 1000 == 0:
             log.warning(
                 "drift %s: more than %d model versions; the least recently seen are retired (%d so far, now %s v%s)",
@@ -327,6 +334,7 @@ class DriftEngine:
         window = self._open.pop(key)
         result = self.score(window.counts, key, window.index, window.started, window.attribution, window.pca)
         result = self.judge.persist(key, result)  # which series drifted in m of the last n windows
+        self.quality.close(key, window.index, window.counts, self.reference)
         sliding = None
         if self.spec.sliding:
             recent = self._recent.setdefault(key, deque(maxlen=self.spec.sliding))

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from mlmirror.kernels.methods import DRIFT_METHODS
 from mlmirror.observing.drift.engine import DriftEngine, WindowResult
+from mlmirror.observing.drift.quality_report import QualityFamilies, quality_lines, quality_status
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.report_alarms import AlarmFamilies
 from mlmirror.observing.figures import json_number
@@ -119,8 +120,10 @@ class DriftCollector(Collector):
             "mlmirror_drift_reference_bins", "Reference counts per bin, for the series in export_bins.",
             labels=["route", "series", "bin"],
         )  # fmt: skip
+        qualities = QualityFamilies()
         alarms = AlarmFamilies()
         for engine in self._engines():
+            qualities.add(engine.route, engine.quality)
             # Read once: the worker publishes the reference (never changes it) meanwhile, and one scrape shows one.
             reference = engine.reference
             snapshot = engine.snapshot()
@@ -174,6 +177,7 @@ class DriftCollector(Collector):
         yield reference_rows
         yield from (quality, quality_rows, outcomes, pending, attribution_ndcg, attribution_detected, importance)
         yield from (pca_error, pca_detected, sliding_share, sliding_detected, window_bins, reference_bins)
+        yield from qualities.families()
 
 
 def _export_bins(
@@ -232,7 +236,15 @@ def drift_status(engine: DriftEngine) -> dict[str, object]:
         "sliding_windows": engine.spec.sliding,
         "history": [_summary(result) for result in snapshot["history"]],
         "ground_truth": _ground_truth(engine),
+        "quality": quality_status(engine.quality, snapshot["decode_errors"], _realized(engine)),
     }
+
+
+def _realized(engine: DriftEngine) -> dict[tuple[str, str], float]:
+    if engine.ground_truth is None:
+        return {}
+    latest = engine.ground_truth.snapshot()["latest"]
+    return {key: q.metrics["accuracy"] for key, q in latest.items() if "accuracy" in q.metrics}
 
 
 def _ground_truth(engine: DriftEngine) -> dict[str, object] | None:
@@ -371,6 +383,7 @@ def render_drift(status: Mapping) -> str:
             for q in truth["latest"]:
                 metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in q["metrics"].items())
                 lines.append(f"    {q['model']} v{q['version']} window {q['index']} ({q['rows']} rows): {metrics}")
+        lines += quality_lines(drift.get("quality"))
     return "\n".join(lines) if lines else "no drift monitoring configured"
 
 

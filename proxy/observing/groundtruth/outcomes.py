@@ -74,6 +74,8 @@ class GroundTruthStore:
         self.latest: dict[tuple[str, str], QualityResult] = {}
         self.history: deque[QualityResult] = deque(maxlen=history)
         self.results: dict[str, int] = dict.fromkeys(OUTCOME_RESULTS, 0)
+        #: called with (request id, key, outcomes) for each joined outcome, under the store's lock (drift.quality)
+        self.joined: Callable[[str, tuple[str, str], list], None] | None = None
         #: outcomes that came before their prediction (set by the feedback service): ``remember`` joins them
         self.park: OutcomePark | None = None
 
@@ -142,6 +144,8 @@ class GroundTruthStore:
                 else:
                     result = "matched"
                     self._add(key, predictions, truth)
+                    if self.joined is not None:
+                        self.joined(request_id, key, truth)
                 self._forget(request_id, joined=True)
             self.results[result] += 1
             return result
