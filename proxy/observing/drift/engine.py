@@ -25,7 +25,7 @@ from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.drift.attribution import AttributionState, AttributionTracker, tracker_for
 from mlmirror.observing.drift.binding import choose_input
 from mlmirror.observing.drift.judging import Judge
-from mlmirror.observing.drift.multivariate import PcaDrift, PcaState
+from mlmirror.observing.drift.multivariate import PcaDrift, PcaState, fit_pca
 from mlmirror.observing.drift.quality import QualityMonitor
 from mlmirror.observing.drift.reference import Reference, WindowCounts
 from mlmirror.observing.drift.schema import Rows, Schema, discover
@@ -246,8 +246,10 @@ class DriftEngine:
                 state = tracker.new_state()
                 tracker.add(state, rows.numeric)
                 tracker.baseline = tracker.importance(state)
-            self._fit_pca(rows)
-            size = max(1, round(self._window_rows(rows.numeric.shape[0] / max(self._captured_calls, 1))))
+            window_rows = self._window_rows(rows.numeric.shape[0] / max(self._captured_calls, 1))
+            if self.spec.multivariate is not None:  # fitted on the captured rows (a profile file holds none)
+                self.pca = fit_pca(self.spec.multivariate, rows.numeric[:, self._features()], window_rows, self.route)
+            size = max(1, round(window_rows))
             self.judge.calibrate(self.reference, self.schema, rows, size)
             self._captured = []
             log.info(
@@ -296,20 +298,6 @@ class DriftEngine:
     def _features(self) -> list[int]:
         assert self.schema is not None
         return [i for i, s in enumerate(self.schema.numeric) if s.kind == "feature"]
-
-    def _fit_pca(self, rows: Rows) -> None:
-        """The multivariate measure, fitted on the captured reference (a profile file holds no rows: then off)."""
-        spec = self.spec.multivariate
-        features = self._features()
-        if spec is None or len(features) < 2:
-            return
-        rows_per_call = rows.numeric.shape[0] / max(self._captured_calls, 1)
-        try:
-            self.pca = PcaDrift(
-                rows.numeric[:, features], self._window_rows(rows_per_call), variance=spec.variance, k=spec.k
-            )
-        except ValueError as exc:
-            log.warning("drift %s: no multivariate measure: %s", self.route, exc)
 
     def _attribution_tracker(self) -> AttributionTracker | None:
         """The tracker for ``spec.attribution``, once the schema is known; None when off or not possible."""

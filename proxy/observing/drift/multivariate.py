@@ -15,13 +15,17 @@ reference: its rows split into chunks, each chunk's error computed; drift is fla
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
+from mlmirror.config.schema_observing import Multivariate
 from mlmirror.observing.drift.scoring import MultivariateResult
 
-__all__ = ["PcaDrift", "PcaState"]
+__all__ = ["PcaDrift", "PcaState", "fit_pca"]
+
+log = logging.getLogger(__name__)
 
 _CHUNKS = 10
 
@@ -88,3 +92,15 @@ class PcaDrift:
         """The window's reconstruction error against the reference's, flagged above ``upper``."""
         error = self.error(state)
         return MultivariateResult(error, self.reference_error, self.upper, bool(error > self.upper))
+
+
+def fit_pca(spec: Multivariate, features: np.ndarray, window_rows: float, route: str) -> PcaDrift | None:
+    """The multivariate measure of ``spec`` fitted on reference rows of the numeric ``features``; None (logged)
+    with fewer than two features or when it cannot be fitted."""
+    if features.shape[1] < 2:
+        return None
+    try:
+        return PcaDrift(features, window_rows, variance=spec.variance, k=spec.k)
+    except ValueError as exc:
+        log.warning("drift %s: no multivariate measure: %s", route, exc)
+        return None
