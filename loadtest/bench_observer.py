@@ -7,8 +7,7 @@ One route (``iris`` -> the demo ``production`` model server, KServe V2 tensors: 
 features in, FP32 probabilities and INT64 labels out) behind mlmirror in five configurations:
 
 - nothing watched; 1 shadow at 100% (the ``candidate`` model, compared); drift only (windows of 1000 calls);
-  1 shadow + drift; the same with the shadow's copies over one ModelStreamInfer stream (``transport: stream``);
-  1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
+  1 shadow + drift; 1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
 
 Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``: ``mlmirror serve
 --single-process``), and ``serve --workers N`` (``workers``; ``--hub-workers``, default 1), where N serving workers
@@ -58,31 +57,26 @@ NONE = "nothing watched"
 SHADOW = "1 shadow, 100%"
 DRIFT = "drift only"
 BOTH = "1 shadow + drift"
-STREAMED = "1 shadow (transport: stream) + drift"
 HUNG = "hung shadow"
-#: configuration -> (shadow upstream or None, drift on?, the shadow's transport)
-CONFIGURATIONS: dict[str, tuple[str | None, bool, str]] = {
-    NONE: (None, False, "unary"), SHADOW: ("candidate", False, "unary"), DRIFT: (None, True, "unary"),
-    BOTH: ("candidate", True, "unary"), STREAMED: ("candidate", True, "stream"), HUNG: ("hung", False, "unary"),
+#: configuration -> (shadow upstream or None, drift on?)
+CONFIGURATIONS: dict[str, tuple[str | None, bool]] = {
+    NONE: (None, False), SHADOW: ("candidate", False), DRIFT: (None, True), BOTH: ("candidate", True),
+    HUNG: ("hung", False),
 }  # fmt: skip
 #: (configuration, measure) -> the largest ratio to nothing watched the issue allows
-TARGETS = {
-    (both, measure): target
-    for both in (BOTH, STREAMED)
-    for measure, target in (("saturation", 0.90), ("p99", 1.10), ("serving", 1.05), ("tree", 1.8))
-}
-TARGETS[HUNG, "p99"] = 1.05
+TARGETS = {(BOTH, "saturation"): 0.90, (BOTH, "p99"): 1.10, (HUNG, "p99"): 1.05, (BOTH, "serving"): 1.05,
+           (BOTH, "tree"): 1.8}  # fmt: skip
 OBSERVED_TARGET = 0.99
 
 
 def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, int], scheduling: str) -> None:
-    shadow, drift, transport = CONFIGURATIONS[name]
+    shadow, drift = CONFIGURATIONS[name]
     upstreams = [f"  production: {{address: 127.0.0.1:{backends['production']}, timeout: 2s}}"]
     route = ["  - name: iris", "    match: {model: iris}", "    primary: production"]
     if shadow is not None:
         circuit = ", circuit: {codes: []}" if shadow == "hung" else ""
         upstreams.append(f"  {shadow}: {{address: 127.0.0.1:{backends[shadow]}{circuit}}}")
-        route += [f"    shadows: [{{upstream: {shadow}, percent: 100, transport: {transport}, {SHADOW_LIMITS}}}]",
+        route += [f"    shadows: [{{upstream: {shadow}, percent: 100, {SHADOW_LIMITS}}}]",
                   "    compare: {classification: argmax, output: probabilities}"]  # fmt: skip
     if drift:
         route.append("    drift: {window: 1000, capture: 1000, bins: 10}")
@@ -117,7 +111,7 @@ class Observed:
             time.sleep(0.3)
 
     def __call__(self, system: System, when: str) -> None:
-        shadow, drift_on, _ = CONFIGURATIONS[system.name.split(" | ")[1]]
+        shadow, drift_on = CONFIGURATIONS[system.name.split(" | ")[1]]
         settle = shadow == "candidate" or drift_on  # a hung shadow's copies never settle: nothing to wait for
         if when == "before":
             self._before[system.name] = self._counts(system.name, settle)

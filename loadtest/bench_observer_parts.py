@@ -5,8 +5,7 @@
 Real KServe V2 calls like bench_observer's (FP32 [8, 4] in; FP32 [8, 3] probabilities and INT64 [8] labels out,
 answered by the demo models). In this process, interleaved rounds of:
 
-- a shadow copy, one unary call each (``transport: unary``) and as one message of a ModelStreamInfer stream
-  (``transport: stream``, proxy/observing/shadows/stream.py), to the demo ``candidate`` model server running at
+- a shadow copy (one unary call, as the mirror makes it) to the demo ``candidate`` model server running at
   ``nice -n 19`` in a process of its own (the stand-in for a remote machine), ``--inflight`` copies at a time;
 - the comparison of the shadow's answer with production's (``Comparator.compare``, both answers decoded);
 - the drift engine's work for one call (``DriftEngine.drain``: decoding, the window's counts; windows of 1000).
@@ -33,7 +32,6 @@ from mlmirror.handoff.tap import CallRecord
 from mlmirror.metrics import Metrics
 from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.shadows.compare import Comparator, ProductionAnswer
-from mlmirror.observing.shadows.stream import StreamCopies
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
 from mlmirror.serving.upstream import UpstreamTarget
@@ -73,18 +71,13 @@ def _records(calls: int, seed: int) -> list[CallRecord]:
     return out
 
 
-async def _copies(target: UpstreamTarget, requests: list[bytes], inflight: int, stream: StreamCopies | None) -> float:
-    """CPU seconds per copy of ``requests`` (unary calls, or messages of ``stream``); every copy must be OK."""
+async def _copies(target: UpstreamTarget, requests: list[bytes], inflight: int) -> float:
+    """CPU seconds per copy of ``requests``, unary calls ``inflight`` at a time; every copy must be OK."""
     limit = asyncio.Semaphore(inflight)
     stub = target.stub("unary_unary", MODEL_INFER)
 
     async def one(request: bytes) -> bytes:
         async with limit:
-            if stream is not None:
-                answer, code = await stream.send(request, 10.0)
-                if code is not grpc.StatusCode.OK or answer is None:
-                    raise RuntimeError(f"a streamed copy failed: {code.name}")
-                return answer
             return await stub(request, timeout=10.0)
 
     started = _cpu()
@@ -96,22 +89,16 @@ async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]
     config = parse_config(CONFIG.format(port=port))
     route = config.routes[0]
     target = UpstreamTarget(config.upstreams["candidate"], max_message_size=config.max_message_size, metrics=Metrics())
-    stream = StreamCopies(target, "candidate", (("x-mlmirror-shadow", "candidate"),))
     records = _records(args.calls, 0)
     requests = [r.request for r in records]
     shadow_answers = [await target.stub("unary_unary", MODEL_INFER)(r) for r in requests]
     comparator = Comparator(route.compare)
     assert route.drift is not None
     kernels.warm_up()
-    figures: dict[str, list[float]] = {"copy, transport: unary": [], "copy, transport: stream": [],
-                                       "comparison": [], "drift engine": []}  # fmt: skip
-    await _copies(target, requests[:500], args.inflight, None)  # warm-up: connections, streams, caches
-    await _copies(target, requests[:500], args.inflight, stream)
+    figures: dict[str, list[float]] = {"shadow copy": [], "comparison": [], "drift engine": []}
+    await _copies(target, requests[:500], args.inflight)  # warm-up: connections, caches
     for k in range(args.rounds):
-        order = [None, stream] if k % 2 == 0 else [stream, None]
-        for transport in order:
-            seconds = await _copies(target, requests, args.inflight, transport)
-            figures["copy, transport: " + ("stream" if transport else "unary")].append(seconds)
+        figures["shadow copy"].append(await _copies(target, requests, args.inflight))
         started = _cpu()
         for record, answer in zip(records, shadow_answers, strict=True):
             comparator.compare(ProductionAnswer(record.method, record.response or b""), answer)
@@ -126,7 +113,6 @@ async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]
         engine.drain()
         figures["drift engine"].append((_cpu() - started) / len(records))
         print(f"round {k + 1}/{args.rounds} done", file=sys.stderr)
-    await stream.close()
     await target.channel.close()
     return figures
 

@@ -9,6 +9,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import grpc
@@ -92,12 +95,9 @@ async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(t
             base = os.getpriority(os.PRIO_PROCESS, 0)  # the test's own niceness (higher when run under `nice`)
             assert os.getpriority(os.PRIO_PROCESS, first) == min(19, base + 10)  # it runs below the serving worker
             assert os.getpriority(os.PRIO_PROCESS, state["workers"][0]["pid"]) == base
-            assert state["observer"]["scheduling"] == "idle"
-            # session groups on: its group is niced to the lowest; every thread runs only on a CPU nothing else wants
-            assert autogroup_nice(first) in (None, "19")
-            policies = thread_policies(first)
-            assert len(policies) > 1
-            assert set(policies) == {os.SCHED_IDLE}
+            assert state["observer"]["scheduling"] == "nice"
+            assert autogroup_nice(first) in (None, "10")  # session groups on: its group is niced too
+            assert os.SCHED_IDLE not in set(thread_policies(first))
             await send(listen, 100, rng, "before")
 
             stop = asyncio.Event()
@@ -249,3 +249,25 @@ routes: [{{match: {{}}, primary: echo}}]
                 group.send_signal(signal.SIGTERM)
                 assert await call == b"slow:x"  # not killed after the old grace
             assert await asyncio.to_thread(group.wait, 90) == 0
+
+
+@pytest.mark.process
+def test_idle_scheduling_moves_every_thread_of_the_observer_to_sched_idle(tmp_path):
+    """``observer.scheduling: idle``, applied in a process of its own that already runs a second thread."""
+    group = tmp_path / "autogroup"
+    group.write_text("0\n")
+    code = textwrap.dedent(f"""
+        import os, threading, time
+        from pathlib import Path
+        from mlmirror.config import parse_config
+        from mlmirror.runtime.observer_process import _lower_priority
+        config = parse_config("observer: {{scheduling: idle}}\\nupstreams: {{p: 127.0.0.1:1}}\\n"
+                              "routes: [{{match: {{}}, primary: p}}]\\n")
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+        _lower_priority(config, autogroup=Path({str(group)!r}))
+        print(sorted({{os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([os.SCHED_IDLE])  # both threads
+    assert group.read_text().strip() == "19"

@@ -30,7 +30,6 @@ __all__ = [
     "HEALTH_CHECK_KINDS",
     "MODEL_INFER",
     "MODES",
-    "SHADOW_TRANSPORTS",
     "CircuitPolicy",
     "Compare",
     "Config",
@@ -53,7 +52,6 @@ HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
 DEMOTE_TO = ("shadow", "fallback", "none")
 MODES = ("proxy", "observer")
-SHADOW_TRANSPORTS = ("unary", "stream")
 #: Request metadata that shadow copies never carry unless a shadow's ``forward_metadata`` names it: credentials.
 CREDENTIAL_METADATA = ("authorization", "cookie", "proxy-authorization", "x-api-key")
 #: Where the ext_proc observer listens when ``mode: observer`` gives no ``listen``: Envoy runs beside it.
@@ -207,11 +205,6 @@ class Shadow:
     )  # fmt: skip
     forward_metadata: tuple[str, ...] = setting(
         (), "dropped metadata copies carry all the same (say `authorization`, for a shadow that checks it)"
-    )  # fmt: skip
-    transport: str = setting(
-        "unary", "`unary`: one call per copy; `stream`: ModelInfer copies as messages of one `ModelStreamInfer` "
-        "stream (Triton's streaming extension; cheaper, without the client's metadata; README, Shadow models)",
-        choices=SHADOW_TRANSPORTS,
     )  # fmt: skip
 
     @property

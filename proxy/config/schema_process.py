@@ -9,7 +9,7 @@ from mlmirror.config.keys import setting
 
 __all__ = ["OBSERVER_SCHEDULING", "Feedback", "Observer", "TlsClient", "TlsServer"]
 
-OBSERVER_SCHEDULING = ("idle", "nice")
+OBSERVER_SCHEDULING = ("nice", "idle")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,8 +40,9 @@ class Observer:
         maximum=19,
     )  # fmt: skip
     scheduling: str = setting(
-        "idle", "`idle`: its threads run only on a CPU nothing else wants (Linux `SCHED_IDLE`, its scheduling "
-        "group at nice 19); `nice`: only the niceness above", choices=OBSERVER_SCHEDULING,
+        "nice", "`nice`: the niceness above; `idle`: its threads run only on a CPU nothing else wants (Linux "
+        "`SCHED_IDLE`, its scheduling group at nice 19), which on a busy machine leaves copies unmade "
+        "(docs/BENCHMARKS.md)", choices=OBSERVER_SCHEDULING,
     )  # fmt: skip
 
 

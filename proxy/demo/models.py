@@ -15,13 +15,10 @@ echoing the request id, and implements the other KServe V2 methods.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from mlmirror.protocol.names import INFERENCE_SERVICE
-from mlmirror.protocol.wire import encode_bytes_field, encode_string_field
 from mlmirror.protos import inference_pb2, inference_pb2_grpc
 
 __all__ = ["CLASS_MEANS", "DemoModel", "MODELS", "ModelServicer", "sample_features", "serve_model"]
@@ -137,17 +134,6 @@ class ModelServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def _unknown(self, name: str) -> str:
         return f"unknown model {name!r}; this server has {self.model.name!r}"
 
-    async def stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
-        """Triton's ``ModelStreamInfer``: one ``ModelStreamInferResponse`` per request, in order; a bad request is
-        answered with its ``error_message`` (and its id), and the stream goes on."""
-        async for data in requests:
-            request = inference_pb2.ModelInferRequest.FromString(data)
-            try:
-                yield stream_response(self.answer(request).SerializeToString())
-            except RefusedError as exc:
-                partial = inference_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
-                yield stream_response(partial.SerializeToString(), f"{exc.code.name}: {exc.message}")
-
 
 class RefusedError(Exception):
     """A request the model refuses: the gRPC ``code`` and ``message`` to answer with."""
@@ -156,11 +142,6 @@ class RefusedError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def stream_response(response: bytes, error: str = "") -> bytes:
-    """A serialized ``ModelStreamInferResponse`` (Triton: ``error_message = 1``, ``infer_response = 2``)."""
-    return encode_string_field(1, error) + encode_bytes_field(2, response)
 
 
 def _features(request: inference_pb2.ModelInferRequest) -> np.ndarray:
@@ -200,10 +181,6 @@ async def serve_model(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = ModelServicer(model, aliases=aliases)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    streaming: dict[str, grpc.RpcMethodHandler] = {  # raw bytes in and out
-        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(servicer.stream_infer)
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE, streaming),))
     port = server.add_insecure_port(address)
     await server.start()
     return server, port

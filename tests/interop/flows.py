@@ -15,9 +15,9 @@ REQUEST_ID = "x-mlmirror-request-id"
 
 
 def one_route(peer: Peer, extra: str = "", *, primary: str | None = None, fallback: str | None = None,
-              shadow: bool = False, transport: str = "unary") -> str:  # fmt: skip
+              shadow: bool = False) -> str:  # fmt: skip
     """A config with one route for the peer's model: primary (the session's v1 server unless given), optional
-    fallback and v2 shadow (its copies by ``transport``), plus ``extra`` route keys (indented 4)."""
+    fallback and v2 shadow, plus ``extra`` route keys (indented 4)."""
     upstreams = {"v1": primary or peer.primary.address, "v2": peer.shadow.address}
     if fallback:
         upstreams["backup"] = fallback
@@ -29,9 +29,7 @@ def one_route(peer: Peer, extra: str = "", *, primary: str | None = None, fallba
     if fallback:
         lines.append("    fallback: [backup]")
     if shadow:
-        lines.append(
-            f"    shadows: [{{upstream: v2, queue_size: 1000, max_inflight: 8, timeout: 10s, transport: {transport}}}]"
-        )
+        lines.append("    shadows: [{upstream: v2, queue_size: 1000, max_inflight: 8, timeout: 10s}]")
     return "\n".join(lines) + "\n" + extra
 
 

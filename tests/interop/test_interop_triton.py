@@ -10,9 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.interop.flows import offline_agreement, one_route, rows, send_all, shadow_window
 from tests.interop.harness import SERVICE, infer_request, load_messages, raw_call, running_mlmirror
-from tests.interop.servers import Peer, triton_descriptors, wait_for
+from tests.interop.servers import Peer, triton_descriptors
 
 CATCH_ALL = """\
 upstreams:
@@ -89,19 +88,3 @@ def test_model_stream_infer_passes_through(triton_peer: Peer, triton_messages, t
     assert [a.error_message for a in answers] == [""] * len(requests)
     assert [a.infer_response.id for a in answers] == [f"stream-{i}" for i in range(len(requests))]
     assert all(a.infer_response.outputs[0].name == "probabilities" for a in answers)
-
-
-def test_shadow_copies_over_one_model_stream_infer_stream_agree_as_the_models_do(triton_peer: Peer, tmp_path: Path):
-    """``transport: stream`` against the real Triton: every copy answered on one stream, the same agreement as the
-    two versions asked directly."""
-    batches = rows(5, 4, 150)
-    extra = (f"    compare: {{classification: argmax, output: {triton_peer.output}}}\n"
-             "    promotion: {window: 10000, min_samples: 10}\n")  # fmt: skip
-    with running_mlmirror(one_route(triton_peer, extra, shadow=True, transport="stream"), tmp_path) as mirror:
-        send_all(mirror, triton_peer, batches, "streamed")
-        status = wait_for(lambda: shadow_window(mirror, triton_peer, len(batches)), 120, "every copy compared")
-    agree, n = offline_agreement(triton_peer, batches)
-    assert status["mirrored"] == {"OK": len(batches)}
-    assert status["comparisons"]["error"] == 0
-    assert status["window"]["samples"] == n
-    assert status["window"]["agreement"] == round(agree / n, 6)

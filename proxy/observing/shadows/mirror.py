@@ -48,10 +48,9 @@ from mlmirror.metrics import LATENCY_BUCKETS
 from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
 from mlmirror.observing.shadows.headers import ShadowHeaders
-from mlmirror.observing.shadows.stream import StreamCopies
 from mlmirror.observing.shadows.verdict import Outcome, Verdict, Window, WindowSummary, judge
 from mlmirror.protocol.kserve import TensorError
-from mlmirror.protocol.names import MODEL_INFER, SHADOW
+from mlmirror.protocol.names import SHADOW
 from mlmirror.serving.resilience import CircuitState
 from mlmirror.serving.sampling import sampled
 from mlmirror.serving.upstream import UpstreamTarget
@@ -124,8 +123,6 @@ class ShadowMirror:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._warned = False
-        #: ``transport: stream``: ModelInfer copies over one ModelStreamInfer stream (see ``stream``)
-        self._stream = StreamCopies(target, self.name, ((SHADOW, self.name),)) if spec.transport == "stream" else None
 
     def same_as(self, spec: Shadow, target: UpstreamTarget, compare: Compare, promotion: Promotion) -> bool:
         """Whether a reload may keep this mirror (and its statistics) for the given settings."""
@@ -210,8 +207,6 @@ class ShadowMirror:
 
     async def _copy(self, record: CallRecord, request: bytes) -> tuple[bytes | None, grpc.StatusCode]:
         """Send one copy: (the shadow's answer or None, its code)."""
-        if self._stream is not None and record.method == MODEL_INFER:
-            return await self._stream.send(request, self.spec.timeout)
         metadata = (*self._headers(record.metadata), (SHADOW, self.name))
         call = self.target.stub("unary_unary", record.method)(request, metadata=metadata, timeout=self.spec.timeout)
         try:
@@ -257,10 +252,6 @@ class ShadowMirror:
         self._queue.clear()
         for task in list(self._tasks):
             task.cancel()
-        if self._stream is not None:
-            stream = asyncio.get_running_loop().create_task(self._stream.close())
-            self._tasks.add(stream)
-            stream.add_done_callback(self._tasks.discard)
 
     @property
     def circuit_open(self) -> bool:
