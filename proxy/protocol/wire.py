@@ -8,7 +8,7 @@ payload size. Like a protobuf parser, it takes the *last* occurrence of a singul
 
 from __future__ import annotations
 
-__all__ = ["encode_bytes_field", "encode_string_field", "read_bytes_field", "read_string_field"]
+__all__ = ["read_string_field", "encode_string_field"]
 
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
 
@@ -19,16 +19,6 @@ def read_string_field(message: bytes, number: int) -> str | None:
     Never raises: malformed input (truncated varints, lengths past the end, group wire types, invalid UTF-8) gives
     None, and the message is forwarded untouched for the upstream to judge.
     """
-    found = read_bytes_field(message, number)
-    try:
-        return None if found is None else found.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def read_bytes_field(message: bytes, number: int) -> bytes | None:
-    """The bytes of top-level length-delimited field ``number`` (a string, bytes or sub-message) in ``message``,
-    or None when absent or the bytes are malformed; never raises."""
     found: bytes | None = None
     position = 0
     end = len(message)
@@ -61,8 +51,10 @@ def read_bytes_field(message: bytes, number: int) -> bytes | None:
                 position += 4
             else:
                 return None
-        return found if position == end else None
-    except IndexError:
+        if position != end or found is None:
+            return None
+        return found.decode("utf-8")
+    except (IndexError, UnicodeDecodeError):
         return None
 
 
@@ -84,11 +76,8 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
 def encode_string_field(number: int, value: str) -> bytes:
     """Serialize one length-delimited field; empty strings encode to nothing, as proto3 does."""
     data = value.encode("utf-8")
-    return encode_bytes_field(number, data) if data else b""
-
-
-def encode_bytes_field(number: int, data: bytes) -> bytes:
-    """Serialize one length-delimited field (bytes or a serialized sub-message), even when empty."""
+    if not data:
+        return b""
     return _encode_varint(number << 3 | _WIRE_LEN) + _encode_varint(len(data)) + data
 
 
