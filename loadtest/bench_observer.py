@@ -12,7 +12,7 @@ features in, FP32 probabilities and INT64 labels out) behind mlmirror in five co
 Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``: ``mlmirror serve
 --single-process``), and ``serve --workers N`` (``workers``; ``--hub-workers``, default 1), where N serving workers
 relay and hand watched calls over the door to the observing process, which makes the copies and runs the drift
-engine; ``workers-nice`` is the same with ``observer.scheduling: nice`` (niceness only, no ``SCHED_IDLE``). The
+engine; ``workers-idle`` is the same with ``observer.scheduling: idle`` (``SCHED_IDLE`` instead of the niceness). The
 shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
@@ -194,9 +194,9 @@ def _shape_rows(
 
 def run(args: argparse.Namespace, command: str) -> str:
     workers = ["--workers", str(args.hub_workers)]
-    every = {"lone": ("lone proxy", ["--single-process"], "idle"),
-             "workers": (f"--workers {args.hub_workers}", workers, "idle"),
-             "workers-nice": (f"--workers {args.hub_workers}, observer.scheduling: nice", workers, "nice")}  # fmt: skip
+    every = {"lone": ("lone proxy", ["--single-process"], "nice"),
+             "workers": (f"--workers {args.hub_workers}", workers, "nice"),
+             "workers-idle": (f"--workers {args.hub_workers}, observer.scheduling: idle", workers, "idle")}  # fmt: skip
     shapes = {every[key][0]: every[key][1:] for key in args.shapes}
     rows: list[str] = []
     notes: list[str] = []
@@ -286,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-workers", type=int, default=1, help="serving workers of the hub shape (default 1)")
     parser.add_argument("--profile", type=Path, help="py-spy the processes of '1 shadow + drift'; raw stacks here")
     parser.add_argument("--shapes", type=lambda text: text.split(","), default=["lone", "workers"],
-                        help="comma-separated: lone, workers (observer.scheduling: idle, the default), workers-nice "
-                        "(observer.scheduling: nice); default lone,workers")  # fmt: skip
+                        help="comma-separated: lone, workers (observer.scheduling: nice, the default), workers-idle "
+                        "(observer.scheduling: idle); default lone,workers")  # fmt: skip
     args = parser.parse_args(argv)
-    if not set(args.shapes) <= {"lone", "workers", "workers-nice"}:
-        parser.error("--shapes: lone, workers, workers-nice")
+    if not set(args.shapes) <= {"lone", "workers", "workers-idle"}:
+        parser.error("--shapes: lone, workers, workers-idle")
     if args.hub_workers < 1:
         parser.error("--hub-workers must be >= 1")
     if not 0 < args.load <= 1:
