@@ -27,7 +27,7 @@ from mlmirror.errors import ConfigError, StartError
 from mlmirror.eventloop import run
 from mlmirror.runtime.promotion import add_promote_argument
 
-__all__ = ["RESTART_BACKOFF", "Child", "announce", "child_parser", "lifeline_closed", "run_child"]
+__all__ = ["RESTART_BACKOFF", "Child", "announce", "child_parser", "lifeline_closed", "parse_answer", "run_child"]
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,23 @@ class Child:
             return 0, str(exc).encode() or b"no answer in time"
         finally:
             writer.close()
-        status_line, _, content = answer.partition(b"\r\n\r\n")
-        try:
-            return int(status_line.split(b" ", 2)[1]), content
-        except (IndexError, ValueError):
-            return 0, b"malformed answer"
+        return parse_answer(answer)
+
+
+def parse_answer(answer: bytes) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 answer read to its end; (0, reason) when it is malformed or shorter than its
+    Content-Length says (a child killed while it wrote)."""
+    head, _, content = answer.partition(b"\r\n\r\n")
+    status_line, *headers = head.split(b"\r\n")
+    try:
+        code = int(status_line.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return 0, b"malformed answer"
+    for line in headers:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit() and len(content) < int(value):
+            return 0, b"answer cut short (%d of %d bytes)" % (len(content), int(value))
+    return code, content
 
 
 async def _read_to_end(fd: int, limit: int = 65536) -> bytes:
