@@ -207,8 +207,10 @@ class Supervisor:
         (code, body), *answers = await asyncio.gather(
             *(c.ask("GET", "/status", self._token, timeout=_READ_TIMEOUT) for c in self.children)
         )
-        own = [json.loads(text) if status == 200 else None for status, text in answers]
-        status = json.loads(body) if code == 200 else next((s for s in own if s is not None), None)
+        own = [_json_state(status, text) for status, text in answers]
+        status = _json_state(code, body) or next((s for s in own if s is not None), None)
+        if code == 200 and status is None:
+            code, body = 0, b"its status was not JSON"
         if status is None:
             status = {"routes": [], "upstreams": {}}
         calls: dict[str, dict[str, int]]  # route -> code -> calls, summed over the workers
@@ -237,7 +239,7 @@ class Supervisor:
         status["observer"] = {
             "up": code == 200 and self.observer.up, "pid": self.observer.pid, "restarts": self.observer.restarts,
             "nice": self.config.observer.nice, "scheduling": self.config.observer.scheduling,
-            "lost_on_restart": _LOST_ON_RESTART,
+            "lost_on_restart": _LOST_ON_RESTART, "intake": status.pop("intake", None),
             **({} if code == 200 else {"error": body.decode(errors="replace")}),
         }  # fmt: skip
         status["listen"] = {"grpc": self.config.listen, "admin": self.config.admin, "workers": self.count}
@@ -326,3 +328,14 @@ async def _terminate(children: list[Child], grace: float) -> None:
 def _add(into: dict[str, int], counts: dict[str, int]) -> None:
     for key, value in counts.items():
         into[key] = into.get(key, 0) + value
+
+
+def _json_state(code: int, body: bytes) -> dict | None:
+    """A child's /status answer as a dict; None when it did not answer 200 with a JSON object."""
+    if code != 200:
+        return None
+    try:
+        state = json.loads(body)
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
