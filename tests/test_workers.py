@@ -68,6 +68,10 @@ async def process_group(config: Path, admin: int, log: Path, workers: int = 2) -
                      lambda s: s["exited"] or s["ready"], "the group to be ready", within=90)  # fmt: skip
         assert process.poll() is None, await asyncio.to_thread(log.read_text)
         yield process
+    except BaseException:
+        text = await asyncio.to_thread(log.read_text)
+        print(f"--- the group's log ({log}), last 8000 characters ---\n{text[-8000:]}")  # pytest shows it on failure
+        raise
     finally:
         if process.poll() is None:
             await asyncio.to_thread(stop_process, process, 30)
