@@ -3,7 +3,7 @@
 ``EchoServer`` is a small grpc.aio server with one method per call type; what it does on a call is set on the
 server object (``fail_with``, ``sleep``) or, for pass-through tests, by the request's metadata:
 
-    x-test-code: NAME       end the call with that status (details "echo failure")
+    x-test-code: NAME       end the call with that status (details "echo failure"); Bidi reads its requests first
     x-test-sleep: SECONDS   wait before answering
     x-test-initial: VALUE   send initial metadata x-initial: VALUE
     x-test-messages: N      ServerStream/Bidi: how many response messages (default 3)
@@ -141,7 +141,9 @@ class _EchoHandler(grpc.GenericRpcHandler):
         return b"|".join(record.requests)
 
     async def _bidi(self, requests, context, record, code, md):
-        if code is not None:
+        if code is not None:  # read the stream to its end first: a status sent while the client still writes
+            async for message in requests:  # can reach a grpc.aio client as INTERNAL (docs/RELIABILITY.md)
+                record.requests.append(message)
             await context.abort(code, f"echo failure from {self.owner.name}")
         async for message in requests:
             record.requests.append(message)
