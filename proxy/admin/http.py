@@ -30,6 +30,7 @@ _MAX_HEADERS = 64
 _MAX_BODY = 2**20
 _READ_TIMEOUT = 10.0  # seconds for a request's head and body
 _KEEPALIVE = 10.0  # seconds a kept-alive connection may stay idle
+_LINGER = 2.0  # seconds the rest of a body not taken (408, 413) is read and dropped, so the client reads the answer
 _MAX_CONNECTIONS = 128
 
 
@@ -124,7 +125,8 @@ class AdminServer:
                 return _Refuse()
             quiet: Any = None  # no access log (aiohttp's own way to say so, though its annotation wants a Logger)
             handler = _Connection(server, loop=loop, max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
-                                  max_headers=_MAX_HEADERS, keepalive_timeout=_KEEPALIVE, access_log=quiet)  # fmt: skip
+                                  max_headers=_MAX_HEADERS, keepalive_timeout=_KEEPALIVE, lingering_time=_LINGER,
+                                  access_log=quiet)  # fmt: skip
             return _Timed(handler, self._transports)
 
         self._listening = await loop.create_server(protocol, host.strip("[]") or None, int(port))
@@ -150,13 +152,21 @@ class AdminServer:
             self._listening = None
 
     async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
+        refused: web.Response | None
         try:
             async with asyncio.timeout(_READ_TIMEOUT):
                 body = await raw.read()
         except TimeoutError:
-            return _answer(Response.text("request not received in time", HTTPStatus.REQUEST_TIMEOUT))
+            refused = _answer(Response.text("request not received in time", HTTPStatus.REQUEST_TIMEOUT))
         except web.HTTPRequestEntityTooLarge:
-            return _answer(Response.text(f"body larger than {_MAX_BODY} bytes", 413))
+            refused = _answer(Response.text(f"body larger than {_MAX_BODY} bytes", 413))
+        else:
+            refused = None
+        if (
+            refused is not None
+        ):  # the rest of that body may still come: nothing after it on this connection is a request
+            refused.force_close()
+            return refused
         request = Request(
             method=raw.method, path=raw.path, query={name: raw.query.getall(name)[-1] for name in raw.query},
             headers={name.lower(): value for name, value in raw.headers.items()}, body=body,
