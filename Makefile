@@ -39,9 +39,12 @@ typecheck: $(STAMP)
 	  status=$$?; sed -e 's|^$(TYPECHECK)/mlmirror/kernels/|kernels/|' -e 's|^$(TYPECHECK)/mlmirror/protos/|protos/|' \
 	  -e 's|^$(TYPECHECK)/mlmirror/|proxy/|' $(TYPECHECK)/report; exit $$status
 
-# The fast loop: lint, types and the tests that start no process (those are marked slow or process), in about a minute.
+# The fast loop: lint, types and the tests that start no process (those are marked slow or process), in about a minute:
+# on two pytest-xdist workers (many of the tests wait on sockets and timers), with compiled bytecode kept between
+# runs even where the environment turns that off (an empty PYTHONDONTWRITEBYTECODE is off).
 check: lint
-	$(BIN)/python -m pytest -q -m "not slow and not process"
+	PYTHONDONTWRITEBYTECODE= HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q -n 2 --dist worksteal \
+	  -m "not slow and not process"
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest.bench_proxy
