@@ -12,7 +12,7 @@ import pytest
 from mlmirror.admin.dashboard import ASSETS
 from mlmirror.admin.history import History, quantile
 
-from tests.support import EchoServer, http_get, through_proxy
+from tests.support import EchoServer, http_get, through_proxy, wait_until
 
 
 def exposition(ok: float, buckets: dict[str, float]) -> bytes:
@@ -83,6 +83,24 @@ async def test_the_history_counts_what_happened_in_each_bucket_and_keeps_the_las
     later = history.snapshot(since=1055.0)  # what the page asks after its first answer: the rest
     assert [b["t"] for b in later["buckets"]] == [1050.0, 1060.0]
     assert len(later["windows"]["r"]) == 3  # windows that ended within REJOIN seconds, for their late quality
+
+
+async def test_the_history_is_sampled_once_a_bucket_until_a_page_asks_then_every_two_seconds():
+    target = Scripted()
+    history = History(target.status, target.exposition, dict, bucket=3600, buckets=3, every=2)
+    await history.start()
+    try:
+        await wait_until(lambda: history.latest != {}, within=30, what="the first sample")
+        assert not history.watched
+        assert history.pause == 3600  # nobody looks: one sample per bucket (an hour here)
+        target.calls = 7
+        history.snapshot()  # a page asks: that wakes the sampler at once
+        assert history.watched
+        assert history.pause == 2
+        await wait_until(lambda: history.latest["routes"][0]["calls"] == {"OK": 7}, within=30,
+                         what="a sample at the page's ask, not a bucket later")  # fmt: skip
+    finally:
+        await history.close()
 
 
 def test_quantiles_interpolate_within_a_bucket_like_prometheus():

@@ -85,7 +85,7 @@ def admin_server(
     token: str | None,
     thresholds: Callable[[], Mapping[str, float]] | None = None,
 ) -> AdminServer:
-    """The admin server of ``target``: its endpoints, and the dashboard with a history sampled every 2 s when
+    """The admin server of ``target``: its endpoints, and the dashboard with a history (proxy/admin/history.py) when
     ``thresholds`` (route -> required shadow agreement, from the config in force) is given; the internal endpoint
     of a serving worker has no dashboard."""
     routes: Sequence[Endpoint] = admin_endpoints(target, refused)

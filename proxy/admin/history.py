@@ -2,7 +2,10 @@
 ``/status`` and ``/metrics`` of the process serving the admin endpoint (the supervisor in the default shape, so it
 sees every worker and the observing process; the proxy itself with ``--single-process``).
 
-Every ``every`` seconds (2 s) one sample is taken; samples fold into ``bucket``-second buckets (10 s), of which the
+While the page is open (its history was asked for in the last ``WATCHED`` seconds) one sample is taken every
+``every`` seconds (2 s), otherwise one per bucket: the hour is kept either way, and the processes are asked for
+their status and metrics five times less often while nobody looks. Samples fold into ``bucket``-second buckets
+(10 s), of which the
 last ``buckets`` (360: one hour) are kept. A bucket holds, per route (at most ``MAX_ROUTES``), counts that happened
 in it (calls by code, by who served, fallbacks by reason, shadow copies dropped by reason), p50/p99 latency of
 production and each shadow, the last shadow verdict, and the group's health. Drift and ground-truth windows are
@@ -23,11 +26,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["MAX_ROUTES", "REJOIN", "History", "quantile"]
+__all__ = ["MAX_ROUTES", "REJOIN", "WATCHED", "History", "quantile"]
 
 log = logging.getLogger(__name__)
 
 MAX_ROUTES = 16
+WATCHED = 30.0  # seconds: after the page last asked for the history, it is still sampled every ``every`` seconds
 REJOIN = 600.0  # seconds: a window's ground-truth quality may arrive this long after it ended
 
 Status = Callable[[], Awaitable[dict[str, Any]]]
@@ -57,6 +61,8 @@ class History:
         self._last: dict[tuple, float] = {}  # cumulative counter values of the previous sample
         self._hist: dict[tuple[str, str], dict[float, float]] = {}  # the open bucket's latency histograms (deltas)
         self._task: asyncio.Task[None] | None = None
+        self._viewed = -math.inf  # time.monotonic() of the last snapshot
+        self._wake = asyncio.Event()
         self.latest: dict[str, Any] = {}
 
     async def start(self) -> None:
@@ -69,18 +75,33 @@ class History:
                 await self._task
             self._task = None
 
+    @property
+    def watched(self) -> bool:
+        """Whether the page asked for the history in the last ``WATCHED`` seconds."""
+        return time.monotonic() - self._viewed < WATCHED
+
+    @property
+    def pause(self) -> float:
+        """Seconds from one sample to the next: ``every`` while watched, else a bucket (at least ``every``)."""
+        return self.every if self.watched else max(self.every, self.bucket)
+
     async def _run(self) -> None:
         while True:
             try:
                 await self.sample()
             except Exception:
                 log.exception("dashboard history: a sample failed; trying again")
-            await asyncio.sleep(self.every)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):  # a page opened meanwhile wakes it
+                await asyncio.wait_for(self._wake.wait(), self.pause)
 
     def snapshot(self, since: float = 0.0) -> dict[str, Any]:
         """JSON-ready: the buckets still open at ``since`` (Unix seconds) or later, the drift windows that ended
         after ``since`` minus ``REJOIN`` seconds (ground truth joins a window late), the latest status. The page
         asks for everything once, then ``since`` its last bucket: a whole hour is about 1 MB of JSON."""
+        if not self.watched:
+            self._wake.set()  # sample again now, and every ``every`` seconds while the page keeps asking
+        self._viewed = time.monotonic()
         windows_after = since - REJOIN if since else 0.0
         return {
             "bucket_seconds": self.bucket,
