@@ -108,6 +108,13 @@ def test_defaults_apply_when_keys_are_absent():
     assert config.routes[0].fallback_on == DEFAULT_FALLBACK_CODES
 
 
+def test_the_cpu_pressure_limit_is_off_by_default_and_takes_a_share():
+    assert parse_config(MINIMAL).observer.cpu_pressure_limit is None
+    assert parse_config("observer: {cpu_pressure_limit: 0.8}\n" + MINIMAL).observer.cpu_pressure_limit == 0.8
+    assert parse_config("observer: {cpu_pressure_limit: off}\n" + MINIMAL).observer.cpu_pressure_limit is None
+    assert "must be <= 1.0" in str(_error("observer: {cpu_pressure_limit: 1.5}\n" + MINIMAL))
+
+
 def test_durations_and_sizes_take_units():
     config = parse_config(
         "shutdown_grace: 1.5m\nmax_message_size: 512KiB\nstream_replay_limit: 2MB\nadmin: off\n"

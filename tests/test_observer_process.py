@@ -96,6 +96,9 @@ async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(t
             assert os.getpriority(os.PRIO_PROCESS, first) == min(19, base + 10)  # it runs below the serving worker
             assert os.getpriority(os.PRIO_PROCESS, state["workers"][0]["pid"]) == base
             assert state["observer"]["scheduling"] == "nice"
+            intake = state["observer"]["intake"]
+            assert intake["shed"] == {"cpu_pressure": 0}  # shedding on CPU pressure is off by default
+            assert (intake["cpu_pressure"]["limit"], intake["cpu_pressure"]["shedding"]) == (None, False)
             assert autogroup_nice(first) in (None, "10")  # session groups on: its group is niced too
             assert os.SCHED_IDLE not in set(thread_policies(first))
             await send(listen, 100, rng, "before")

@@ -51,7 +51,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         "feedback": lambda n: _feedback(n, base),
         "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else shed_lag(n),
         "tls": lambda n: _tls_server(n, base),
-        "observer": lambda n: Observer(**read_section(n, Observer)[0]),
+        "observer": _observer,
         "method_types": lambda n: MappingProxyType(_method_types(n)),
         "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
         "routes": lambda n: n,  # read below, once the upstreams are known
@@ -106,6 +106,12 @@ def _check_feedback(values: dict, keys: dict[str, Located]) -> None:
         clients = keys["feedback"].dictionary()["clients"]
         raise clients.error("feedback.clients names client certificates, but the listener asks for none: set "
                             "tls.client_ca (mTLS)")  # fmt: skip
+
+
+def _observer(node: Located) -> Observer:
+    limit = schema_reader(Observer, "cpu_pressure_limit")
+    off = {"cpu_pressure_limit": lambda n: None if n.is_null() or n.scalar() in (False, "off") else limit(n)}
+    return Observer(**read_section(node, Observer, off)[0])
 
 
 def _admin_address(node: Located) -> str | None:

@@ -44,6 +44,12 @@ class Observer:
         "`SCHED_IDLE`, its scheduling group at nice 19), which on a busy machine leaves copies unmade "
         "(docs/BENCHMARKS.md)", choices=OBSERVER_SCHEDULING,
     )  # fmt: skip
+    cpu_pressure_limit: float | None = setting(
+        None, "while some task waited for a CPU more than this share of the last 0.25 s (Linux PSI, the "
+        "container's when it has its own), the calls handed over are dropped and counted (`cpu_pressure`), so "
+        "that the CPU goes to serving (docs/BENCHMARKS.md); `off`: shed only when behind", shown="off", minimum=0,
+        maximum=1,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,7 @@ from mlmirror.errors import StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.handoff.transport import HandoffReceiver
 from mlmirror.metrics import Metrics
+from mlmirror.observing.pressure import CpuPressure
 from mlmirror.runtime.children import announce, child_parser, lifeline_closed, run_child
 from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
@@ -40,11 +41,15 @@ FEEDBACK_SOCKET = "feedback.sock"
 
 class Deliveries:
     """Hands each received call to its route's observers in the hub's current route table (never raises: the tap
-    counts observer errors). Calls of a route the hub no longer has are counted ``unrouted``."""
+    counts observer errors). Calls of a route the hub no longer has are counted ``unrouted``; calls that arrive
+    while the CPU is under pressure (``observer.cpu_pressure_limit``) are dropped and counted in ``shed``."""
 
-    def __init__(self, hub_table: object, unrouted: Counter) -> None:
+    def __init__(self, hub_table: object, unrouted: Counter, pressure: CpuPressure, shed: Counter) -> None:
         self._hub = hub_table
         self._unrouted = unrouted
+        self._pressure = pressure
+        self._shed = shed.labels("cpu_pressure")
+        self.shed = 0
         self._cached: tuple[RouteTable | None, dict[str, RouteRuntime]] = (None, {})
 
     def __call__(self, record: CallRecord) -> None:
@@ -53,6 +58,12 @@ class Deliveries:
         if cached is not table:
             routes = {route.name: route for route in table.routes} if table is not None else {}
             self._cached = (table, routes)
+            if table is not None:  # a reload may change the limit
+                self._pressure.limit = table.config.observer.cpu_pressure_limit
+        if self._pressure.shedding:
+            self.shed += 1
+            self._shed.inc()
+            return
         route = routes.get(record.route)
         if route is not None and route.tap:
             route.tap.offer(record)
@@ -111,12 +122,21 @@ async def run_observer(
         "Received calls whose route the observing process does not have (a reload in between).",
         registry=metrics.registry,
     )
-    hub = Proxy(
-        config,
-        metrics=metrics,
-        role=Role("hub", listen=f"unix:{folder / FEEDBACK_SOCKET}", admin="127.0.0.1:0"),
-    )
+    shed = Counter(
+        "mlmirror_handoff_shed", "Calls the observing process received but did not observe, by reason.", ["reason"],
+        registry=metrics.registry,
+    )  # fmt: skip
+    pressure = CpuPressure(config.observer.cpu_pressure_limit)
+    deliveries: Deliveries | None = None
+
+    def intake() -> dict[str, object]:
+        return {"shed": {"cpu_pressure": deliveries.shed if deliveries else 0}, "cpu_pressure": pressure.snapshot()}
+
+    role = Role("hub", listen=f"unix:{folder / FEEDBACK_SOCKET}", admin="127.0.0.1:0", intake=intake)
+    hub = Proxy(config, metrics=metrics, role=role)
     await hub.start()
+    deliveries = Deliveries(hub, unrouted, pressure, shed)
+    pressure.start()
     socket = folder / HANDOFF_SOCKET
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()  # a previous observer's, if it was killed
@@ -124,7 +144,7 @@ async def run_observer(
         "mlmirror_handoff_malformed", "Damaged hand-off frames the observing process read, by worker.", ["worker"],
         registry=metrics.registry,
     )  # fmt: skip
-    receiver = HandoffReceiver(socket, Deliveries(hub, unrouted), lambda hello: None, received, malformed)
+    receiver = HandoffReceiver(socket, deliveries, lambda hello: None, received, malformed)
     try:
         await receiver.start()
     except OSError as exc:
@@ -145,6 +165,7 @@ async def run_observer(
         await hub.run_until_signalled()
     finally:
         watcher.cancel()
+        pressure.stop()
         await receiver.close()
         if orphaned.is_set():
             shutil.rmtree(folder, ignore_errors=True)  # nobody else is left to remove the sockets

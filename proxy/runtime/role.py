@@ -11,6 +11,7 @@ everything; the group splits the work:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ class Role:
     admin: str | None = None  # replaces the config's admin address (worker: an internal loopback port)
     handoff: HandoffSender | None = None  # worker: where watched routes' sampled answered calls go
     feedback_target: str | None = None  # worker: the hub's listener, for relayed Feedback calls
+    intake: Callable[[], dict[str, object]] | None = None  # hub: how it takes the calls handed over, for /status
 
     @property
     def worker(self) -> bool:

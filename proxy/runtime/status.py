@@ -82,6 +82,7 @@ def proxy_status(proxy: Proxy) -> dict[str, object]:
             "shedding_mirrors": lag.overloaded,
         },
         "promotions": proxy.promotions,
+        **({"intake": proxy.role.intake()} if proxy.role.intake is not None else {}),
     }
 
 

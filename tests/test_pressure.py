@@ -1,0 +1,120 @@
+"""CPU pressure (proxy/observing/pressure.py) and the observing process shedding on it (Deliveries)."""
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from mlmirror.handoff.tap import CallRecord
+from mlmirror.observing.pressure import PSI_FILES, CpuPressure, stall_microseconds
+from mlmirror.runtime.observer_process import Deliveries
+from prometheus_client import CollectorRegistry, Counter
+
+PSI = "some avg10=1.50 avg60=0.40 avg300=0.10 total={some}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+
+
+def write_psi(path: Path, some: int) -> None:
+    path.write_text(PSI.format(some=some))
+
+
+def test_the_some_line_total_is_read_and_anything_else_is_none(tmp_path):
+    psi = tmp_path / "cpu.pressure"
+    write_psi(psi, 123456)
+    assert stall_microseconds(psi) == 123456
+    assert stall_microseconds(tmp_path / "absent") is None
+    (tmp_path / "other").write_text("full avg10=0.00 total=7\n")
+    assert stall_microseconds(tmp_path / "other") is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_ratio_is_the_stalled_share_of_each_interval_and_sheds_above_the_limit(tmp_path):
+    psi, clock = tmp_path / "cpu.pressure", Clock()
+    write_psi(psi, 1_000_000)
+    pressure = CpuPressure(0.10, interval=3600, sources=[tmp_path / "absent", psi], clock=clock)
+    assert pressure.source == psi  # the first file that can be read
+    pressure.start()
+    assert pressure.ratio is None
+    assert not pressure.shedding
+    steps = [(0.5, 25_000), (0.5, 100_000), (0.25, 0), (2.0, 150_000)]  # (seconds, µs stalled in them)
+    total = 1_000_000
+    for seconds, stalled in steps:
+        clock.now += seconds
+        total += stalled
+        write_psi(psi, total)
+        pressure.sample()
+        assert pressure.ratio == pytest.approx(stalled / (seconds * 1e6))
+        assert pressure.shedding == (stalled / (seconds * 1e6) > 0.10)
+    pressure.limit = None  # a reload turned it off
+    clock.now += 1.0
+    write_psi(psi, total + 900_000)
+    pressure.sample()
+    assert pressure.ratio == pytest.approx(0.9)
+    assert not pressure.shedding
+    assert pressure.snapshot() == {"source": str(psi), "limit": None, "ratio": 0.9, "shedding": False}
+    pressure.stop()
+
+
+def test_without_pressure_information_nothing_is_shed(tmp_path):
+    pressure = CpuPressure(0.0, sources=[tmp_path / "absent"])
+    pressure.start()
+    assert pressure.source is None
+    assert not pressure.shedding
+    assert pressure.snapshot()["ratio"] is None
+
+
+@pytest.mark.skipif(not any(stall_microseconds(p) is not None for p in PSI_FILES), reason="this kernel has no PSI")
+async def test_the_machines_own_pressure_is_a_share():
+    pressure = CpuPressure(0.5, interval=0.05)
+    pressure.start()
+    await asyncio.sleep(0.2)
+    pressure.stop()
+    assert pressure.ratio is not None
+    assert 0.0 <= pressure.ratio <= 1.0
+
+
+def record(route: str) -> CallRecord:
+    return CallRecord(route, "/inference.GRPCInferenceService/ModelInfer", b"in", b"out", grpc.StatusCode.OK,
+                      "production", "primary", "id-1", (), 0.0, 0.001, 0.001)  # fmt: skip
+
+
+async def test_deliveries_drop_and_count_the_calls_that_arrive_under_pressure(tmp_path):
+    psi, clock = tmp_path / "cpu.pressure", Clock()
+    write_psi(psi, 0)
+    taken: list[CallRecord] = []
+    route = SimpleNamespace(name="iris", tap=SimpleNamespace(offer=taken.append))
+    config = SimpleNamespace(observer=SimpleNamespace(cpu_pressure_limit=0.2))
+    hub = SimpleNamespace(table=SimpleNamespace(routes=[route], config=config))
+    registry = CollectorRegistry()
+    unrouted = Counter("unrouted", "", registry=registry)
+    shed = Counter("shed", "", ["reason"], registry=registry)
+    pressure = CpuPressure(0.5, interval=3600, sources=[psi], clock=clock)
+    deliveries = Deliveries(hub, unrouted, pressure, shed)
+    deliveries(record("iris"))
+    assert pressure.limit == 0.2  # taken from the hub's config
+    assert len(taken) == 1
+    pressure.start()
+    clock.now += 1.0
+    write_psi(psi, 300_000)  # 0.3 of the last second stalled: above the config's 0.2, below the 0.5 it started with
+    pressure.sample()
+    assert pressure.shedding
+    for _ in range(3):
+        deliveries(record("iris"))
+    assert len(taken) == 1
+    assert deliveries.shed == 3
+    assert registry.get_sample_value("shed_total", {"reason": "cpu_pressure"}) == 3
+    clock.now += 1.0
+    write_psi(psi, 400_000)
+    pressure.sample()
+    pressure.stop()
+    deliveries(record("iris"))
+    deliveries(record("gone"))
+    assert len(taken) == 2
+    assert registry.get_sample_value("unrouted_total") == 1
