@@ -12,8 +12,9 @@ features in, FP32 probabilities and INT64 labels out) behind mlmirror in five co
 Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``: ``mlmirror serve
 --single-process``), and ``serve --workers N`` (``workers``; ``--hub-workers``, default 1), where N serving workers
 relay and hand watched calls over the door to the observing process, which makes the copies and runs the drift
-engine; ``workers-idle`` is the same with ``observer.scheduling: idle`` (``SCHED_IDLE`` instead of the niceness). The
-shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at normal priority.
+engine; the other ``workers-*`` shapes are the same with one observer setting changed (``SHAPES``): shedding on
+CPU pressure (``cpu_pressure_limit``), ``SCHED_IDLE`` instead of the niceness (``scheduling: idle``). The shadow
+model servers (candidate and hung) run at ``nice -n 19``; production and h2load at normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
 is the fixed load for every configuration of that shape. Then rounds (configurations interleaved, order rotated):
@@ -67,9 +68,15 @@ CONFIGURATIONS: dict[str, tuple[str | None, bool]] = {
 TARGETS = {(BOTH, "saturation"): 0.90, (BOTH, "p99"): 1.10, (HUNG, "p99"): 1.05, (BOTH, "serving"): 1.05,
            (BOTH, "tree"): 1.8}  # fmt: skip
 OBSERVED_TARGET = 0.99
+#: the ``serve --workers N`` shapes: name -> the observer keys they set (YAML flow mapping entries)
+SHAPES = {
+    "workers": "",
+    "workers-pressure": "cpu_pressure_limit: 0.8",
+    "workers-idle": "scheduling: idle",
+}
 
 
-def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, int], scheduling: str) -> None:
+def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, int], observer: str) -> None:
     shadow, drift = CONFIGURATIONS[name]
     upstreams = [f"  production: {{address: 127.0.0.1:{backends['production']}, timeout: 2s}}"]
     route = ["  - name: iris", "    match: {model: iris}", "    primary: production"]
@@ -81,7 +88,7 @@ def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, 
     if drift:
         route.append("    drift: {window: 1000, capture: 1000, bins: 10}")
     lines = [f"listen: 127.0.0.1:{listen}", f"admin: 127.0.0.1:{admin}", "mirror_shed_lag: off",
-             f"observer: {{scheduling: {scheduling}}}", "upstreams:"]  # fmt: skip
+             f"observer: {{{observer}}}", "upstreams:"]  # fmt: skip
     path.write_text("\n".join([*lines, *upstreams, "routes:", *route, ""]))
 
 
@@ -194,9 +201,9 @@ def _shape_rows(
 
 def run(args: argparse.Namespace, command: str) -> str:
     workers = ["--workers", str(args.hub_workers)]
-    every = {"lone": ("lone proxy", ["--single-process"], "nice"),
-             "workers": (f"--workers {args.hub_workers}", workers, "nice"),
-             "workers-idle": (f"--workers {args.hub_workers}, observer.scheduling: idle", workers, "idle")}  # fmt: skip
+    every = {"lone": ("lone proxy", ["--single-process"], "")}
+    for shape, keys in SHAPES.items():
+        every[shape] = (f"--workers {args.hub_workers}" + (f", observer: {{{keys}}}" if keys else ""), workers, keys)
     shapes = {every[key][0]: every[key][1:] for key in args.shapes}
     rows: list[str] = []
     notes: list[str] = []
@@ -216,7 +223,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                                                 nice=19))  # fmt: skip
             for port in backends.values():
                 wait_for_port(port)
-            for shape, (flags, scheduling) in shapes.items():
+            for shape, (flags, observer_keys) in shapes.items():
                 grouped = flags[0] == "--workers"
                 systems: list[System] = []
                 admins: dict[str, int] = {}
@@ -224,7 +231,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                     for name in CONFIGURATIONS:
                         listen, admin = free_port(), free_port()
                         path = folder / f"{len(all_systems) + len(systems)}.yaml"
-                        _config(path, name, listen, admin, backends, scheduling)
+                        _config(path, name, listen, admin, backends, observer_keys)
                         process = stack.enter_context(python_process("-m", "mlmirror", "serve", "--config",
                                                                      str(path), *flags))  # fmt: skip
                         wait_for_port(listen, 60)
@@ -286,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-workers", type=int, default=1, help="serving workers of the hub shape (default 1)")
     parser.add_argument("--profile", type=Path, help="py-spy the processes of '1 shadow + drift'; raw stacks here")
     parser.add_argument("--shapes", type=lambda text: text.split(","), default=["lone", "workers"],
-                        help="comma-separated: lone, workers (observer.scheduling: nice, the default), workers-idle "
-                        "(observer.scheduling: idle); default lone,workers")  # fmt: skip
+                        help="comma-separated: lone, " + ", ".join(f"{shape} ({keys or 'the default observer'})"
+                        for shape, keys in SHAPES.items()) + "; default lone,workers")  # fmt: skip
     args = parser.parse_args(argv)
-    if not set(args.shapes) <= {"lone", "workers", "workers-idle"}:
-        parser.error("--shapes: lone, workers, workers-idle")
+    if not set(args.shapes) <= {"lone", *SHAPES}:
+        parser.error(f"--shapes: lone, {', '.join(SHAPES)}")
     if args.hub_workers < 1:
         parser.error("--hub-workers must be >= 1")
     if not 0 < args.load <= 1:

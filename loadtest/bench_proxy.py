@@ -35,6 +35,7 @@ from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
 from mlmirror.protocol.names import MODEL_INFER
 
+from .bench_workers import _group_pids
 from .h2load import ProcessCPU, grpc_frame, run_h2load
 from .ports import free_port, wait_for_port
 from .processes import python_process
@@ -50,15 +51,22 @@ class System:
     p99_ms: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
     saturated_rate: list[float] = field(default_factory=list)
+    parts: dict[str, int] = field(default_factory=dict)  # label -> pid of each process of a group (mlmirror serve)
+    parts_cpu_us: dict[str, list[float]] = field(default_factory=dict)  # label -> CPU per call, each round
 
 
 def _measure(system: System, body: Path, args: argparse.Namespace) -> None:
     run_h2load(system.port, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
     cpu = ProcessCPU(system.pid, tree=True) if system.pid else None
+    parts = {label: ProcessCPU(pid) for label, pid in system.parts.items()}
     before = cpu.seconds() if cpu else 0.0
+    parts_before = {label: part.seconds() for label, part in parts.items()}
     fixed = run_h2load(system.port, MODEL_INFER, body, calls=args.calls, connections=4, rate=args.rate)
     if cpu:
         system.cpu_us.append((cpu.seconds() - before) / fixed.calls * 1e6)
+    for label, part in parts.items():
+        used = (part.seconds() - parts_before[label]) / fixed.calls * 1e6
+        system.parts_cpu_us.setdefault(label, []).append(used)
     if fixed.failed:
         raise RuntimeError(f"{system.name}: {fixed.failed} calls failed at the fixed rate")
     system.p50_ms.append(fixed.percentile_ms(50))
@@ -132,6 +140,9 @@ def run(args: argparse.Namespace) -> str:
             ]
             if args.only:
                 systems = [s for s in systems if any(word in s.name for word in args.only)]
+            for system in systems:
+                if system.name == MLMIRROR:
+                    system.parts = {"supervisor": running[MLMIRROR].pid, **_group_pids(ports["admin"])}
             for round_ in range(args.rounds):
                 for system in systems:
                     _measure(system, body, args)
@@ -166,6 +177,12 @@ def _table(systems: list[System], args: argparse.Namespace, body_size: int) -> s
         else:
             row += "— | " + "— | " * len(references)
         lines.append(row.rstrip())
+    for s in systems:
+        if s.parts_cpu_us:
+            lines += ["", f"{s.name}, CPU per call by process, µs: median (range)", "",
+                      "| process | CPU per call (µs) |", "|---|---:|"]  # fmt: skip
+            lines += [f"| {label} | {med(used):.0f} ({min(used):.0f}-{max(used):.0f}) |"
+                      for label, used in s.parts_cpu_us.items()]  # fmt: skip
     return "\n".join(lines)
 
 
