@@ -8,7 +8,9 @@ is driven by the same load generator (h2load) with the same request (a framed Mo
 - direct: the model server itself;
 - floor (asyncio), floor (uvloop): ``loadtest/floor_proxy.py``, a dozen-line grpc.aio pass-through;
 - transparent floor: the same with only what transparency requires (metadata, deadline, status, trailers);
-- mlmirror: ``mlmirror serve`` with a fallback upstream configured.
+- mlmirror: ``mlmirror serve`` with a fallback upstream configured (the default shape: a supervisor, one serving
+  worker and the observing process; its CPU is also given by process), and the same config with
+  ``--single-process`` (one process relays and would observe).
 
 Per system and round, at a fixed offered load (``--rate``): latency p50/p99 and the proxy process's CPU time per
 call (user + system, all threads, from /proc); then, closed loop, throughput at saturation. Rounds interleave the
@@ -97,9 +99,10 @@ FLOOR_ASYNCIO = "floor: grpc.aio pass-through (asyncio)"
 FLOOR_UVLOOP = "floor: grpc.aio pass-through (uvloop)"
 TRANSPARENT = "transparent floor: + metadata, deadline, trailers (uvloop)"
 MLMIRROR = "mlmirror (fallback configured)"
+MLMIRROR_LONE = "mlmirror --single-process (the same)"
 
 
-def _proxies(ports: dict[str, int], config: Path) -> dict[str, tuple[list[str], int]]:
+def _proxies(ports: dict[str, int], config: Path, lone: Path) -> dict[str, tuple[list[str], int]]:
     """The measured proxies: name -> (command line after the Python interpreter, listening port)."""
     backend = f"127.0.0.1:{ports['backend']}"
     floor = ["-m", "loadtest.floor_proxy"]
@@ -111,6 +114,7 @@ def _proxies(ports: dict[str, int], config: Path) -> dict[str, tuple[list[str], 
             ports["transparent"],
         ),
         MLMIRROR: (["-m", "mlmirror", "serve", "--config", str(config)], ports["mlmirror"]),
+        MLMIRROR_LONE: (["-m", "mlmirror", "serve", "--config", str(lone), "--single-process"], ports["lone"]),
     }
 
 
@@ -122,12 +126,24 @@ def run(args: argparse.Namespace) -> str:
         body_size = body.stat().st_size
         ports = {
             name: free_port()
-            for name in ("backend", "fallback", "floor", "floor_uv", "transparent", "mlmirror", "admin")
+            for name in (
+                "backend",
+                "fallback",
+                "floor",
+                "floor_uv",
+                "transparent",
+                "mlmirror",
+                "admin",
+                "lone",
+                "lone_admin",
+            )
         }
         config = Path(tmp) / "mlmirror.yaml"
         _mlmirror_config(config, ports["mlmirror"], ports["admin"], ports["backend"], ports["fallback"])
+        lone = Path(tmp) / "lone.yaml"
+        _mlmirror_config(lone, ports["lone"], ports["lone_admin"], ports["backend"], ports["fallback"])
         model = ("-m", "mlmirror", "model-server", "--listen")
-        proxies = _proxies(ports, config)
+        proxies = _proxies(ports, config, lone)
         with contextlib.ExitStack() as stack:
             stack.enter_context(python_process(*model, f"127.0.0.1:{ports['backend']}", "--model", "production"))
             stack.enter_context(python_process(*model, f"127.0.0.1:{ports['fallback']}", "--model", "baseline"))
@@ -147,9 +163,11 @@ def run(args: argparse.Namespace) -> str:
                 for system in systems:
                     _measure(system, body, args)
                     print(f"round {round_ + 1}/{args.rounds}: {system.name} done", file=sys.stderr, flush=True)
-            codes = _calls_by_code(ports["admin"])
-    if set(codes) != {"OK"}:
-        raise RuntimeError(f"mlmirror answered calls with other statuses: {codes}")
+            admins = {MLMIRROR: ports["admin"], MLMIRROR_LONE: ports["lone_admin"]}
+            codes = {s.name: _calls_by_code(admins[s.name]) for s in systems if s.name in admins}
+    for name, by_code in codes.items():
+        if set(by_code) != {"OK"}:
+            raise RuntimeError(f"{name} answered calls with other statuses: {by_code}")
     return _table(systems, args, body_size)
 
 

@@ -21,18 +21,24 @@ def test_bench_proxy_prints_its_table():
         capture_output=True, text=True, cwd=REPO, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    names = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]
+    systems, processes = (
+        [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        for table in result.stdout.split("CPU per call by process")
+    )
+    names = [row.split(" | ")[0].lstrip("| ") for row in systems]
     assert names == [
         "direct (the model server)",
         "floor: grpc.aio pass-through (asyncio)",
         "floor: grpc.aio pass-through (uvloop)",
         "transparent floor: + metadata, deadline, trailers (uvloop)",
         "mlmirror (fallback configured)",
+        "mlmirror --single-process (the same)",
     ]
-    mlmirror = rows[-1].split(" | ")
-    assert float(mlmirror[1]) > 0  # throughput
-    assert mlmirror[4].split(" ")[0].isdigit()  # CPU µs per call
+    for mlmirror in (row.split(" | ") for row in systems[-2:]):
+        assert float(mlmirror[1]) > 0  # throughput
+        assert mlmirror[4].split(" ")[0].isdigit()  # CPU µs per call
+    assert [row.split(" | ")[0].lstrip("| ") for row in processes] == ["supervisor", "observer", "worker 0"]
+    assert all(row.split(" | ")[1].split(" ")[0].isdigit() for row in processes)
 
 
 def test_bench_envoy_compares_both_modes_with_the_envoy_anchors(tmp_path):
