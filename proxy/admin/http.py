@@ -162,10 +162,8 @@ class AdminServer:
             refused = _answer(Response.text(f"body larger than {_MAX_BODY} bytes", 413))
         else:
             refused = None
-        if (
-            refused is not None
-        ):  # the rest of that body may still come: nothing after it on this connection is a request
-            refused.force_close()
+        if refused is not None:
+            refused.force_close()  # the rest of that body may still come: nothing after it here is a request
             return refused
         request = Request(
             method=raw.method, path=raw.path, query={name: raw.query.getall(name)[-1] for name in raw.query},

@@ -208,9 +208,11 @@ class Supervisor:
             *(c.ask("GET", "/status", self._token, timeout=_READ_TIMEOUT) for c in self.children)
         )
         own = [_json_state(status, text) for status, text in answers]
-        status = _json_state(code, body) or next((s for s in own if s is not None), None)
+        status = _json_state(code, body)
         if code == 200 and status is None:
             code, body = 0, b"its status was not JSON"
+        if status is None:  # the observer cannot say: the routes and upstreams as a worker sees them
+            status = next((s for s in own if s is not None), None)
         if status is None:
             status = {"routes": [], "upstreams": {}}
         calls: dict[str, dict[str, int]]  # route -> code -> calls, summed over the workers
