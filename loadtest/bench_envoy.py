@@ -56,7 +56,8 @@ def _settled_samples(admin: int, within: float = 15.0) -> list[Sample]:
     while True:
         samples = metric_samples(admin)
         observed = by_label(samples, "mlmirror_extproc_streams_total", "outcome").get("observed")
-        settled = total(samples, "mlmirror_extproc_active_streams") == 0 and observed == previous
+        active = total(samples, "mlmirror_extproc_active_streams")
+        settled = observed is not None and observed == previous and not active  # None: the worker did not answer
         if settled or time.monotonic() > deadline:
             return samples
         previous = observed

@@ -8,11 +8,21 @@ import time
 __all__ = ["free_port", "wait_for_port"]
 
 
+_GIVEN: set[int] = set()  # every port free_port() has returned in this process
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago, and that this process was not given before.
+
+    The kernel may hand the same free port to two binds in a row; two servers told the same port would then share it
+    (Envoy listens with SO_REUSEPORT) and split each other's connections."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
