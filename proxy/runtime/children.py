@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,10 @@ from mlmirror.errors import ConfigError, StartError
 from mlmirror.eventloop import run
 from mlmirror.runtime.promotion import add_promote_argument
 
-__all__ = ["RESTART_BACKOFF", "Child", "announce", "child_parser", "lifeline_closed", "parse_answer", "run_child"]
+__all__ = [
+    "RESTART_BACKOFF", "Child", "announce", "child_parser", "lifeline_closed", "parse_answer", "run_child",
+    "serve_child",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +235,34 @@ _announced: set[int] = set()  # hello pipes written (and closed) by this process
 async def lifeline_closed(fd: int) -> None:
     """Return when the supervisor lets go of the lifeline (it stopped us, or it died)."""
     await _read_to_end(fd)
+
+
+async def serve_child(
+    name: str,
+    serve: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    lifeline_fd: int,
+    folder: Path,
+    cleanup: Callable[[], Awaitable[None]],
+) -> None:
+    """Run ``serve`` (until a signal) in child ``name``; when the supervisor goes away (the lifeline closes),
+    ``stop`` it. ``cleanup`` runs either way; an orphan then removes the socket folder, as nobody else is left to."""
+    orphaned = asyncio.Event()
+
+    async def stop_when_the_supervisor_goes() -> None:
+        await lifeline_closed(lifeline_fd)
+        log.error("%s: the supervisor went away; stopping", name)
+        orphaned.set()
+        await stop()
+
+    watcher = asyncio.get_running_loop().create_task(stop_when_the_supervisor_goes())
+    try:
+        await serve()
+    finally:
+        watcher.cancel()
+        await cleanup()
+        if orphaned.is_set():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def child_parser(module: str, description: str) -> argparse.ArgumentParser:

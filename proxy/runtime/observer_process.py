@@ -10,11 +10,9 @@ have drained) or when the supervisor goes away (its lifeline closes).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from mlmirror.handoff.tap import CallRecord
 from mlmirror.handoff.transport import HandoffReceiver
 from mlmirror.metrics import Metrics
 from mlmirror.observing.pressure import CpuPressure
-from mlmirror.runtime.children import announce, child_parser, lifeline_closed, run_child
+from mlmirror.runtime.children import announce, child_parser, run_child, serve_child
 from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
 from mlmirror.runtime.role import Role
@@ -152,23 +150,11 @@ async def run_observer(
         raise StartError(f"cannot listen for the hand-off on {socket}: {exc}") from None
     announce(hello_fd, pid=os.getpid(), admin_port=hub.admin_port)
 
-    orphaned = asyncio.Event()
-
-    async def stop_when_the_supervisor_goes() -> None:
-        await lifeline_closed(lifeline_fd)
-        log.error("observer: the supervisor went away; stopping")
-        orphaned.set()
-        await hub.stop(grace=0)
-
-    watcher = asyncio.get_running_loop().create_task(stop_when_the_supervisor_goes())
-    try:
-        await hub.run_until_signalled()
-    finally:
-        watcher.cancel()
+    async def cleanup() -> None:
         pressure.stop()
         await receiver.close()
-        if orphaned.is_set():
-            shutil.rmtree(folder, ignore_errors=True)  # nobody else is left to remove the sockets
+
+    await serve_child("observer", hub.run_until_signalled, lambda: hub.stop(grace=0), lifeline_fd, folder, cleanup)
 
 
 def main(argv: list[str] | None = None) -> int:

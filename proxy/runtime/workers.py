@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mlmirror.handoff.transport import HandoffSender
 from mlmirror.metrics import Metrics
-from mlmirror.runtime.children import announce, child_parser, lifeline_closed, run_child
+from mlmirror.runtime.children import announce, child_parser, run_child, serve_child
 from mlmirror.runtime.observer_process import FEEDBACK_SOCKET, HANDOFF_SOCKET
 from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
@@ -71,23 +70,11 @@ async def run_worker(
     connection = loop.create_task(sender.keep_connected({"index": index, "pid": os.getpid()}))
     announce(hello_fd, pid=os.getpid(), admin_port=proxy.admin_port, grpc_port=proxy.grpc_port)
 
-    orphaned = asyncio.Event()
-
-    async def stop_when_the_supervisor_goes() -> None:
-        await lifeline_closed(lifeline_fd)
-        log.error("worker %d: the supervisor went away; stopping", index)
-        orphaned.set()
-        await proxy.stop()
-
-    watcher = loop.create_task(stop_when_the_supervisor_goes())
-    try:
-        await proxy.run_until_signalled()
-    finally:
-        watcher.cancel()
+    async def cleanup() -> None:
         connection.cancel()
         await sender.close()
-        if orphaned.is_set():
-            shutil.rmtree(folder, ignore_errors=True)  # nobody else is left to remove the sockets
+
+    await serve_child(f"worker {index}", proxy.run_until_signalled, proxy.stop, lifeline_fd, folder, cleanup)
 
 
 def main(argv: list[str] | None = None) -> int:
