@@ -40,6 +40,7 @@ from mlmirror.protos import feedback_pb2, inference_pb2, inference_pb2_grpc
 from mlmirror.runtime.proxy import Proxy
 
 from loadtest.envoy import running_envoy
+from loadtest.ports import free_port
 
 ECHO = "/test.Echo/"
 REPO = Path(__file__).resolve().parent.parent
@@ -226,6 +227,29 @@ async def running_proxy(config_yaml: str, **kwargs) -> AsyncIterator[Proxy]:
         yield proxy
     finally:
         await proxy.stop(grace=0)
+
+
+def config_file(folder: Path, body: str) -> tuple[Path, int, int]:
+    """``folder``/mlmirror.yaml: a listen and an admin address on free loopback ports, then ``body``; (the path, the
+    listen port, the admin port)."""
+    listen, admin = free_port(), free_port()
+    path = folder / "mlmirror.yaml"
+    path.write_text(f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\n{body.lstrip()}")
+    return path, listen, admin
+
+
+@contextlib.asynccontextmanager
+async def guarded_proxy(folder: Path, token: str) -> AsyncIterator[str]:
+    """A running proxy (one route to an echo server) whose admin endpoint needs the bearer ``token`` (written to a
+    file in ``folder``); yields the admin endpoint's base URL."""
+    (folder / "token").write_text(f"{token}\n")
+    text = f"""
+    admin_token_file: {folder / "token"}
+    upstreams: {{p: PRIMARY}}
+    routes: [{{match: {{}}, primary: p}}]
+    """
+    async with EchoServer("p") as primary, through_proxy(text.replace("PRIMARY", primary.address)) as (proxy, _):
+        yield f"http://127.0.0.1:{proxy.admin_port}"
 
 
 @contextlib.asynccontextmanager

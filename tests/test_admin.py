@@ -21,7 +21,7 @@ from mlmirror.observing.shadows.promotion import PromotionError, UnknownNameErro
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
-from tests.support import ECHO, REPO, EchoServer, http_get, promtool_accepts, through_proxy, wait_until
+from tests.support import ECHO, REPO, EchoServer, guarded_proxy, http_get, promtool_accepts, through_proxy, wait_until
 
 REQUIRED_METRICS = {
     "mlmirror_requests": ("route", "upstream", "role", "grpc_code"),
@@ -172,44 +172,36 @@ async def test_the_admin_endpoint_can_be_turned_off(admin: str):
 
 @pytest.mark.process
 async def test_an_admin_token_guards_every_endpoint_but_the_probes(tmp_path):
-    (tmp_path / "token").write_text("s3cret-token\n")
-    async with EchoServer("p") as primary:
-        text = f"""
-        admin_token_file: {tmp_path / "token"}
-        upstreams: {{p: {primary.address}}}
-        routes: [{{match: {{}}, primary: p}}]
-        """
-        async with through_proxy(text) as (proxy, _):
-            base = f"http://127.0.0.1:{proxy.admin_port}"
+    async with guarded_proxy(tmp_path, "s3cret-token") as base:
 
-            def get_with(path: str, token: str | None, method: str = "GET") -> tuple[int, str, str]:
-                request = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
-                if token is not None:
-                    request.add_header("Authorization", f"Bearer {token}")
-                try:
-                    with urllib.request.urlopen(request, timeout=10) as response:
-                        return response.status, response.read().decode(), ""
-                except urllib.error.HTTPError as exc:
-                    return exc.code, exc.read().decode(), exc.headers.get("WWW-Authenticate", "")
+        def get_with(path: str, token: str | None, method: str = "GET") -> tuple[int, str, str]:
+            request = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+            if token is not None:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.read().decode(), ""
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode(), exc.headers.get("WWW-Authenticate", "")
 
-            for path in ("/metrics", "/status"):
-                status, body, challenge = await asyncio.to_thread(get_with, path, None)
-                assert (status, challenge) == (401, 'Bearer realm="mlmirror"')
-                assert "Authorization: Bearer" in body
-                assert (await asyncio.to_thread(get_with, path, "wrong"))[0] == 401
-                assert (await asyncio.to_thread(get_with, path, "s3cret-token"))[0] == 200
-            assert (await asyncio.to_thread(get_with, "/reload", None, "POST"))[0] == 401
-            for path in ("/healthz", "/readyz"):  # probes stay open
-                assert (await asyncio.to_thread(get_with, path, None))[0] in (200, 503)
-            cli = [sys.executable, "-m", "mlmirror", "status", "--admin", f"127.0.0.1:{proxy.admin_port}"]
-            denied = await asyncio.to_thread(subprocess.run, cli, capture_output=True, text=True, cwd=REPO, timeout=30)
-            assert denied.returncode == 1
-            env = {**os.environ, "MLMIRROR_ADMIN_TOKEN": "s3cret-token"}
-            allowed = await asyncio.to_thread(
-                subprocess.run, cli, capture_output=True, text=True, cwd=REPO, timeout=30, env=env
-            )
-            assert allowed.returncode == 0, allowed.stdout + allowed.stderr
-            assert json.loads(allowed.stdout)["ready"] in (True, False)
+        for path in ("/metrics", "/status"):
+            status, body, challenge = await asyncio.to_thread(get_with, path, None)
+            assert (status, challenge) == (401, 'Bearer realm="mlmirror"')
+            assert "Authorization: Bearer" in body
+            assert (await asyncio.to_thread(get_with, path, "wrong"))[0] == 401
+            assert (await asyncio.to_thread(get_with, path, "s3cret-token"))[0] == 200
+        assert (await asyncio.to_thread(get_with, "/reload", None, "POST"))[0] == 401
+        for path in ("/healthz", "/readyz"):  # probes stay open
+            assert (await asyncio.to_thread(get_with, path, None))[0] in (200, 503)
+        cli = [sys.executable, "-m", "mlmirror", "status", "--admin", base.removeprefix("http://")]
+        denied = await asyncio.to_thread(subprocess.run, cli, capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert denied.returncode == 1
+        env = {**os.environ, "MLMIRROR_ADMIN_TOKEN": "s3cret-token"}
+        allowed = await asyncio.to_thread(
+            subprocess.run, cli, capture_output=True, text=True, cwd=REPO, timeout=30, env=env
+        )
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+        assert json.loads(allowed.stdout)["ready"] in (True, False)
 
 
 def test_an_empty_admin_token_file_is_a_config_error(tmp_path):

@@ -12,15 +12,20 @@ from tests.support import REPO
 
 pytestmark = pytest.mark.slow
 
+SMALL = ("--rounds", "1", "--calls", "200", "--rate", "200", "--warmup", "50")  # a run that checks, not measures
+
+
+def bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m loadtest.<module> ARGS`` from the repository, its output captured; it must succeed."""
+    result = subprocess.run([sys.executable, "-m", f"loadtest.{module}", *args], capture_output=True, text=True,
+                            cwd=REPO, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
 
 def test_bench_proxy_prints_its_table():
     assert shutil.which("h2load") is not None, "h2load (Debian package nghttp2-client) is needed; .ci/run installs it"
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench_proxy", "--rounds", "1", "--calls", "200", "--rate", "200",
-         "--saturation-calls", "300", "--warmup", "50"],
-        capture_output=True, text=True, cwd=REPO, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = bench("bench_proxy", *SMALL, "--saturation-calls", "300")
     systems, processes = (
         [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
         for table in result.stdout.split("CPU per call by process")
@@ -42,12 +47,7 @@ def test_bench_proxy_prints_its_table():
 
 
 def test_bench_envoy_compares_both_modes_with_the_envoy_anchors(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench_envoy", "--rounds", "1", "--calls", "200", "--rate", "200",
-         "--saturation-calls", "200", "--warmup", "50", "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = bench("bench_envoy", *SMALL, "--saturation-calls", "200", "--out", str(tmp_path))
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     table = {row[0].lstrip("| "): row for row in rows[1:7]}
     assert list(table) == [
@@ -74,12 +74,7 @@ def test_bench_envoy_compares_both_modes_with_the_envoy_anchors(tmp_path):
 
 
 def test_bench_workers_compares_one_process_with_two_workers():
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench_workers", "--rounds", "1", "--calls", "200", "--rate", "200",
-         "--saturation-calls", "300", "--warmup", "50"],
-        capture_output=True, text=True, cwd=REPO, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = bench("bench_workers", *SMALL, "--saturation-calls", "300")
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     table = {row[0].lstrip("| "): row for row in rows[1:5]}
     assert list(table) == ["1 process", "--workers 2", "1 process, shadow + drift", "--workers 2, shadow + drift"]
@@ -138,12 +133,7 @@ def _tables(text: str) -> list[list[list[str]]]:
 
 def test_bench_shadows_prints_its_tables():
     assert shutil.which("h2load") is not None, "h2load (Debian package nghttp2-client) is needed; .ci/run installs it"
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench_shadows", "--rounds", "1", "--calls", "300", "--rate", "100",
-         "--warmup", "50"],
-        capture_output=True, text=True, cwd=REPO, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = bench("bench_shadows", "--rounds", "1", "--calls", "300", "--rate", "100", "--warmup", "50")
     assert "Command: `python -m loadtest.bench_shadows --rounds 1 --calls 300 --rate 100 --warmup 50`" in result.stdout
     latency, mirrors, drift = _tables(result.stdout)
     assert [row[0] for row in latency[1:]] == [

@@ -12,7 +12,7 @@ import pytest
 from mlmirror.admin.dashboard import ASSETS
 from mlmirror.admin.history import History, quantile
 
-from tests.support import EchoServer, http_get, through_proxy, wait_until
+from tests.support import guarded_proxy, http_get, wait_until
 
 
 def exposition(ok: float, buckets: dict[str, float]) -> bytes:
@@ -135,35 +135,27 @@ def test_the_assets_are_package_data():
 
 
 async def test_the_dashboard_endpoints_need_the_token_but_the_assets_do_not(tmp_path):
-    (tmp_path / "token").write_text("t0k\n")
-    async with EchoServer("p") as primary:
-        text = f"""
-        admin_token_file: {tmp_path / "token"}
-        upstreams: {{p: {primary.address}}}
-        routes: [{{match: {{}}, primary: p}}]
-        """
-        async with through_proxy(text) as (proxy, _):
-            base = f"http://127.0.0.1:{proxy.admin_port}"
-            status, body = await asyncio.to_thread(http_get, base + "/")
-            assert status == 401
-            assert "admin token" in body
-            assert (await asyncio.to_thread(http_get, base + "/?token=wrong"))[0] == 401
-            status, body = await asyncio.to_thread(http_get, base + "/?token=t0k")
-            assert (status, "/ui?file=app.js" in body) == (200, True)
-            assert (await asyncio.to_thread(http_get, base + "/", token="t0k"))[0] == 200
-            status, body = await asyncio.to_thread(http_get, base + "/ui?file=uPlot.iife.min.js")
-            assert (status, "uPlot" in body) == (200, True)
-            status, body = await asyncio.to_thread(http_get, base + "/ui?file=../endpoints.py")
-            assert (status, "no such asset" in body) == (404, True)
-            assert (await asyncio.to_thread(http_get, base + "/history"))[0] == 401
-            assert (await asyncio.to_thread(http_get, base + "/history?since=x", token="t0k"))[0] == 400
+    async with guarded_proxy(tmp_path, "t0k") as base:
+        status, body = await asyncio.to_thread(http_get, base + "/")
+        assert status == 401
+        assert "admin token" in body
+        assert (await asyncio.to_thread(http_get, base + "/?token=wrong"))[0] == 401
+        status, body = await asyncio.to_thread(http_get, base + "/?token=t0k")
+        assert (status, "/ui?file=app.js" in body) == (200, True)
+        assert (await asyncio.to_thread(http_get, base + "/", token="t0k"))[0] == 200
+        status, body = await asyncio.to_thread(http_get, base + "/ui?file=uPlot.iife.min.js")
+        assert (status, "uPlot" in body) == (200, True)
+        status, body = await asyncio.to_thread(http_get, base + "/ui?file=../endpoints.py")
+        assert (status, "no such asset" in body) == (404, True)
+        assert (await asyncio.to_thread(http_get, base + "/history"))[0] == 401
+        assert (await asyncio.to_thread(http_get, base + "/history?since=x", token="t0k"))[0] == 400
 
-            for _ in range(300):  # the first sample is taken at once; 30 s at most
-                code, body = await asyncio.to_thread(http_get, base + "/history", token="t0k")
-                if code == 200 and json.loads(body)["buckets"]:
-                    break
-                await asyncio.sleep(0.1)
-            assert json.loads(body)["buckets"][0]["routes"]["default"]["calls"] == {}
-            status, body = await asyncio.to_thread(http_get, base + "/nope", token="t0k")
-            assert status == 404
-            assert body.endswith("/status; dashboard: /, /history, /ui)\n")
+        for _ in range(300):  # the first sample is taken at once; 30 s at most
+            code, body = await asyncio.to_thread(http_get, base + "/history", token="t0k")
+            if code == 200 and json.loads(body)["buckets"]:
+                break
+            await asyncio.sleep(0.1)
+        assert json.loads(body)["buckets"][0]["routes"]["default"]["calls"] == {}
+        status, body = await asyncio.to_thread(http_get, base + "/nope", token="t0k")
+        assert status == 404
+        assert body.endswith("/status; dashboard: /, /history, /ui)\n")

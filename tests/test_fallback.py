@@ -178,17 +178,8 @@ async def test_the_static_default_answers_when_the_whole_chain_fails():
             call = channel.unary_unary(MODEL_INFER)(request)
             answer = inference_pb2.ModelInferResponse.FromString(await call)
             trailing = dict(await call.trailing_metadata())
-            assert (
-                metric(
-                    proxy,
-                    "mlmirror_fallbacks_total",
-                    route="r",
-                    from_upstream="fallback",
-                    to="static-default",
-                    reason="unavailable",
-                )
-                == 1
-            )
+            labels = {"route": "r", "from_upstream": "fallback", "to": "static-default", "reason": "unavailable"}
+            assert metric(proxy, "mlmirror_fallbacks_total", **labels) == 1
     assert trailing["x-mlmirror-served-by"] == "static-default"
     assert (answer.model_name, answer.model_version, answer.id) == ("iris", "fallback-v0", "req-7")
     probabilities, label, calibrated = answer.outputs
@@ -208,17 +199,8 @@ async def test_without_a_static_default_the_last_error_is_relayed():
         async with through_proxy(chain_config(primary.address, fallback.address)) as (proxy, channel):
             with pytest.raises(grpc.aio.AioRpcError) as failure:
                 await unary(channel)
-            assert (
-                metric(
-                    proxy,
-                    "mlmirror_fallbacks_total",
-                    route="r",
-                    from_upstream="fallback",
-                    to="none",
-                    reason="resource_exhausted",
-                )
-                == 1
-            )
+            labels = {"route": "r", "from_upstream": "fallback", "to": "none", "reason": "resource_exhausted"}
+            assert metric(proxy, "mlmirror_fallbacks_total", **labels) == 1
             assert metric(proxy, "mlmirror_calls_total", route="r", grpc_code="RESOURCE_EXHAUSTED") == 1
     assert failure.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert failure.value.details() == "echo failure from f"

@@ -21,9 +21,17 @@ from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.ports import free_port
 from tests.support import ECHO, EchoServer, http_get, model_server, wait_until
-from tests.test_workers import MODEL_INFER, admin_get, group_config, pids_alive, polled, process_group, send
+from tests.test_workers import (
+    MODEL_INFER,
+    admin_get,
+    echo_config,
+    group_config,
+    pids_alive,
+    polled,
+    process_group,
+    send,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -165,16 +173,7 @@ async def test_every_handed_off_call_is_accounted_for_when_the_observer_hangs(tm
 async def test_sigterm_drains_serving_first_then_observing(tmp_path):
     async with EchoServer("slow") as echo:
         echo.sleep = 2.0
-        listen, admin = free_port(), free_port()
-        config = tmp_path / "mlmirror.yaml"
-        config.write_text(f"""
-listen: 127.0.0.1:{listen}
-admin: 127.0.0.1:{admin}
-shutdown_grace: 20s
-method_types: {{{ECHO}Unary: unary_unary}}
-upstreams: {{echo: {echo.address}, shadow: {echo.address}}}
-routes: [{{match: {{}}, primary: echo, shadows: [{{upstream: shadow}}]}}]
-""")
+        config, listen, admin = echo_config(tmp_path, echo.address, grace="20s", shadow=True)
         log = tmp_path / "group.log"
         async with process_group(config, admin, log, workers=1) as group:
             state = await asyncio.to_thread(status_of, admin)
@@ -231,19 +230,9 @@ async def test_a_promotion_reaches_both_sides_and_survives_restarts(tmp_path):
 async def test_the_supervisor_takes_the_reloaded_shutdown_grace(tmp_path):
     async with EchoServer("slow") as echo:
         echo.sleep = 9.0  # longer than the first grace (1 s, plus the supervisor's 5 s), within the reloaded one
-        listen, admin = free_port(), free_port()
-        config = tmp_path / "mlmirror.yaml"
-        text = f"""
-listen: 127.0.0.1:{listen}
-admin: 127.0.0.1:{admin}
-shutdown_grace: GRACE
-method_types: {{{ECHO}Unary: unary_unary}}
-upstreams: {{echo: {echo.address}}}
-routes: [{{match: {{}}, primary: echo}}]
-"""
-        config.write_text(text.replace("GRACE", "1s"))
+        config, listen, admin = echo_config(tmp_path, echo.address, grace="1s")
         async with process_group(config, admin, tmp_path / "group.log", workers=1) as group:
-            config.write_text(text.replace("GRACE", "60s"))
+            config.write_text(config.read_text().replace("shutdown_grace: 1s", "shutdown_grace: 60s"))
             code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/reload", "POST")
             assert code == 200, body
             async with grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel:

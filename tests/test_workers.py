@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.ports import free_port
 from loadtest.processes import stop_process
-from tests.support import ECHO, REPO, EchoServer, http_get, model_server, wait_until
+from tests.support import ECHO, REPO, EchoServer, config_file, http_get, model_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +37,9 @@ REPORT = "/mlmirror.v1.Feedback/ReportOutcome"
 
 
 def group_config(folder: Path, production: int, candidate: int) -> tuple[Path, int, int]:
-    listen, admin = free_port(), free_port()
-    path = folder / "mlmirror.yaml"
-    path.write_text(f"""
-listen: 127.0.0.1:{listen}
-admin: 127.0.0.1:{admin}
+    return config_file(
+        folder,
+        f"""
 mirror_shed_lag: off
 shutdown_grace: 5s
 upstreams: {{production: 127.0.0.1:{production}, candidate: 127.0.0.1:{candidate}}}
@@ -52,8 +50,23 @@ routes:
     shadows: [{{upstream: candidate, queue_size: 1000}}]
     compare: {{classification: argmax, output: probabilities}}
     drift: {{window: 100, capture: 100, ground_truth: {{output: probabilities}}}}
-""")
-    return path, listen, admin
+""",
+    )
+
+
+def echo_config(folder: Path, echo: str, grace: str, shadow: bool = False) -> tuple[Path, int, int]:
+    """A group's config of one route to the echo server at ``echo`` (unary Echo calls), optionally mirrored to it
+    as a shadow too: (its path, the listen port, the admin port)."""
+    upstreams = f"echo: {echo}, shadow: {echo}" if shadow else f"echo: {echo}"
+    return config_file(
+        folder,
+        f"""
+shutdown_grace: {grace}
+method_types: {{{ECHO}Unary: unary_unary}}
+upstreams: {{{upstreams}}}
+routes: [{{match: {{}}, primary: echo{", shadows: [{upstream: shadow}]" if shadow else ""}}}]
+""",
+    )
 
 
 @contextlib.asynccontextmanager
@@ -253,16 +266,7 @@ async def test_workers_stop_when_their_supervisor_dies(tmp_path):
 async def test_a_second_stop_signal_kills_the_workers_and_exits_at_once(tmp_path):
     async with EchoServer("slow") as echo:
         echo.sleep = 20.0  # a call that keeps its worker draining
-        listen, admin = free_port(), free_port()
-        config = tmp_path / "mlmirror.yaml"
-        config.write_text(f"""
-listen: 127.0.0.1:{listen}
-admin: 127.0.0.1:{admin}
-shutdown_grace: 30s
-method_types: {{{ECHO}Unary: unary_unary}}
-upstreams: {{echo: {echo.address}}}
-routes: [{{match: {{}}, primary: echo}}]
-""")
+        config, listen, admin = echo_config(tmp_path, echo.address, grace="30s")
         async with process_group(config, admin, tmp_path / "group.log") as group:
             body = await admin_get(admin, "/status")
             pids = [w["pid"] for w in json.loads(body)["workers"]]
