@@ -152,19 +152,13 @@ class AdminServer:
             self._listening = None
 
     async def _handle(self, raw: web.BaseRequest) -> web.StreamResponse:
-        refused: web.Response | None
         try:
             async with asyncio.timeout(_READ_TIMEOUT):
                 body = await raw.read()
         except TimeoutError:
-            refused = _answer(Response.text("request not received in time", HTTPStatus.REQUEST_TIMEOUT))
+            return _closing(Response.text("request not received in time", HTTPStatus.REQUEST_TIMEOUT))
         except web.HTTPRequestEntityTooLarge:
-            refused = _answer(Response.text(f"body larger than {_MAX_BODY} bytes", 413))
-        else:
-            refused = None
-        if refused is not None:
-            refused.force_close()  # the rest of that body may still come: nothing after it here is a request
-            return refused
+            return _closing(Response.text(f"body larger than {_MAX_BODY} bytes", 413))
         request = Request(
             method=raw.method, path=raw.path, query={name: raw.query.getall(name)[-1] for name in raw.query},
             headers={name.lower(): value for name, value in raw.headers.items()}, body=body,
@@ -210,6 +204,14 @@ class Service(Protocol):
 def _answer(response: Response) -> web.Response:
     answer = web.Response(status=response.status, body=response.body, headers=dict(response.headers))
     answer.headers["Content-Type"] = response.content_type
+    return answer
+
+
+def _closing(response: Response) -> web.Response:
+    """``response``, then the connection closes: the rest of a body not taken may still come, and nothing after it
+    on this connection can be read as a request."""
+    answer = _answer(response)
+    answer.force_close()
     return answer
 
 
