@@ -1,6 +1,5 @@
 """CPU pressure (proxy/observing/pressure.py) and the observing process shedding on it (Deliveries)."""
 
-import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +9,8 @@ from mlmirror.handoff.tap import CallRecord
 from mlmirror.observing.pressure import PSI_FILES, CpuPressure, stall_microseconds
 from mlmirror.runtime.observer_process import Deliveries
 from prometheus_client import CollectorRegistry, Counter
+
+from tests.support import wait_until
 
 PSI = "some avg10=1.50 avg60=0.40 avg300=0.10 total={some}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 
@@ -74,7 +75,7 @@ def test_without_pressure_information_nothing_is_shed(tmp_path):
 async def test_the_machines_own_pressure_is_a_share():
     pressure = CpuPressure(0.5, interval=0.05)
     pressure.start()
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: pressure.ratio is not None, within=30, what="two samples of the machine's PSI")
     pressure.stop()
     assert pressure.ratio is not None
     assert 0.0 <= pressure.ratio <= 1.0
