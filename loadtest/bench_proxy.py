@@ -124,20 +124,8 @@ def run(args: argparse.Namespace) -> str:
         body = Path(tmp) / "infer.bin"
         body.write_bytes(grpc_frame(infer_request(sample_features(rng, args.batch), request_id="bench-0001")))
         body_size = body.stat().st_size
-        ports = {
-            name: free_port()
-            for name in (
-                "backend",
-                "fallback",
-                "floor",
-                "floor_uv",
-                "transparent",
-                "mlmirror",
-                "admin",
-                "lone",
-                "lone_admin",
-            )
-        }
+        names = ("backend", "fallback", "floor", "floor_uv", "transparent", "mlmirror", "admin", "lone", "lone_admin")
+        ports = {name: free_port() for name in names}
         config = Path(tmp) / "mlmirror.yaml"
         _mlmirror_config(config, ports["mlmirror"], ports["admin"], ports["backend"], ports["fallback"])
         lone = Path(tmp) / "lone.yaml"
