@@ -1,0 +1,158 @@
+"""Benchmark: what other work on the serving machine costs production whatever its CPU priority, the floor under
+the observing side's targets.
+
+    python -m loadtest.bench_contention [--rounds 3] [--calls 6000] [--saturation-calls 8000] [--share 0.35]
+
+``mlmirror serve --workers 1`` with nothing watched, in front of the demo production model (FP32 [8, 4] requests),
+beside one of these CPU burners, which touch neither mlmirror nor the model:
+
+- none;
+- ``idle, duty``: a loop that computes for ``--burst`` µs, then sleeps, so that it uses ``--share`` of one CPU when
+  it runs freely (the observing process's share at half load is about 0.3-0.4 on this machine), at ``SCHED_IDLE``:
+  Linux runs it only on a CPU no other task wants;
+- ``observer's priority, duty``: the same loop at the observing process's default priority, nice 10 in a session of
+  its own whose scheduling group is niced to 10 too (proxy/runtime/observer_process.py);
+- ``idle, always``: a loop that never sleeps, at ``SCHED_IDLE``.
+
+First the saturation of "none" (closed loop, 4 connections x 8 streams); half of it is the fixed load. Then rounds
+(variants interleaved, order rotated): warm-up, ``--calls`` at the fixed load (production p99), ``--saturation-calls``
+closed loop (throughput), the burner running throughout. Ratios against "none", medians of per-round ratios (range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .h2load import run_h2load
+from .ports import free_port, wait_for_port
+from .processes import python_process, stop_process
+from .systems import MODEL_INFER, print_report, request_file
+
+__all__ = ["main"]
+
+BURNER = """
+import sys, time
+burst, gap = float(sys.argv[1]), float(sys.argv[2])
+while True:
+    end = time.perf_counter() + burst
+    while time.perf_counter() < end:
+        pass
+    if gap:
+        time.sleep(gap)
+"""
+
+
+def _idle() -> None:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _observer_priority() -> None:
+    """nice 10 in a session of its own, its scheduling group niced too: what the observing process does."""
+    os.setsid()
+    os.nice(10)
+    autogroup = Path("/proc/self/autogroup")
+    if autogroup.exists():
+        autogroup.write_text("10\n")
+
+
+def _burner(burst_s: float, share: float, policy: Callable[[], None] | None) -> subprocess.Popen | None:
+    if policy is None:
+        return None
+    gap = burst_s * (1 - share) / share if share < 1 else 0.0
+    return subprocess.Popen([sys.executable, "-c", BURNER, f"{burst_s}", f"{gap}"], preexec_fn=policy)
+
+
+def run(args: argparse.Namespace, command: str) -> str:
+    variants: dict[str, tuple[Callable[[], None] | None, float]] = {
+        "none": (None, 0.0),
+        "idle, duty": (_idle, args.share),
+        "observer's priority, duty": (_observer_priority, args.share),
+        "idle, always": (_idle, 1.0),
+    }
+    saturation: dict[str, list[float]] = {name: [] for name in variants}
+    p99: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        body = request_file(folder, 8)
+        model, listen, admin = free_port(), free_port(), free_port()
+        config = folder / "proxy.yaml"
+        config.write_text(f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nupstreams: {{production: "
+                          f"127.0.0.1:{model}}}\nroutes:\n  - {{name: iris, match: {{model: iris}}, primary: "
+                          "production}\n")  # fmt: skip
+        with (
+            python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{model}", "--model", "production"),
+            python_process("-m", "mlmirror", "serve", "--config", str(config), "--workers", "1"),
+        ):
+            wait_for_port(model)
+            wait_for_port(listen, 60)
+            run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
+            unwatched = run_h2load(listen, MODEL_INFER, body, calls=args.saturation_calls, connections=4,
+                                   streams=8).rate  # fmt: skip
+            rate = unwatched / 2
+            names = list(variants)
+            for round_ in range(args.rounds):
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
+                    policy, share = variants[name]
+                    burner = _burner(args.burst * 1e-6, share, policy)
+                    try:
+                        time.sleep(0.3)
+                        run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
+                        fixed = run_h2load(listen, MODEL_INFER, body, calls=args.calls, connections=4, rate=rate)
+                        p99[name].append(float(np.percentile(fixed.latencies_us, 99)) / 1e3)
+                        saturation[name].append(run_h2load(listen, MODEL_INFER, body, calls=args.saturation_calls,
+                                                           connections=4, streams=8).rate)  # fmt: skip
+                    finally:
+                        if burner is not None:
+                            stop_process(burner, timeout=2.0)
+                    print(f"round {round_ + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
+
+    def cell(values: list[float], base: list[float], spec: str) -> str:
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        return (f"{statistics.median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}}) | "
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+
+    lines = [
+        f"`{command}`",
+        "",
+        f"`mlmirror serve --workers 1`, nothing watched, demo production model, FP32 [8, 4] requests; burners of "
+        f"{args.burst:g} µs bursts using {args.share:g} of a CPU (duty) or all of it (always); nothing watched "
+        f"saturates at {unwatched:.0f} calls/s, fixed load {rate:.0f} calls/s ({args.calls} calls over 4 "
+        f"connections); saturation: {args.saturation_calls} calls over 4 connections x 8 streams; {args.rounds} "
+        "interleaved rounds. Medians (range); ratios against none, medians of per-round ratios.",
+        "",
+        "| burner beside the proxy | saturation (calls/s) | vs none | p99 at fixed load (ms) | vs none |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in variants:
+        lines.append(f"| {name} | {cell(saturation[name], saturation['none'], '.0f')} | "
+                     f"{cell(p99[name], p99['none'], '.2f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_contention", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=6000, help="calls per fixed-load run (default 6000)")
+    parser.add_argument("--saturation-calls", type=int, default=8000, help="calls per saturation run (default 8000)")
+    parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run")
+    parser.add_argument("--share", type=float, default=0.35, help="share of one CPU a duty burner uses (default 0.35)")
+    parser.add_argument("--burst", type=float, default=300.0, help="a duty burner's burst, µs (default 300)")
+    args = parser.parse_args(argv)
+    if not 0 < args.share <= 1:
+        parser.error("--share must be in (0, 1]")
+    return print_report("bench_contention", run, args, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
