@@ -10,8 +10,9 @@ beside one of these CPU burners, which touch neither mlmirror nor the model:
 - ``idle, duty``: a loop that computes for ``--burst`` µs, then sleeps, so that it uses ``--share`` of one CPU when
   it runs freely (the observing process's share at half load is about 0.3-0.4 on this machine), at ``SCHED_IDLE``:
   Linux runs it only on a CPU no other task wants;
-- ``observer's priority, duty``: the same loop at the observing process's default priority, nice 10 in a session of
-  its own whose scheduling group is niced to 10 too (proxy/runtime/observer_process.py);
+- ``observer's priority, duty``: the same loop at the observing process's default priority, in a session of its
+  own, lowered by the observing process's own code for the default ``observer`` settings (nice 10, its scheduling
+  group niced too; proxy/runtime/observer_process.py);
 - ``idle, always``: a loop that never sleeps, at ``SCHED_IDLE``.
 
 First the saturation of "none" (closed loop, 4 connections x 8 streams); half of it is the fixed load. Then rounds
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from mlmirror.config import Config, parse_config
+from mlmirror.runtime.observer_process import _lower_priority
 
+from .bench_observer import _fmt, _ratio
 from .h2load import run_h2load
 from .ports import free_port, wait_for_port
 from .processes import python_process, stop_process
@@ -56,13 +59,14 @@ def _idle() -> None:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def _observer_priority() -> None:
-    """nice 10 in a session of its own, its scheduling group niced too: what the observing process does."""
-    os.setsid()
-    os.nice(10)
-    autogroup = Path("/proc/self/autogroup")
-    if autogroup.exists():
-        autogroup.write_text("10\n")
+def _observer_priority(config: Config) -> Callable[[], None]:
+    """In a session of its own, lowered as the observing process lowers itself for ``config``."""
+
+    def lower() -> None:
+        os.setsid()
+        _lower_priority(config)
+
+    return lower
 
 
 def _burner(burst_s: float, share: float, policy: Callable[[], None] | None) -> subprocess.Popen | None:
@@ -73,10 +77,16 @@ def _burner(burst_s: float, share: float, policy: Callable[[], None] | None) -> 
 
 
 def run(args: argparse.Namespace, command: str) -> str:
+    model, listen, admin = free_port(), free_port(), free_port()
+    config_text = (
+        f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nupstreams: {{production: "
+        f"127.0.0.1:{model}}}\nroutes:\n  - {{name: iris, match: {{model: iris}}, primary: production}}\n"
+    )
+    config = parse_config(config_text)
     variants: dict[str, tuple[Callable[[], None] | None, float]] = {
         "none": (None, 0.0),
         "idle, duty": (_idle, args.share),
-        "observer's priority, duty": (_observer_priority, args.share),
+        "observer's priority, duty": (_observer_priority(config), args.share),
         "idle, always": (_idle, 1.0),
     }
     saturation: dict[str, list[float]] = {name: [] for name in variants}
@@ -84,14 +94,11 @@ def run(args: argparse.Namespace, command: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         body = request_file(folder, 8)
-        model, listen, admin = free_port(), free_port(), free_port()
-        config = folder / "proxy.yaml"
-        config.write_text(f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nupstreams: {{production: "
-                          f"127.0.0.1:{model}}}\nroutes:\n  - {{name: iris, match: {{model: iris}}, primary: "
-                          "production}\n")  # fmt: skip
+        config_file = folder / "proxy.yaml"
+        config_file.write_text(config_text)
         with (
             python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{model}", "--model", "production"),
-            python_process("-m", "mlmirror", "serve", "--config", str(config), "--workers", "1"),
+            python_process("-m", "mlmirror", "serve", "--config", str(config_file), "--workers", "1"),
         ):
             wait_for_port(model)
             wait_for_port(listen, 60)
@@ -118,9 +125,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                     print(f"round {round_ + 1}/{args.rounds}: {name} done", file=sys.stderr, flush=True)
 
     def cell(values: list[float], base: list[float], spec: str) -> str:
-        ratios = [v / b for v, b in zip(values, base, strict=True)]
-        return (f"{statistics.median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}}) | "
-                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+        return f"{_fmt(values, spec)} | {_fmt(_ratio(values, base), '.2f', 'x')}"
 
     lines = [
         f"`{command}`",
