@@ -145,14 +145,13 @@ async def test_records_reach_the_hub_in_order_with_the_hello_first(tmp_path):
     sender = HandoffSender(tmp_path / "h.sock", counter)
     try:
         sender.offer(record(0))  # before connecting: nowhere to go
-        await asyncio.sleep(0)
-        assert drops(counter)["disconnected"] == 1
+        await wait_until(lambda: drops(counter)["disconnected"] == 1, what="the drop, once the linger is over")
         await sender.connect()
         sender.hello(index=3, pid=42, admin_port=9)
         for i in range(1, 501):
             sender.offer(record(i))
             if i % 100 == 0:
-                await asyncio.sleep(0)  # a new loop iteration: a new batch
+                await asyncio.sleep(0.02)  # past the linger: a new batch
         await wait_until(lambda: len(delivered) == 500, what="500 records at the hub")
         assert hellos == [{"index": 3, "pid": 42, "admin_port": 9}]
         assert delivered == [record(i) for i in range(1, 501)]
@@ -178,19 +177,57 @@ async def test_a_hub_that_does_not_read_costs_counted_drops_not_waits(tmp_path):
         offered = 0
         started = asyncio.get_running_loop().time()
         for _ in range(400):
-            for i in range(60):  # 10 over max_batch each iteration
+            for i in range(60):  # a full batch written at once each iteration, 10 more gathered
                 sender.offer(record(4096 + i))
                 offered += 1
             await asyncio.sleep(0)
+        sender.flush()
         assert asyncio.get_running_loop().time() - started < 5.0  # never waited for the hub
         counts = drops(counter)
-        assert counts["queue_full"] == 400 * 10
         assert counts["backpressure"] > 0
-        assert sender.sent + counts["queue_full"] + counts["backpressure"] == offered
+        assert sender.sent + counts["backpressure"] == offered
+        assert set(counts) == {"backpressure", "disconnected", "unserializable"}
     finally:
         done.set()
         server.close()
         await sender.close()
+
+
+async def test_a_worker_writes_a_frame_per_full_batch_or_per_linger_not_per_loop_iteration(tmp_path):
+    frames: list[list[CallRecord]] = []
+
+    async def read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                frame = await reader.readexactly(int.from_bytes(await reader.readexactly(4), "big"))
+                frames.append(decode_batch(memoryview(frame)[1:]))
+        writer.close()
+
+    server = await asyncio.start_unix_server(read, str(tmp_path / "h.sock"))
+    slow = HandoffSender(tmp_path / "h.sock", dropped_counter(), max_batch=8, linger=3600.0)
+    quick = HandoffSender(tmp_path / "h.sock", dropped_counter(), linger=0.01)
+    await slow.connect()
+    await quick.connect()
+    try:
+        for i in range(7):
+            slow.offer(record(i))
+            await asyncio.sleep(0)  # seven loop iterations, well within the linger: nothing written yet
+        assert slow.sent == 0
+        slow.offer(record(7))  # the eighth fills the batch: written at once
+        assert slow.sent == 8
+        await wait_until(lambda: len(frames) == 1, what="the full batch")
+        assert frames[0] == [record(i) for i in range(8)]
+        slow.offer(record(8))
+        quick.offer(record(9))  # alone: the linger's timer writes it
+        await wait_until(lambda: len(frames) == 2, what="the quick sender's lone record")
+        assert frames[1] == [record(9)]
+        assert slow.sent == 8
+        await slow.close()  # closing writes what is gathered
+        await wait_until(lambda: len(frames) == 3, what="the record gathered at close")
+        assert frames[2] == [record(8)]
+    finally:
+        await quick.close()
+        server.close()
 
 
 async def hub(tmp_path, delivered: list[CallRecord]) -> tuple[HandoffReceiver, Counter]:

@@ -4,12 +4,15 @@ batched, over a Unix socket.
 Each watched route of a worker feeds its tap's ``RouteDoor`` (``HandoffSender.door``), which keeps only the calls
 some consumer in the hub will take: the sampling decision is ``sampled(request_id, percent)`` with the largest
 ``percent`` of the route's shadows, drift and capture, the same pure function each consumer applies again, so a
-call none of them wants never crosses. ``HandoffSender.offer`` never blocks and never raises: records gathered
-during one event-loop iteration are encoded as one frame (proxy/handoff/frames.py) in the next and written without
-waiting for the hub to read them. When the socket's send buffer already holds ``high_water`` bytes (the hub is
-behind), the batch is dropped and counted (``backpressure``), as is every record offered while the hub is not
-connected (``disconnected``), beyond ``max_batch`` records in one iteration (``queue_full``), and a record the
-format cannot carry (``unserializable``). So a slow or dead hub costs a worker a counter, never a call.
+call none of them wants never crosses. ``HandoffSender.offer`` never blocks and never raises: records are gathered
+for ``linger`` seconds (10 ms) or until ``max_batch`` (64) have come, then encoded as one frame
+(proxy/handoff/frames.py) and written without waiting for the hub to read them. A write is a system call and wakes
+the observing process, so one per batch of a busy worker's calls, not one per event-loop iteration, is what keeps
+the serving side's cost per call low (docs/BENCHMARKS.md); the calls reach the hub at most ``linger`` later, which no
+consumer there notices. When the socket's send buffer already holds ``high_water`` bytes (the hub is behind), the
+batch is dropped and counted (``backpressure``), as is every record offered while the hub is not connected
+(``disconnected``), and a record the format cannot carry (``unserializable``). So a slow or dead hub costs a worker
+a counter, never a call.
 
 The receiver trusts nothing it reads: a damaged batch frame is counted in ``malformed`` (by worker), the records
 before the damage are delivered, and reading goes on with the next frame; only a length prefix beyond
@@ -63,22 +66,31 @@ class RouteDoor:
 
 
 class HandoffSender:
-    """A worker's end: ``offer`` (never blocks) gathers records, one frame per event-loop iteration goes to the
-    hub's socket."""
+    """A worker's end: ``offer`` (never blocks) gathers records, one frame per ``linger`` seconds (0: per event-loop
+    iteration) or per ``max_batch`` records goes to the hub's socket."""
 
     name = "handoff"
 
-    def __init__(self, path: str | Path, dropped: Counter, *, max_batch: int = 10_000, high_water: int = 16 * 2**20):
+    def __init__(
+        self,
+        path: str | Path,
+        dropped: Counter,
+        *,
+        max_batch: int = 64,
+        linger: float = 0.01,
+        high_water: int = 16 * 2**20,
+    ) -> None:
         self.path = str(path)
         self._dropped = dropped
         self._max_batch = max_batch
+        self._linger = linger
         self._high_water = high_water
         self._batch: list[CallRecord] = []
-        self._scheduled = False
+        self._timer: asyncio.Handle | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self.sent = 0
-        for reason in ("queue_full", "backpressure", "disconnected", "unserializable"):
+        for reason in ("backpressure", "disconnected", "unserializable"):
             dropped.labels(reason)
 
     def door(self, route: Route) -> RouteDoor:
@@ -142,17 +154,18 @@ class HandoffSender:
 
     def offer(self, record: CallRecord) -> None:
         batch = self._batch
-        if len(batch) >= self._max_batch:
-            self._dropped.labels("queue_full").inc()
-            return
         batch.append(record)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        if len(batch) >= self._max_batch:
+            self.flush()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._linger, self.flush) if self._linger > 0 else loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write the gathered records as one frame, or drop and count them."""
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()  # harmless when it is the timer calling
+            self._timer = None
         batch, self._batch = self._batch, []
         if not batch:
             return
