@@ -13,8 +13,9 @@ Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``
 --single-process``), and ``serve --workers N`` (``workers``; ``--hub-workers``, default 1), where N serving workers
 relay and hand watched calls over the door to the observing process, which makes the copies and runs the drift
 engine; the other ``workers-*`` shapes are the same with one observer setting changed (``SHAPES``): shedding on
-CPU pressure (``cpu_pressure_limit``), ``SCHED_IDLE`` instead of the niceness (``scheduling: idle``). The shadow
-model servers (candidate and hung) run at ``nice -n 19``; production and h2load at normal priority.
+CPU pressure (``cpu_pressure_limit``), ``SCHED_IDLE`` instead of the niceness (``scheduling: idle``), a CPU budget
+(``cpu_limit``). The shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at
+normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
 is the fixed load for every configuration of that shape. Then rounds (configurations interleaved, order rotated):
@@ -73,6 +74,7 @@ SHAPES = {
     "workers": "",
     "workers-pressure": "cpu_pressure_limit: 0.8",
     "workers-idle": "scheduling: idle",
+    "workers-limit": "cpu_limit: 0.15",
 }
 
 

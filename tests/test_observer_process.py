@@ -105,8 +105,9 @@ async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(t
             assert os.getpriority(os.PRIO_PROCESS, state["workers"][0]["pid"]) == base
             assert state["observer"]["scheduling"] == "nice"
             intake = state["observer"]["intake"]
-            assert intake["shed"] == {"cpu_pressure": 0}  # shedding on CPU pressure is off by default
+            assert intake["shed"] == {"cpu_pressure": 0, "cpu_limit": 0}  # both limits are off by default
             assert (intake["cpu_pressure"]["limit"], intake["cpu_pressure"]["shedding"]) == (None, False)
+            assert (intake["cpu_limit"]["limit"], intake["cpu_limit"]["shedding"]) == (None, False)
             assert autogroup_nice(first) in (None, "10")  # session groups on: its group is niced too
             assert os.SCHED_IDLE not in set(thread_policies(first))
             await send(listen, 100, rng, "before")
@@ -268,3 +269,23 @@ def test_idle_scheduling_moves_every_thread_of_the_observer_to_sched_idle(tmp_pa
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str([os.SCHED_IDLE])  # both threads
     assert group.read_text().strip() == "19"
+
+
+async def test_an_observer_over_its_cpu_limit_sheds_and_counts_while_every_call_is_served(tmp_path):
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = group_config(tmp_path, production, candidate)
+        config.write_text(config.read_text() + "observer: {cpu_limit: 0.01}\n")  # a hundredth of a CPU
+        async with process_group(config, admin, tmp_path / "group.log", workers=1):
+            rng = np.random.default_rng(5)
+            shed = 0.0
+            for batch in range(40):  # until the observer has used more than 1 ms of CPU in some 0.1 s
+                await send(listen, 50, rng, f"busy-{batch}")  # every call answered, shedding or not
+                shed = samples_of(await admin_get(admin, "/metrics")).get(
+                    ("mlmirror_handoff_shed_total", (("reason", "cpu_limit"),)), 0.0)  # fmt: skip
+                if shed:
+                    break
+            assert shed > 0
+            intake = (await asyncio.to_thread(status_of, admin))["observer"]["intake"]
+            assert intake["cpu_limit"]["limit"] == 0.01
+            assert intake["shed"]["cpu_limit"] >= shed  # the same count, read later
+            assert intake["shed"]["cpu_pressure"] == 0

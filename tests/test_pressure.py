@@ -1,12 +1,14 @@
-"""CPU pressure (proxy/observing/pressure.py) and the observing process shedding on it (Deliveries)."""
+"""CPU pressure and the CPU budget (proxy/observing/pressure.py), and the observing process shedding on them
+(Deliveries)."""
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import pytest
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.observing.pressure import PSI_FILES, CpuPressure, stall_microseconds
+from mlmirror.observing.pressure import PSI_FILES, CpuBudget, CpuPressure, stall_microseconds
 from mlmirror.runtime.observer_process import Deliveries
 from prometheus_client import CollectorRegistry, Counter
 
@@ -42,7 +44,7 @@ async def test_the_ratio_is_the_stalled_share_of_each_interval_and_sheds_above_t
     pressure = CpuPressure(0.10, interval=3600, sources=[tmp_path / "absent", psi], clock=clock)
     assert pressure.source == psi  # the first file that can be read
     pressure.start()
-    assert pressure.ratio is None
+    assert pressure.rate is None
     assert not pressure.shedding
     steps = [(0.5, 25_000), (0.5, 100_000), (0.25, 0), (2.0, 150_000)]  # (seconds, µs stalled in them)
     total = 1_000_000
@@ -51,13 +53,13 @@ async def test_the_ratio_is_the_stalled_share_of_each_interval_and_sheds_above_t
         total += stalled
         write_psi(psi, total)
         pressure.sample()
-        assert pressure.ratio == pytest.approx(stalled / (seconds * 1e6))
+        assert pressure.rate == pytest.approx(stalled / (seconds * 1e6))
         assert pressure.shedding == (stalled / (seconds * 1e6) > 0.10)
     pressure.limit = None  # a reload turned it off
     clock.now += 1.0
     write_psi(psi, total + 900_000)
     pressure.sample()
-    assert pressure.ratio == pytest.approx(0.9)
+    assert pressure.rate == pytest.approx(0.9)
     assert not pressure.shedding
     assert pressure.snapshot() == {"source": str(psi), "limit": None, "ratio": 0.9, "shedding": False}
     pressure.stop()
@@ -75,10 +77,10 @@ def test_without_pressure_information_nothing_is_shed(tmp_path):
 async def test_the_machines_own_pressure_is_a_share():
     pressure = CpuPressure(0.5, interval=0.05)
     pressure.start()
-    await wait_until(lambda: pressure.ratio is not None, within=30, what="two samples of the machine's PSI")
+    await wait_until(lambda: pressure.rate is not None, within=30, what="two samples of the machine's PSI")
     pressure.stop()
-    assert pressure.ratio is not None
-    assert 0.0 <= pressure.ratio <= 1.0
+    assert pressure.rate is not None
+    assert 0.0 <= pressure.rate <= 1.0
 
 
 def record(route: str) -> CallRecord:
@@ -91,13 +93,14 @@ async def test_deliveries_drop_and_count_the_calls_that_arrive_under_pressure(tm
     write_psi(psi, 0)
     taken: list[CallRecord] = []
     route = SimpleNamespace(name="iris", tap=SimpleNamespace(offer=taken.append))
-    config = SimpleNamespace(observer=SimpleNamespace(cpu_pressure_limit=0.2))
+    config = SimpleNamespace(observer=SimpleNamespace(cpu_pressure_limit=0.2, cpu_limit=None))
     hub = SimpleNamespace(table=SimpleNamespace(routes=[route], config=config))
     registry = CollectorRegistry()
     unrouted = Counter("unrouted", "", registry=registry)
     shed = Counter("shed", "", ["reason"], registry=registry)
     pressure = CpuPressure(0.5, interval=3600, sources=[psi], clock=clock)
-    deliveries = Deliveries(hub, unrouted, pressure, shed)
+    budget = CpuBudget(None, interval=3600, cpu_seconds=lambda: 0.0, clock=clock)
+    deliveries = Deliveries(hub, unrouted, {"cpu_pressure": pressure, "cpu_limit": budget}, shed)
     deliveries(record("iris"))
     assert pressure.limit == 0.2  # taken from the hub's config
     assert len(taken) == 1
@@ -109,7 +112,7 @@ async def test_deliveries_drop_and_count_the_calls_that_arrive_under_pressure(tm
     for _ in range(3):
         deliveries(record("iris"))
     assert len(taken) == 1
-    assert deliveries.shed == 3
+    assert deliveries.shed == {"cpu_pressure": 3, "cpu_limit": 0}
     assert registry.get_sample_value("shed_total", {"reason": "cpu_pressure"}) == 3
     clock.now += 1.0
     write_psi(psi, 400_000)
@@ -119,3 +122,73 @@ async def test_deliveries_drop_and_count_the_calls_that_arrive_under_pressure(tm
     deliveries(record("gone"))
     assert len(taken) == 2
     assert registry.get_sample_value("unrouted_total") == 1
+
+
+async def test_the_budget_is_the_cpu_this_process_used_per_second_and_sheds_above_its_limit():
+    clock, used = Clock(), [50.0]
+    budget = CpuBudget(0.5, interval=3600, cpu_seconds=lambda: used[0], clock=clock)
+    budget.start()
+    assert (budget.rate, budget.shedding) == (None, False)
+    steps = [(0.1, 0.02), (0.1, 0.08), (0.2, 0.1), (0.5, 0.9)]  # (seconds, CPU seconds used in them: 2 threads)
+    for seconds, cpu in steps:
+        clock.now += seconds
+        used[0] += cpu
+        budget.sample()
+        assert budget.rate == pytest.approx(cpu / seconds)
+        assert budget.shedding == (cpu / seconds > 0.5)
+    assert budget.snapshot() == {"limit": 0.5, "cpus": 1.8, "shedding": True}
+    budget.limit = None  # a reload turned it off
+    clock.now += 0.1
+    used[0] += 0.2
+    budget.sample()
+    assert not budget.shedding
+    budget.stop()
+
+
+async def test_deliveries_shed_while_this_process_is_over_its_cpu_budget():
+    clock, used = Clock(), [0.0]
+    taken: list[CallRecord] = []
+    route = SimpleNamespace(name="iris", tap=SimpleNamespace(offer=taken.append))
+    config = SimpleNamespace(observer=SimpleNamespace(cpu_pressure_limit=None, cpu_limit=0.25))
+    hub = SimpleNamespace(table=SimpleNamespace(routes=[route], config=config))
+    registry = CollectorRegistry()
+    shed = Counter("shed", "", ["reason"], registry=registry)
+    budget = CpuBudget(None, interval=3600, cpu_seconds=lambda: used[0], clock=clock)
+    pressure = CpuPressure(None, sources=[])
+    deliveries = Deliveries(hub, Counter("unrouted", "", registry=registry), {"cpu_pressure": pressure,
+                                                                              "cpu_limit": budget}, shed)  # fmt: skip
+    deliveries(record("iris"))
+    assert budget.limit == 0.25  # taken from the hub's config
+    budget.start()
+    clock.now += 0.1
+    used[0] += 0.03  # 0.3 CPUs
+    budget.sample()
+    for _ in range(4):
+        deliveries(record("iris"))
+    assert len(taken) == 1
+    assert deliveries.shed == {"cpu_pressure": 0, "cpu_limit": 4}
+    assert registry.get_sample_value("shed_total", {"reason": "cpu_limit"}) == 4
+    clock.now += 0.1
+    used[0] += 0.01  # back under it: observed again
+    budget.sample()
+    budget.stop()
+    deliveries(record("iris"))
+    assert len(taken) == 2
+
+
+async def test_the_budget_reads_this_processs_own_cpu_time():
+    readings: list[float] = []
+
+    def clock() -> float:
+        readings.append(time.monotonic())
+        return readings[-1]
+
+    budget = CpuBudget(1.0, interval=3600, clock=clock)
+    budget.start()
+    spun = time.process_time() + 0.05
+    while time.process_time() < spun:  # 50 ms of this process's CPU, however long a busy machine takes for them
+        pass
+    budget.sample()
+    budget.stop()
+    assert budget.rate is not None
+    assert budget.rate * (readings[1] - readings[0]) >= 0.05  # at least the CPU time spun, counted as this process's

@@ -9,6 +9,7 @@ every key; ``examples/mlmirror.yaml`` shows them in use.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 
@@ -109,8 +110,11 @@ def _check_feedback(values: dict, keys: dict[str, Located]) -> None:
 
 
 def _observer(node: Located) -> Observer:
-    limit = schema_reader(Observer, "cpu_pressure_limit")
-    off = {"cpu_pressure_limit": lambda n: None if n.is_null() or n.scalar() in (False, "off") else limit(n)}
+    def or_off(key: str) -> Callable[[Located], float | None]:
+        limit = schema_reader(Observer, key)
+        return lambda n: None if n.is_null() or n.scalar() in (False, "off") else limit(n)
+
+    off = {key: or_off(key) for key in ("cpu_pressure_limit", "cpu_limit")}
     return Observer(**read_section(node, Observer, off)[0])
 
 

@@ -50,6 +50,12 @@ class Observer:
         "that the CPU goes to serving (docs/BENCHMARKS.md); `off`: shed only when behind", shown="off", minimum=0,
         maximum=1,
     )  # fmt: skip
+    cpu_limit: float | None = setting(
+        None, "the CPUs the observing process may use (CPU seconds per second, all its threads): while its last "
+        "0.1 s used more, the calls handed over are dropped and counted (`cpu_limit`), so that a busy machine's CPU "
+        "goes to serving however much there is to observe (docs/BENCHMARKS.md); `off`: no limit", shown="off",
+        minimum=0.01, maximum=1024,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

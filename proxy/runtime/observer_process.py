@@ -21,7 +21,7 @@ from mlmirror.errors import StartError
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.handoff.transport import HandoffReceiver
 from mlmirror.metrics import Metrics
-from mlmirror.observing.pressure import CpuPressure
+from mlmirror.observing.pressure import CpuBudget, CpuPressure, SampledRate
 from mlmirror.runtime.children import announce, child_parser, run_child, serve_child
 from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
@@ -37,17 +37,22 @@ HANDOFF_SOCKET = "handoff.sock"
 FEEDBACK_SOCKET = "feedback.sock"
 
 
+#: why the observing process sheds what it is handed -> the ``observer`` key that sets the limit
+SHED_LIMITS = {"cpu_pressure": "cpu_pressure_limit", "cpu_limit": "cpu_limit"}
+
+
 class Deliveries:
     """Hands each received call to its route's observers in the hub's current route table (never raises: the tap
-    counts observer errors). Calls of a route the hub no longer has are counted ``unrouted``; calls that arrive
-    while the CPU is under pressure (``observer.cpu_pressure_limit``) are dropped and counted in ``shed``."""
+    counts observer errors). Calls of a route the hub no longer has are counted ``unrouted``; calls that arrive while
+    a meter sheds (``meters``, by reason: the CPU under pressure, ``observer.cpu_pressure_limit``; this process over
+    its CPU budget, ``observer.cpu_limit``) are dropped and counted in ``shed`` by that reason."""
 
-    def __init__(self, hub_table: object, unrouted: Counter, pressure: CpuPressure, shed: Counter) -> None:
+    def __init__(self, hub_table: object, unrouted: Counter, meters: dict[str, SampledRate], shed: Counter) -> None:
         self._hub = hub_table
         self._unrouted = unrouted
-        self._pressure = pressure
-        self._shed = shed.labels("cpu_pressure")
-        self.shed = 0
+        self._meters = meters
+        self._counters = {reason: shed.labels(reason) for reason in meters}
+        self.shed = dict.fromkeys(meters, 0)
         self._cached: tuple[RouteTable | None, dict[str, RouteRuntime]] = (None, {})
 
     def __call__(self, record: CallRecord) -> None:
@@ -56,12 +61,14 @@ class Deliveries:
         if cached is not table:
             routes = {route.name: route for route in table.routes} if table is not None else {}
             self._cached = (table, routes)
-            if table is not None:  # a reload may change the limit
-                self._pressure.limit = table.config.observer.cpu_pressure_limit
-        if self._pressure.shedding:
-            self.shed += 1
-            self._shed.inc()
-            return
+            if table is not None:  # a reload may change the limits
+                for reason, meter in self._meters.items():
+                    meter.limit = getattr(table.config.observer, SHED_LIMITS[reason])
+        for reason, meter in self._meters.items():
+            if meter.shedding:
+                self.shed[reason] += 1
+                self._counters[reason].inc()
+                return
         route = routes.get(record.route)
         if route is not None and route.tap:
             route.tap.offer(record)
@@ -125,16 +132,20 @@ async def run_observer(
         registry=metrics.registry,
     )  # fmt: skip
     pressure = CpuPressure(config.observer.cpu_pressure_limit)
+    budget = CpuBudget(config.observer.cpu_limit)
+    meters: dict[str, SampledRate] = {"cpu_pressure": pressure, "cpu_limit": budget}
     deliveries: Deliveries | None = None
 
     def intake() -> dict[str, object]:
-        return {"shed": {"cpu_pressure": deliveries.shed if deliveries else 0}, "cpu_pressure": pressure.snapshot()}
+        shed = deliveries.shed if deliveries else dict.fromkeys(meters, 0)
+        return {"shed": dict(shed), "cpu_pressure": pressure.snapshot(), "cpu_limit": budget.snapshot()}
 
     role = Role("hub", listen=f"unix:{folder / FEEDBACK_SOCKET}", admin="127.0.0.1:0", intake=intake)
     hub = Proxy(config, metrics=metrics, role=role)
     await hub.start()
-    deliveries = Deliveries(hub, unrouted, pressure, shed)
+    deliveries = Deliveries(hub, unrouted, meters, shed)
     pressure.start()
+    budget.start()
     socket = folder / HANDOFF_SOCKET
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()  # a previous observer's, if it was killed
@@ -152,6 +163,7 @@ async def run_observer(
 
     async def cleanup() -> None:
         pressure.stop()
+        budget.stop()
         await receiver.close()
 
     await serve_child("observer", hub.run_until_signalled, lambda: hub.stop(grace=0), lifeline_fd, folder, cleanup)
