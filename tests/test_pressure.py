@@ -88,19 +88,27 @@ def record(route: str) -> CallRecord:
                       "production", "primary", "id-1", (), 0.0, 0.001, 0.001)  # fmt: skip
 
 
-async def test_deliveries_drop_and_count_the_calls_that_arrive_under_pressure(tmp_path):
-    psi, clock = tmp_path / "cpu.pressure", Clock()
-    write_psi(psi, 0)
+def deliveries_of(
+    limits: dict[str, float | None], pressure: CpuPressure, budget: CpuBudget
+) -> tuple[Deliveries, list[CallRecord], CollectorRegistry]:
+    """Deliveries to one route ``iris`` of a hub whose config sets the observer's ``limits``, shedding on ``pressure``
+    and ``budget``: (the deliveries, the records the route's tap took, the registry of its counters)."""
     taken: list[CallRecord] = []
     route = SimpleNamespace(name="iris", tap=SimpleNamespace(offer=taken.append))
-    config = SimpleNamespace(observer=SimpleNamespace(cpu_pressure_limit=0.2, cpu_limit=None))
+    config = SimpleNamespace(observer=SimpleNamespace(**limits))
     hub = SimpleNamespace(table=SimpleNamespace(routes=[route], config=config))
     registry = CollectorRegistry()
     unrouted = Counter("unrouted", "", registry=registry)
     shed = Counter("shed", "", ["reason"], registry=registry)
+    return Deliveries(hub, unrouted, {"cpu_pressure": pressure, "cpu_limit": budget}, shed), taken, registry
+
+
+async def test_deliveries_drop_and_count_the_calls_that_arrive_under_pressure(tmp_path):
+    psi, clock = tmp_path / "cpu.pressure", Clock()
+    write_psi(psi, 0)
     pressure = CpuPressure(0.5, interval=3600, sources=[psi], clock=clock)
     budget = CpuBudget(None, interval=3600, cpu_seconds=lambda: 0.0, clock=clock)
-    deliveries = Deliveries(hub, unrouted, {"cpu_pressure": pressure, "cpu_limit": budget}, shed)
+    deliveries, taken, registry = deliveries_of({"cpu_pressure_limit": 0.2, "cpu_limit": None}, pressure, budget)
     deliveries(record("iris"))
     assert pressure.limit == 0.2  # taken from the hub's config
     assert len(taken) == 1
@@ -147,16 +155,9 @@ async def test_the_budget_is_the_cpu_this_process_used_per_second_and_sheds_abov
 
 async def test_deliveries_shed_while_this_process_is_over_its_cpu_budget():
     clock, used = Clock(), [0.0]
-    taken: list[CallRecord] = []
-    route = SimpleNamespace(name="iris", tap=SimpleNamespace(offer=taken.append))
-    config = SimpleNamespace(observer=SimpleNamespace(cpu_pressure_limit=None, cpu_limit=0.25))
-    hub = SimpleNamespace(table=SimpleNamespace(routes=[route], config=config))
-    registry = CollectorRegistry()
-    shed = Counter("shed", "", ["reason"], registry=registry)
     budget = CpuBudget(None, interval=3600, cpu_seconds=lambda: used[0], clock=clock)
     pressure = CpuPressure(None, sources=[])
-    deliveries = Deliveries(hub, Counter("unrouted", "", registry=registry), {"cpu_pressure": pressure,
-                                                                              "cpu_limit": budget}, shed)  # fmt: skip
+    deliveries, taken, registry = deliveries_of({"cpu_pressure_limit": None, "cpu_limit": 0.25}, pressure, budget)
     deliveries(record("iris"))
     assert budget.limit == 0.25  # taken from the hub's config
     budget.start()
