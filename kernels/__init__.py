@@ -1,4 +1,5 @@
-"""Numba kernels for drift: histogram updates and divergences over binned counts.
+"""Numba kernels for drift (histogram updates and divergences over binned counts) and for comparing a shadow's answer
+with production's (kernels/agreement.py).
 
 The package never imports ``proxy``. Kernels are ``@njit(nogil=True, cache=True)`` behind Python wrappers that
 validate their inputs; ``warm_up()`` compiles (or loads from the cache) every kernel, so that a service pays for it
@@ -8,12 +9,16 @@ at start-up rather than on its first window. Formulas, log bases and epsilons ar
 from __future__ import annotations
 
 import numpy as np
+from mlmirror.kernels import agreement
+from mlmirror.kernels.agreement import argmax_agreement, differences
 from mlmirror.kernels.divergence import chi_square, hellinger, js, kl, ks, linf, psi, slot_positions, wasserstein
 from mlmirror.kernels.edges import quantile_edges, uniform_edges
 from mlmirror.kernels.histogram import edge_guide, new_counts, update_categorical, update_sorted_edges, update_uniform
 
 __all__ = [
+    "argmax_agreement",
     "chi_square",
+    "differences",
     "edge_guide",
     "hellinger",
     "js",
@@ -47,3 +52,4 @@ def warm_up() -> None:
     js(reference, reference)
     wasserstein(reference, reference, slot_positions(edges))
     chi_square(reference, reference)
+    agreement.warm_up()

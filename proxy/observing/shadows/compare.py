@@ -19,11 +19,11 @@ Definitions (``p`` production, ``s`` shadow, element-wise, in float64):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from mlmirror.config import Compare
+from mlmirror.kernels.agreement import argmax_agreement, differences, warm_up
 from mlmirror.protocol.kserve import Tensor, TensorError, response_outputs
 from mlmirror.protocol.names import MODEL_INFER
 
@@ -71,6 +71,7 @@ class Comparator:
 
     def __init__(self, spec: Compare) -> None:
         self.spec = spec
+        warm_up()  # compile the kernels now (at start-up or a reload), not on the first copy's answer
 
     def compare(self, production: ProductionAnswer, shadow: bytes) -> Comparison:
         if production.method != MODEL_INFER:
@@ -117,24 +118,7 @@ class Comparator:
 
     def _numeric(self, production: np.ndarray, shadow: np.ndarray) -> tuple[bool, tuple[float, float, float, int]]:
         """(every element matches, (abs_sum, sq_sum, abs_max, elements) over finite differences)."""
-        pv = production.astype(np.float64, copy=False).ravel()
-        sv = shadow.astype(np.float64, copy=False).ravel()
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.abs(sv - pv)
-            total = float(diff.sum())
-            if math.isfinite(total):  # the common case: every value and every difference is finite
-                if not diff.size:
-                    return True, (0.0, 0.0, 0.0, 0)
-                close = bool((diff <= self.spec.atol + self.spec.rtol * np.abs(pv)).all())
-                return close, (total, float(np.dot(diff, diff)), float(diff.max()), diff.size)
-            # An infinite production value matches only itself: its tolerance would be infinite too.
-            matches = ((diff <= self.spec.atol + self.spec.rtol * np.abs(pv)) & np.isfinite(pv)) | (pv == sv)
-            matches |= np.isnan(pv) & np.isnan(sv)
-            finite = diff[np.isfinite(diff)]
-            if not finite.size:
-                return bool(matches.all()), (0.0, 0.0, 0.0, 0)
-            stats = (float(finite.sum()), float(np.dot(finite, finite)), float(finite.max()), int(finite.size))
-            return bool(matches.all()), stats
+        return differences(production, shadow, self.spec.atol, self.spec.rtol)
 
     def _classification_output(self, production: list[Tensor]) -> Tensor:
         if not production:
@@ -154,9 +138,7 @@ class Comparator:
             raise TensorError("not_numeric", f"output {p.name!r} is BYTES: argmax needs numbers")
         if samples == 0:
             return 0, 0
-        p_class = p.values.reshape(samples, -1).argmax(axis=1)
-        s_class = s.values.reshape(samples, -1).argmax(axis=1)
-        return int(np.count_nonzero(p_class == s_class)), samples
+        return argmax_agreement(p.values.reshape(samples, -1), s.values.reshape(samples, -1)), samples
 
     def _samples_in(self, target: Tensor) -> int:
         """Agreement samples in a classification output: its elements (label) or its rows (argmax)."""
