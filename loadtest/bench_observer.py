@@ -21,9 +21,11 @@ Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 
 is the fixed load for every configuration of that shape. Then rounds (configurations interleaved, order rotated):
 warm-up, ``--calls`` at the fixed load over 4 connections (production p99; CPU per call of every mlmirror process;
 the share of those calls the observers saw: drift engine calls counted, shadow copies answered OK), then
-``--saturation-calls`` closed loop (throughput). Ratios are against nothing watched of the same shape, medians of
-per-round ratios (range). "serving CPU" is the processes that relay (the lone proxy; the workers), "tree CPU" every
-mlmirror process (the lone proxy; the supervisor, the workers and the observing process).
+``--saturation-calls`` closed loop (throughput; and the share of those calls the observers saw, "observed at
+saturation": what an observer that yields to serving still sees when the machine is full). Ratios are against
+nothing watched of the same shape, medians of per-round ratios (range). "serving CPU" is the processes that relay
+(the lone proxy; the workers), "tree CPU" every mlmirror process (the lone proxy; the supervisor, the workers and
+the observing process).
 
 ``--profile DIR``: after the rounds, py-spy (pip install py-spy) records every mlmirror process of "1 shadow + drift"
 in each shape for one more fixed-load run; the hottest functions (own time) of each are printed, the raw stacks
@@ -95,13 +97,17 @@ def _config(path: Path, name: str, listen: int, admin: int, backends: dict[str, 
 
 
 class Observed:
-    """Reads each system's observer counters around its fixed-rate calls: the share of them each observer saw."""
+    """Reads each system's observer counters around its fixed-rate calls and its closed-loop (saturation) calls: the
+    share of them each observer saw."""
 
-    def __init__(self, admins: dict[str, int], calls: int) -> None:
+    def __init__(self, admins: dict[str, int], calls: int, saturation_calls: int) -> None:
         self.admins = admins
-        self.calls = calls
-        self._before: dict[str, tuple[float, float]] = {}
-        self.shares: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: {"shadow": [], "drift": []})
+        self.calls = {"fixed": calls, "saturation": saturation_calls}
+        self._before: dict[tuple[str, str], tuple[float, float]] = {}
+        #: system -> phase (fixed, saturation) -> observer (shadow, drift) -> shares, one per round
+        self.shares: dict[str, dict[str, dict[str, list[float]]]] = collections.defaultdict(
+            lambda: {phase: {"shadow": [], "drift": []} for phase in self.calls}
+        )
 
     def _counts(self, name: str, settle: bool) -> tuple[float, float]:
         """(shadow copies answered OK, drift calls counted), once no copy is pending and the drift count holds
@@ -122,14 +128,17 @@ class Observed:
     def __call__(self, system: System, when: str) -> None:
         shadow, drift_on = CONFIGURATIONS[system.name.split(" | ")[1]]
         settle = shadow == "candidate" or drift_on  # a hung shadow's copies never settle: nothing to wait for
-        if when == "before":
-            self._before[system.name] = self._counts(system.name, settle)
+        edge, _, phase = when.partition(" ")
+        phase = phase or "fixed"
+        if edge == "before":
+            self._before[system.name, phase] = self._counts(system.name, settle)
             return
-        (copies_0, drift_0), (copies, drift) = self._before[system.name], self._counts(system.name, settle)
+        (copies_0, drift_0), (copies, drift) = self._before[system.name, phase], self._counts(system.name, settle)
+        shares = self.shares[system.name][phase]
         if shadow == "candidate":
-            self.shares[system.name]["shadow"].append((copies - copies_0) / self.calls)
+            shares["shadow"].append((copies - copies_0) / self.calls[phase])
         if drift_on:
-            self.shares[system.name]["drift"].append((drift - drift_0) / self.calls)
+            shares["drift"].append((drift - drift_0) / self.calls[phase])
 
 
 def _profile(pids: dict[str, int], seconds: float, folder: Path, tag: str) -> dict[str, subprocess.Popen]:
@@ -191,13 +200,14 @@ def _shape_rows(
                 ok = statistics.median(ratios) >= target if measure == "saturation" else statistics.median(
                     ratios) <= target  # fmt: skip
                 met.append(f"{measure} {'met' if ok else 'missed'}")
-        shares = observed.shares[system.name]
-        seen = " / ".join(f"{kind} {_fmt([100 * v for v in values], '.1f', '%')}"
-                          for kind, values in shares.items() if values)  # fmt: skip
-        if any(shares.values()):
-            low = min(min(v) for v in shares.values() if v)
+        phases = observed.shares[system.name]
+        seen = {phase: " / ".join(f"{kind} {_fmt([100 * v for v in values], '.1f', '%')}"
+                                  for kind, values in shares.items() if values) or "-"
+                for phase, shares in phases.items()}  # fmt: skip
+        if any(phases["fixed"].values()):
+            low = min(min(v) for v in phases["fixed"].values() if v)
             met.append(f"observed {'met' if low >= OBSERVED_TARGET else 'missed'}")
-        rows.append("| " + " | ".join([*parts, seen or "-", "; ".join(met) or "-"]) + " |")
+        rows.append("| " + " | ".join([*parts, seen["fixed"], seen["saturation"], "; ".join(met) or "-"]) + " |")
     return rows
 
 
@@ -249,7 +259,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                     rate = args.load * unwatched
                     notes.append(f"{shape}: nothing watched saturates at {unwatched:.0f} calls/s; fixed load "
                                  f"{rate:.0f} calls/s")  # fmt: skip
-                    observed = Observed(admins, args.calls)
+                    observed = Observed(admins, args.calls, args.saturation_calls)
                     rounds(systems, body, Load(args.warmup, args.calls, rate, args.saturation_calls), args.rounds,
                            observed)  # fmt: skip
                     rows += _shape_rows(shape, systems, observed, serving, ["tree" if grouped else "proxy"])
@@ -279,8 +289,9 @@ def run(args: argparse.Namespace, command: str) -> str:
         *[f"- {note}" for note in notes],
         "",
         "| shape | configuration | saturation (calls/s) | vs none | p99 at fixed load (ms) | vs none | serving CPU "
-        "per call (µs) | vs none | tree CPU per call (µs) | vs none | observed share | targets |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "per call (µs) | vs none | tree CPU per call (µs) | vs none | observed share | observed at saturation | "
+        "targets |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         *rows,
         *failed_lines(all_systems),
     ]

@@ -80,7 +80,8 @@ class System:
 
 def measure(system: System, body: Path, load: Load, around_fixed: Callable[[System, str], None] | None = None) -> None:
     """One round of ``load`` on ``system``, sending ``body`` (a framed ModelInfer request). ``around_fixed`` is
-    called with ``"before"`` and ``"after"`` the fixed-rate calls (to read counters over them)."""
+    called with ``"before"`` and ``"after"`` the fixed-rate calls, and with ``"before saturation"`` and ``"after
+    saturation"`` around the closed-loop ones (to read counters over them)."""
     run_h2load(system.port, MODEL_INFER, body, calls=load.warmup, connections=load.connections, streams=4)
     if around_fixed is not None:
         around_fixed(system, "before")
@@ -94,8 +95,12 @@ def measure(system: System, body: Path, load: Load, around_fixed: Callable[[Syst
     system.latencies_s.append(fixed.latencies_us / 1e6)
     system.seconds += fixed.seconds
     system.failed += fixed.failed
+    if around_fixed is not None:
+        around_fixed(system, "before saturation")
     saturated = run_h2load(system.port, MODEL_INFER, body, calls=load.saturation_calls,
                            connections=load.saturation_connections, streams=load.streams)  # fmt: skip
+    if around_fixed is not None:
+        around_fixed(system, "after saturation")
     system.failed += saturated.failed
     system.saturated.append(saturated.rate)
     system.sent += load.warmup + load.calls + load.saturation_calls
