@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -438,3 +439,20 @@ async def exposition_with_every_metric(tmp_path: Path) -> str:
             status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{proxy.admin_port}/metrics")
     assert status == 200
     return body
+
+
+def naive_differences(p: list[float], s: list[float], atol: float, rtol: float) -> tuple:
+    """``(matched, (abs_sum, sq_sum, abs_max, elements))`` of two numeric sequences by the comparison's definitions
+    (proxy/observing/shadows/compare.py, kernels/agreement.py), one element at a time in Python floats."""
+    matched = True
+    abs_sum = sq_sum = abs_max = 0.0
+    elements = 0
+    for pv, sv in zip(p, s, strict=True):
+        d = abs(sv - pv)
+        matched &= (d <= atol + rtol * abs(pv) and math.isfinite(pv)) or pv == sv or (math.isnan(pv) and math.isnan(sv))
+        if math.isfinite(d):
+            abs_sum += d
+            sq_sum += d * d
+            abs_max = max(abs_max, d)
+            elements += 1
+    return matched, (abs_sum, sq_sum, abs_max, elements)

@@ -27,6 +27,8 @@ from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 from mlmirror.protos import inference_pb2
 from mlmirror.serving.sampling import RequestIds, sampled, sampling_point
 
+from tests.support import naive_differences
+
 FAST = settings(
     max_examples=max(150, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -448,19 +450,13 @@ def reference(production: list[tuple], shadow: list[tuple], atol: float, rtol: f
     abs_sum = sq_sum = abs_max = 0.0
     elements = 0
     for name, datatype, p_values in production:
-        s_values = by_name[name]
-        for p_item, s_item in zip(p_values.ravel().tolist(), s_values.ravel().tolist(), strict=True):
-            if datatype == "BYTES":
-                matched &= p_item == s_item
-                continue
-            p, s = float(p_item), float(s_item)
-            d = abs(s - p)
-            matched &= d <= atol + rtol * abs(p) or (math.isnan(p) and math.isnan(s)) or p == s
-            if math.isfinite(d):
-                abs_sum += d
-                sq_sum += d * d
-                abs_max = max(abs_max, d)
-                elements += 1
+        p_items, s_items = p_values.ravel().tolist(), by_name[name].ravel().tolist()
+        if datatype == "BYTES":
+            matched &= p_items == s_items
+            continue
+        close, (a, q, m, n) = naive_differences([float(p) for p in p_items], [float(s) for s in s_items], atol, rtol)
+        matched &= close
+        abs_sum, sq_sum, abs_max, elements = abs_sum + a, sq_sum + q, max(abs_max, m), elements + n
     return {"matched": matched, "abs_sum": abs_sum, "sq_sum": sq_sum, "abs_max": abs_max, "elements": elements}
 
 

@@ -12,24 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from mlmirror.kernels.agreement import argmax_agreement, differences
 
+from tests.support import naive_differences
+
 SPECIAL = [0.0, -0.0, 1.0, -1.0, 1e-300, 1e300, math.inf, -math.inf, math.nan]
 FLOATS = st.one_of(st.sampled_from(SPECIAL), st.floats(allow_nan=True, allow_infinity=True, width=64))
-
-
-def naive_differences(p: list[float], s: list[float], atol: float, rtol: float) -> tuple:
-    """The module docstring's definitions, one element at a time in Python floats."""
-    matched = True
-    abs_sum = sq_sum = abs_max = 0.0
-    elements = 0
-    for pv, sv in zip(p, s, strict=True):
-        d = abs(sv - pv)
-        matched &= (d <= atol + rtol * abs(pv) and math.isfinite(pv)) or pv == sv or (math.isnan(pv) and math.isnan(sv))
-        if math.isfinite(d):
-            abs_sum += d
-            sq_sum += d * d
-            abs_max = max(abs_max, d)
-            elements += 1
-    return matched, (abs_sum, sq_sum, abs_max, elements)
 
 
 def assert_same(result: tuple, expected: tuple) -> None:
