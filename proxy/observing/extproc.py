@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTRIBUTES", "SERVED_BY_UNKNOWN", "CallAssembler", "ExtProcObserver", "GrpcFrames",
-    "StreamOutcomes",
+    "StreamOutcomes", "TableSource", "offer_call",
 ]  # fmt: skip
 
 SERVED_BY_UNKNOWN = "unknown"  # who served, when Envoy told neither the cluster attribute nor the header
@@ -123,8 +123,8 @@ class CallAssembler:
     """The state of one ext_proc stream: one HTTP/2 gRPC call as Envoy saw it."""
 
     __slots__ = (
-        "_arrived", "_entered", "_ids", "code", "metadata", "method", "request", "response", "served_by",
-        "status_seen",
+        "_arrived", "_entered", "_ids", "_latency", "code", "metadata", "method", "request", "response",
+        "served_by", "status_seen",
     )  # fmt: skip
 
     def __init__(self, limit: int) -> None:
@@ -138,6 +138,12 @@ class CallAssembler:
         self.status_seen = False
         self._entered = time.perf_counter()
         self._arrived = time.time()
+        self._latency: float | None = None  # None: from the assembler's creation to ``record()``
+
+    def timed(self, started: float, latency: float) -> None:
+        """The call started at ``started`` (Unix time, s) and took ``latency`` seconds, as Envoy timed it (a tap
+        trace's header times), instead of the times this assembler saw."""
+        self._arrived, self._latency = started, latency
 
     def take(self, message: external_processor_pb2.ProcessingRequest) -> None:
         """Apply one ``ProcessingRequest``."""
@@ -145,20 +151,18 @@ class CallAssembler:
             self._attributes(message.attributes)
         part = message.WhichOneof("request")
         if part == "request_headers":
-            self._request_headers(message.request_headers.headers.headers)
+            self.read_request_headers(message.request_headers.headers.headers)
         elif part == "request_body":
             self.request.feed(message.request_body.body)
         elif part == "response_body":
             self.response.feed(message.response_body.body)
         elif part == "response_headers":
-            headers = message.response_headers.headers.headers
-            self._status(headers)  # a trailers-only answer carries it here
-            if not self.served_by:
-                self.served_by = next((value for key, value in _header_items(headers) if key == SERVED_BY), "")
+            self.read_response_headers(message.response_headers.headers.headers)
         elif part == "response_trailers":
-            self._status(message.response_trailers.trailers.headers)
+            self.read_status(message.response_trailers.trailers.headers)
 
-    def _request_headers(self, headers) -> None:
+    def read_request_headers(self, headers) -> None:
+        """The method (``:path``) and the client's metadata, from request headers (``HeaderValue`` entries)."""
         metadata: list[tuple[str, str | bytes]] = []
         envoy_id = ""
         has_id = False
@@ -178,6 +182,12 @@ class CallAssembler:
             metadata.append((REQUEST_ID, envoy_id))
         self.metadata = tuple(metadata)
 
+    def read_response_headers(self, headers) -> None:
+        """The status of a trailers-only answer, and who served (``x-mlmirror-served-by``) unless already known."""
+        self.read_status(headers)
+        if not self.served_by:
+            self.served_by = next((value for key, value in _header_items(headers) if key == SERVED_BY), "")
+
     def _attributes(self, attributes) -> None:
         """Facts Envoy sent as attributes (``ATTRIBUTES``); a value of another type than text is ignored."""
         facts = attributes.get(_FILTER)
@@ -194,7 +204,8 @@ class CallAssembler:
         if client or envoy:
             self._ids = (client, envoy)
 
-    def _status(self, headers) -> None:
+    def read_status(self, headers) -> None:
+        """The call's status, from the ``grpc-status`` of response headers or trailers."""
         for key, value in _header_items(headers):
             if key == "grpc-status":
                 self.status_seen = True
@@ -231,7 +242,7 @@ class CallAssembler:
         request headers' arrival here to the status's, which is the call's latency as Envoy relayed it, plus
         nothing of mlmirror's."""
         assert self.code is not None
-        seconds = time.perf_counter() - self._entered
+        seconds = time.perf_counter() - self._entered if self._latency is None else self._latency
         ok = self.code is grpc.StatusCode.OK
         return CallRecord(
             route=route,
@@ -303,21 +314,24 @@ class ExtProcObserver(external_processor_pb2_grpc.ExternalProcessorServicer):
     def _observe(self, call: CallAssembler) -> None:
         outcome = call.outcome()
         if outcome == "observed":
-            outcome = self._offer(call)
+            outcome = offer_call(self._source, call)
         self._outcomes.labels(outcome).inc()
 
-    def _offer(self, call: CallAssembler) -> str:
-        table = self._source.table
-        request = call.request.messages[0]
-        route, _ = table.route_for(call.method, request)
-        if route is None:
-            table.metrics.unrouted_calls.inc()
-            return "unrouted"
-        request_id, metadata = route.ids.identify(call.method, request, call.client_metadata())
-        served_by = call.served_by or SERVED_BY_UNKNOWN
-        record = call.record(route.name, served_by, request_id, metadata)
-        route.metrics.attempt(served_by, "primary", record.code.name, record.latency)
-        route.metrics.answered(record.code.name)
-        if route.tap:
-            route.tap.offer(record)
-        return "observed"
+
+def offer_call(source: TableSource, call: CallAssembler) -> str:
+    """Route a complete call (``call.outcome()`` is ``observed``) with ``source``'s table, count it in the route's
+    request metrics and offer it to the route's tap; ``observed``, or ``unrouted``."""
+    table = source.table
+    request = call.request.messages[0]
+    route, _ = table.route_for(call.method, request)
+    if route is None:
+        table.metrics.unrouted_calls.inc()
+        return "unrouted"
+    request_id, metadata = route.ids.identify(call.method, request, call.client_metadata())
+    served_by = call.served_by or SERVED_BY_UNKNOWN
+    record = call.record(route.name, served_by, request_id, metadata)
+    route.metrics.attempt(served_by, "primary", record.code.name, record.latency)
+    route.metrics.answered(record.code.name)
+    if route.tap:
+        route.tap.offer(record)
+    return "observed"
