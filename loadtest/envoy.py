@@ -18,6 +18,7 @@ from .processes import stop_process
 
 __all__ = [
     "DATAPLANE",
+    "DATAPLANE_TAP",
     "FRONT_PROXY",
     "envoy_binary",
     "forward_only",
@@ -30,6 +31,7 @@ __all__ = [
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 FRONT_PROXY = ENVOY_DIR / "front-proxy.yaml"
 DATAPLANE = ENVOY_DIR / "dataplane.yaml"
+DATAPLANE_TAP = ENVOY_DIR / "dataplane-tap.yaml"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 
 

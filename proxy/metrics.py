@@ -88,6 +88,23 @@ class Metrics:
         self.extproc_active_streams = Gauge(
             "mlmirror_extproc_active_streams", "Observer mode: Envoy ext_proc streams open now.", registry=r
         )
+        self.envoy_tap_traces = Counter(
+            "mlmirror_envoy_tap_traces",
+            "Observer mode with envoy_tap: calls read from Envoy's tap, by outcome (observed, too_large, streaming,"
+            " compressed, incomplete, malformed, unrouted).",
+            ["outcome"],
+            registry=r,
+        )
+        self.envoy_tap_sessions = Counter(
+            "mlmirror_envoy_tap_sessions",
+            "Observer mode with envoy_tap: attachments to Envoy's /tap admin that ended, by outcome (flushed: a batch"
+            " read whole; refused: Envoy said no; failed: no connection, or it broke).",
+            ["outcome"],
+            registry=r,
+        )
+        self.envoy_tap_attached = Gauge(
+            "mlmirror_envoy_tap_attached", "Observer mode with envoy_tap: 1 while attached to Envoy's tap.", registry=r
+        )
         self.process_tasks = Gauge(
             "mlmirror_process_tasks",
             "asyncio tasks alive on the proxy's event loop (calls being relayed, shadow copies, health checks).",

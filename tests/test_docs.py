@@ -185,7 +185,11 @@ COMPANIONS = {
     "upstreams.<name>.circuit.max_ejection": {"ejection": "1ms"},
     "routes[].drift.persistence.m": {"n": 1000},  # m is at most n
     "routes[].drift.persistence.n": {"m": 1},
+    "envoy_tap.batch": {"admin": "127.0.0.1:9901"},
+    "envoy_tap.flush": {"admin": "127.0.0.1:9901"},
 }
+#: top-level keys a section's keys need beside them
+TOP_COMPANIONS = {"envoy_tap": {"mode": "observer"}}
 
 
 def _with(path: str, value: Any, tmp_path: Path) -> str:
@@ -200,6 +204,7 @@ def _with(path: str, value: Any, tmp_path: Path) -> str:
             node = node[0]
     node[leaf] = value
     node.update(COMPANIONS.get(path, {}))
+    document.update(TOP_COMPANIONS.get(path.split(".")[0], {}))
     return yaml.safe_dump(document)
 
 

@@ -15,7 +15,7 @@ import pytest
 from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
 
-from loadtest.envoy import DATAPLANE, FRONT_PROXY, envoy_binary, load, on_ports
+from loadtest.envoy import DATAPLANE, DATAPLANE_TAP, FRONT_PROXY, envoy_binary, load, on_ports
 from loadtest.ports import free_port
 from tests.support import envoy_running, http_get, model_server, running_proxy, wait_until
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.process  # starts Envoy
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-@pytest.mark.parametrize("path", [FRONT_PROXY, DATAPLANE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [FRONT_PROXY, DATAPLANE, DATAPLANE_TAP], ids=lambda p: p.name)
 def test_every_envoy_config_is_valid(path: Path):
     done = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -33,7 +33,8 @@ def test_every_envoy_config_is_valid(path: Path):
 
 
 def test_the_envoy_folder_holds_only_tested_configs():
-    assert sorted(p.name for p in FRONT_PROXY.parent.glob("*.yaml")) == sorted([FRONT_PROXY.name, DATAPLANE.name])
+    tested = [FRONT_PROXY.name, DATAPLANE.name, DATAPLANE_TAP.name]  # dataplane-tap.yaml: tests/test_envoy_tap.py
+    assert sorted(p.name for p in FRONT_PROXY.parent.glob("*.yaml")) == sorted(tested)
 
 
 @contextlib.asynccontextmanager

@@ -25,8 +25,9 @@ SHARED_COUNTERS = frozenset({"mlmirror_config_reloads"})
 
 #: Gauges whose sum over processes is the group's value.
 SUMMED_GAUGES = frozenset(
-    {"mlmirror_inflight_calls", "mlmirror_mirror_inflight", "mlmirror_mirror_queued", "mlmirror_extproc_active_streams"}
-)
+    {"mlmirror_inflight_calls", "mlmirror_mirror_inflight", "mlmirror_mirror_queued", "mlmirror_extproc_active_streams",
+     "mlmirror_envoy_tap_attached"}
+)  # fmt: skip
 
 
 class _Families(Collector):

@@ -21,6 +21,7 @@ from mlmirror.config.schema import (
     OBSERVER_LISTEN,
     CircuitPolicy,
     Config,
+    EnvoyTap,
     Feedback,
     HealthCheck,
     Keepalive,
@@ -53,6 +54,7 @@ def parse_config(text: str, file: str = "<string>") -> Config:
         "mirror_shed_lag": lambda n: None if n.is_null() or n.scalar() in (False, "off") else shed_lag(n),
         "tls": lambda n: _tls_server(n, base),
         "observer": _observer,
+        "envoy_tap": _envoy_tap,
         "method_types": lambda n: MappingProxyType(_method_types(n)),
         "upstreams": lambda n: MappingProxyType(_upstreams(n, base)),
         "routes": lambda n: n,  # read below, once the upstreams are known
@@ -61,6 +63,8 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if values.get("mode") == "observer" and "listen" not in keys:
         values["listen"] = OBSERVER_LISTEN  # Envoy runs beside it; a networked Envoy needs listen and mTLS
     _check_feedback(values, keys)
+    if values.get("envoy_tap") is not None and values.get("mode") != "observer":
+        raise keys["envoy_tap"].error("envoy_tap reads calls Envoy carries: it needs mode: observer")
     upstreams = values["upstreams"]
     routes = tuple(read_route(i, node, upstreams, base) for i, node in enumerate(keys["routes"].sequence()))
     if not routes:
@@ -116,6 +120,17 @@ def _observer(node: Located) -> Observer:
 
     off = {key: or_off(key) for key in ("cpu_pressure_limit", "cpu_limit")}
     return Observer(**read_section(node, Observer, off)[0])
+
+
+def _envoy_tap(node: Located) -> EnvoyTap:
+    values, keys = read_section(node, EnvoyTap, required=("admin",))
+    if "method" in values:
+        parts = values["method"].split("/")
+        if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
+            raise keys["method"].error("method must be a full gRPC method name such as /pkg.Service/Method")
+    if "config_id" in values and not values["config_id"].strip():
+        raise keys["config_id"].error("config_id cannot be empty")
+    return EnvoyTap(**values)
 
 
 def _admin_address(node: Located) -> str | None:

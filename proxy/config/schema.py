@@ -18,7 +18,7 @@ from types import MappingProxyType
 import grpc
 from mlmirror.config.keys import setting
 from mlmirror.config.schema_observing import Capture, Drift
-from mlmirror.config.schema_process import Feedback, Observer, TlsClient, TlsServer
+from mlmirror.config.schema_process import EnvoyTap, Feedback, Observer, TlsClient, TlsServer
 from mlmirror.protocol.names import MODEL_INFER
 
 __all__ = [
@@ -324,6 +324,10 @@ class Config:
         "(docs/RELIABILITY.md)", kind="duration", minimum=0.0)  # fmt: skip
     shutdown_grace: float = setting(15.0, "then, once it stops accepting, how long calls may take", kind="duration")
     observer: Observer = setting(factory=Observer, doc="the observing process (`mlmirror serve`)")
+    envoy_tap: EnvoyTap | None = setting(
+        None, "observer mode: read the calls from Envoy's tap filter (its admin, beside mlmirror) as well as from "
+        "ext_proc",
+    )  # fmt: skip
     feedback: Feedback = setting(factory=Feedback, doc="who may report outcomes (`ReportOutcome`, `POST /outcomes`)")
     mirror_shed_lag: float | None = setting(
         0.05, "when the event loop wakes up later than this, shadow copies are dropped (`shed`) until it recovers; "

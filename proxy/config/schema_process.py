@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlmirror.config.keys import setting
+from mlmirror.protocol.names import MODEL_INFER
 
-__all__ = ["OBSERVER_SCHEDULING", "Feedback", "Observer", "TlsClient", "TlsServer"]
+__all__ = ["OBSERVER_SCHEDULING", "EnvoyTap", "Feedback", "Observer", "TlsClient", "TlsServer"]
 
 OBSERVER_SCHEDULING = ("nice", "idle")
 
@@ -55,6 +56,29 @@ class Observer:
         "0.1 s used more, the calls handed over are dropped and counted (`cpu_limit`), so that a busy machine's CPU "
         "goes to serving however much there is to observe (docs/BENCHMARKS.md); `off`: no limit", shown="off",
         minimum=0.01, maximum=1024,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvoyTap:
+    """Observer mode reading the calls from Envoy's tap filter (envoy/dataplane-tap.yaml), beside Envoy: mlmirror
+    attaches to Envoy's ``POST /tap`` admin with a ``buffered_admin`` sink, so Envoy keeps up to ``batch`` calls
+    and sends them at once, then taps nothing until mlmirror attaches again (proxy/observing/envoytap.py)."""
+
+    admin: str = setting(doc="Envoy's admin endpoint (`host:port`), beside mlmirror", kind="address")
+    config_id: str = setting("mlmirror", "the tap filter's `admin_config.config_id` in Envoy's config")
+    method: str = setting(
+        MODEL_INFER, "the calls Envoy taps: this `:path` (a full gRPC method name)"
+    )  # fmt: skip
+    batch: int = setting(
+        2000, "calls Envoy keeps before it sends them; bounds Envoy's memory for the tap at `batch` times the "
+        "request and response bytes of a call", minimum=1, maximum=100_000,
+    )  # fmt: skip
+    flush: float = setting(2.0, "longest Envoy waits for a batch to fill before it sends it", kind="duration",
+                           minimum=0.01)  # fmt: skip
+    runtime_key: str = setting(
+        "mlmirror.observed_percent", "Envoy runtime key of the share of calls tapped (100% unless set; "
+        "`POST /runtime_modify?mlmirror.observed_percent=10` on Envoy's admin)",
     )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from mlmirror.eventloop import loop_name
 from mlmirror.handoff.tap import Observer, Tap
 from mlmirror.looplag import LoopLag
 from mlmirror.metrics import Metrics
+from mlmirror.observing.envoytap import EnvoyTapReader
 from mlmirror.observing.exposure import observer_warnings
 from mlmirror.observing.groundtruth.access import FeedbackEntrances
 from mlmirror.observing.groundtruth.feedback import FeedbackRelay, FeedbackService
@@ -104,6 +105,7 @@ class Proxy:
         self._upstreams = UpstreamPool(self.metrics, config.max_message_size, self._refresh_serving_status)
         self._background: set[asyncio.Task[None]] = set()
         self._server: grpc.aio.Server | None = None
+        self.envoy_tap: EnvoyTapReader | None = None  # observer mode reading Envoy's tap filter
         self._admin: AdminServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -148,6 +150,7 @@ class Proxy:
                     self._admin = None
                     raise StartError(f"cannot serve the admin endpoint on {admin}: {exc.strerror or exc}") from None
             await self._check_parts()
+            self._read_envoy_tap(config)
         except BaseException:
             await self.stop(grace=0)
             raise
@@ -180,6 +183,17 @@ class Proxy:
                 feedback, self._health, ext_proc=ext_proc_observer(cast(TableSource, self), self.metrics, config)
             )
         return Listener(feedback, self._health, relay=self._door)
+
+    def _read_envoy_tap(self, config: Config) -> None:
+        """Observer mode with ``envoy_tap``: read the calls Envoy taps, until the stop (proxy/observing/envoytap.py)."""
+        if config.mode != "observer" or config.envoy_tap is None or self.role.worker:
+            return  # the observing process reads it (or the lone process); the workers only serve ext_proc
+        m = self.metrics
+        self.envoy_tap = EnvoyTapReader(cast(TableSource, self), config.envoy_tap, config.max_message_size,
+                                        m.envoy_tap_traces, m.envoy_tap_sessions)  # fmt: skip
+        reader = self.envoy_tap
+        m.envoy_tap_attached.set_function(lambda: 1 if reader.attached else 0)
+        self._spawn(reader.run())
 
     async def _check_parts(self) -> None:
         """Let each part refuse the start once the upstreams can be asked (say, a drift profile that does not fit

@@ -24,7 +24,7 @@ def readiness(proxy: Proxy, mode: str) -> tuple[bool, dict[str, str]]:
     if proxy.role.hub:  # the workers carry the calls
         return True, {"proxy": "hub: watching the calls the workers hand off"}
     if mode == "observer":  # Envoy carries the calls; the observer needs no upstream
-        return True, {"proxy": "observing calls streamed by Envoy (ext_proc)"}
+        return True, {"proxy": "observing calls Envoy carries (ext_proc, or its tap)"}
     reasons = {}
     ready = True
     for route in proxy.table.routes:
@@ -83,7 +83,23 @@ def proxy_status(proxy: Proxy) -> dict[str, object]:
         },
         "promotions": proxy.promotions,
         **({"intake": proxy.role.intake()} if proxy.role.intake is not None else {}),
+        **({"envoy_tap": envoy_tap_status(proxy)} if proxy.envoy_tap is not None else {}),
     }
+
+
+def envoy_tap_status(proxy: Proxy) -> dict[str, object]:
+    """Observer mode reading Envoy's tap: where, attached or why not, batches and calls by outcome."""
+    reader, metrics = proxy.envoy_tap, proxy.metrics
+    assert reader is not None
+    return {
+        "admin": reader.admin,
+        "attached": reader.attached,
+        "problem": reader.problem,
+        "sessions": {outcome: int(n) for (outcome,), n in sorted(counter_values(metrics.envoy_tap_sessions,
+                                                                                  ("outcome",)).items())},
+        "calls": {outcome: int(n) for (outcome,), n in sorted(counter_values(metrics.envoy_tap_traces,
+                                                                               ("outcome",)).items())},
+    }  # fmt: skip
 
 
 def counter_values(counter: Counter, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
