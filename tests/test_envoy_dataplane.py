@@ -18,7 +18,7 @@ from mlmirror.observing.extproc import SERVED_BY_UNKNOWN
 from mlmirror.protocol.names import MODEL_INFER
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.bench_extproc import FIVE, VARIANTS, ext_proc_variant
+from loadtest.bench_extproc import EXT_PROC_VARIANTS, FIVE, ext_proc_variant
 from loadtest.envoy import DATAPLANE, load, on_ports
 from loadtest.ports import free_port
 from tests.support import FunctionModel, envoy_running, http_get, running_proxy, wait_until
@@ -154,7 +154,7 @@ async def test_the_observer_labels_each_call_with_the_cluster_envoy_says_served_
 
 async def test_with_request_headers_sent_and_no_attributes_who_served_is_the_documented_fallback(tmp_path):
     rng = np.random.default_rng(8)
-    five_messages = ext_proc_variant(load(DATAPLANE), VARIANTS[FIVE])  # the data plane as it was
+    five_messages = ext_proc_variant(load(DATAPLANE), EXT_PROC_VARIANTS[FIVE])  # the data plane as it was
     async with (
         FunctionModel(iris_outputs) as production,
         FunctionModel(iris_outputs) as shadow,
