@@ -36,7 +36,7 @@ from .envoy import DATAPLANE, DATAPLANE_TAP, EXT_PROC_FILTER, load, mirror_only,
 from .h2load import ProcessCPU, run_h2load
 from .ports import free_port, wait_for_port
 from .processes import python_process
-from .scrape import metric_samples, total
+from .scrape import metric_samples, total, wait_attached
 from .systems import MODEL_INFER, print_report, request_file
 
 __all__ = ["VARIANTS", "main"]
@@ -87,15 +87,6 @@ def _observed(admin: int, tap: bool = False) -> float:
     return total(metric_samples(admin), "mlmirror_envoy_tap_traces_total" if tap else "mlmirror_extproc_streams_total")
 
 
-def _attached(admin: int, timeout: float = 30.0) -> None:
-    """Wait until the tap reader at ``admin`` is attached to Envoy's tap."""
-    deadline = time.monotonic() + timeout
-    while total(metric_samples(admin), "mlmirror_envoy_tap_attached") < 1:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the observer did not attach to Envoy's tap")
-        time.sleep(0.1)
-
-
 def _envoy_config(name: str, dataplane: dict, tapped: dict, listen: int, tap_admin: int, ports: dict) -> dict:
     if name == TAP:
         return on_ports(tapped, listen, tap_admin, ports)
@@ -136,7 +127,7 @@ def run(args: argparse.Namespace, command: str) -> str:
                     settle = _TAP_FLUSH + 1.0 if tap else 0.0
                     with running_envoy(config, folder, concurrency=1) as envoy:
                         if tap:
-                            _attached(where)
+                            wait_attached(where)
                         run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, rate=args.rate)
                         time.sleep(settle)
                         clocks = ProcessCPU(who.pid, tree=True), ProcessCPU(envoy.pid)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-__all__ = ["DRIFT_TOTALS", "MirrorCounts", "by_label", "drift_counts", "metric_samples", "mirror_counts", "total"]
+__all__ = [
+    "DRIFT_TOTALS",
+    "MirrorCounts",
+    "by_label",
+    "drift_counts",
+    "metric_samples",
+    "mirror_counts",
+    "total",
+    "wait_attached",
+]
 
 #: the drift engine's counters, summed over routes by ``drift_counts``
 DRIFT_TOTALS = (
@@ -69,3 +79,12 @@ def mirror_counts(samples: list[Sample]) -> dict[str, MirrorCounts]:
 def drift_counts(samples: list[Sample]) -> dict[str, float]:
     """The drift engines' counters (``DRIFT_TOTALS``), summed over routes."""
     return {name: total(samples, name) for name in DRIFT_TOTALS}
+
+
+def wait_attached(admin: int, timeout: float = 30.0) -> None:
+    """Wait until the mlmirror observer with admin port ``admin`` is attached to Envoy's tap (``envoy_tap``)."""
+    deadline = time.monotonic() + timeout
+    while total(metric_samples(admin), "mlmirror_envoy_tap_attached") < 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the observer did not attach to Envoy's tap")
+        time.sleep(0.1)

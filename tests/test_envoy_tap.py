@@ -248,7 +248,7 @@ async def test_serve_reads_the_tap_in_its_observing_process_and_a_killed_one_sta
             def tap() -> dict:
                 return status_of(admin).get("envoy_tap", {})
 
-            await polled(tap, lambda t: t.get("attached"), "the observing process attached")
+            await polled(tap, lambda t: bool(t.get("attached")), "the observing process attached")
             await send_until(channel, rng, lambda: tap()["calls"].get("observed", 0) >= 100, "100 calls read")
             status = status_of(admin)
             assert status["routes"][0]["calls"]["OK"] >= 100  # the observing process's own counts
@@ -261,5 +261,5 @@ async def test_serve_reads_the_tap_in_its_observing_process_and_a_killed_one_sta
             assert len(latencies) == 200
             await polled(lambda: status_of(admin), lambda s: s["observer"]["up"] and s["observer"]["pid"] != observer,
                          "the observing process restarted")  # fmt: skip
-            await polled(tap, lambda t: t.get("attached"), "the new observing process attached")
+            await polled(tap, lambda t: bool(t.get("attached")), "the new observing process attached")
             await send_until(channel, rng, lambda: tap()["calls"].get("observed", 0) >= 50, "50 calls read again")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mlmirror.config import parse_config
 from mlmirror.config.schema_process import EnvoyTap
 from mlmirror.errors import ConfigError
+from mlmirror.observing.adminhttp import ChunkedDecoder
 from mlmirror.observing.envoytap import TraceStream, assemble_trace, tap_request
 from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 
@@ -173,7 +174,7 @@ ROUTES = "upstreams: {production: 127.0.0.1:1}\nroutes: [{name: a, match: {model
 def test_envoy_tap_is_read_with_its_defaults():
     config = parse_config("mode: observer\nenvoy_tap: {admin: 127.0.0.1:9901}\n" + ROUTES)
     assert config.envoy_tap == EnvoyTap(admin="127.0.0.1:9901")
-    assert (config.envoy_tap.batch, config.envoy_tap.flush, config.envoy_tap.method) == (2000, 2.0, MODEL_INFER)
+    assert (config.envoy_tap.batch, config.envoy_tap.flush, config.envoy_tap.method) == (5000, 5.0, MODEL_INFER)
     assert parse_config("mode: observer\n" + ROUTES).envoy_tap is None
 
 
@@ -193,3 +194,39 @@ def test_envoy_tap_is_read_with_its_defaults():
 def test_a_wrong_envoy_tap_names_its_line_and_key(text, error):
     with pytest.raises(ConfigError, match=error):
         parse_config(text + ROUTES)
+
+
+def chunked(parts: list[bytes]) -> bytes:
+    """``parts`` as a chunked HTTP/1.1 body (empty parts left out: an empty chunk ends the body)."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n\r\n"
+
+
+@given(
+    st.lists(st.binary(max_size=200), max_size=10),
+    st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=30),
+)
+def test_a_chunked_body_is_decoded_whatever_the_reads(parts, cuts):
+    data = chunked(parts)
+    decoder = ChunkedDecoder()
+    got, at, i = b"", 0, 0
+    while at < len(data):
+        assert not decoder.done
+        step = cuts[i % len(cuts)]
+        got += b"".join(decoder.feed(data[at : at + step]))
+        at, i = at + step, i + 1
+    assert decoder.done
+    assert got == b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"zz\r\nab\r\n", "not a chunk size"),
+        (b"2\r\nabc\r\n", "not followed by CRLF"),
+        (b"0\r\nx-trailer: 1\r\n\r\n", "trailers"),
+        (b"1" * 100, "too long"),
+    ],
+)
+def test_a_broken_chunked_body_raises(data, error):
+    with pytest.raises(ValueError, match=error):
+        ChunkedDecoder().feed(data)

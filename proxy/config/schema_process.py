@@ -71,10 +71,10 @@ class EnvoyTap:
         MODEL_INFER, "the calls Envoy taps: this `:path` (a full gRPC method name)"
     )  # fmt: skip
     batch: int = setting(
-        2000, "calls Envoy keeps before it sends them; bounds Envoy's memory for the tap at `batch` times the "
+        5000, "calls Envoy keeps before it sends them; bounds Envoy's memory for the tap at `batch` times the "
         "request and response bytes of a call", minimum=1, maximum=100_000,
     )  # fmt: skip
-    flush: float = setting(2.0, "longest Envoy waits for a batch to fill before it sends it", kind="duration",
+    flush: float = setting(5.0, "longest Envoy waits for a batch to fill before it sends it", kind="duration",
                            minimum=0.01)  # fmt: skip
     runtime_key: str = setting(
         "mlmirror.observed_percent", "Envoy runtime key of the share of calls tapped (100% unless set; "

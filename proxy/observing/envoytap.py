@@ -11,8 +11,10 @@ Why batches rather than ext_proc's stream per call: the observer reads one respo
 stream per call, so its cost per call is that of parsing a protobuf message (docs/BENCHMARKS.md). Why bounded:
 Envoy keeps at most ``batch`` traces of at most ``max_message_size`` bytes per direction, then taps nothing until
 the reader attaches again, so a slow, hung or dead observer costs Envoy no more memory and no call waits for it.
-The calls Envoy carries between two batches are not tapped; ``mlmirror_envoy_tap_sessions_total`` and Envoy's own
-``http.<prefix>.tap.rq_tapped`` show how many batches and calls there were.
+What a batch boundary loses: Envoy binds each call to the attachment it started under, so a call still in flight
+when Envoy sends the batch is dropped (Envoy's ``http.<prefix>.tap.rq_tapped`` counts it all the same), and a call
+that starts before the reader attaches again (about a millisecond) is not tapped: about the calls in flight per
+``batch`` calls (docs/BENCHMARKS.md).
 
 (Envoy's ``streaming_admin`` sink is not used: it accepts only JSON output, holds no bound, and Envoy 1.40 stops
 on an assertion when it is asked for binary output.)
@@ -33,6 +35,7 @@ from collections.abc import Iterator
 from envoy.data.tap.v3 import wrapper_pb2
 from google.protobuf.message import DecodeError
 from mlmirror.config.schema_process import EnvoyTap
+from mlmirror.observing.adminhttp import body_chunks, response_head, whole_body
 from mlmirror.observing.extproc import CallAssembler, StreamOutcomes, TableSource, offer_call
 
 __all__ = ["EnvoyTapReader", "TapRefusedError", "TraceStream", "assemble_trace", "tap_request"]
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 _FRAME = 5  # a gRPC message's prefix: flag byte and 4-byte length
 _RETRY_FIRST, _RETRY_MOST = 0.1, 5.0  # seconds between attempts to attach, doubling
 _HEAD_LIMIT = 64 * 1024  # bytes of an admin response's status line and headers
+_YIELD_EVERY = 64  # calls observed between two turns of the event loop
+_READ_BUFFER = 1 << 20  # bytes the connection may hold unread before it stops reading
 
 
 class TapRefusedError(Exception):
@@ -170,13 +175,13 @@ class EnvoyTapReader:
             try:
                 reader, writer, headers = await self._attach()
             except _PROBLEMS as exc:
-                self._observe_all(batch)
+                await self._observe_all(batch)
                 batch = []
                 self._failed(exc)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, _RETRY_MOST)
                 continue
-            self._observe_all(batch)
+            await self._observe_all(batch)
             batch = []
             try:
                 await self._read_batch(reader, headers, batch)
@@ -208,7 +213,7 @@ class EnvoyTapReader:
 
     async def _attach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, str]]:
         """Connect, POST the tap config, read the answer's head: Envoy taps from now on."""
-        reader, writer = await asyncio.open_connection(self._host, self._port, limit=_HEAD_LIMIT)
+        reader, writer = await asyncio.open_connection(self._host, self._port, limit=_READ_BUFFER)
         try:
             writer.write(
                 b"POST /tap HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -216,9 +221,9 @@ class EnvoyTapReader:
                 + self._body
             )
             await writer.drain()
-            status, headers = await _response_head(reader)
+            status, headers = await response_head(reader)
             if status != 200:
-                text = await _whole_body(reader, headers)
+                text = await whole_body(reader, headers, _HEAD_LIMIT)
                 raise TapRefusedError(f"Envoy answered {status}: {text.decode('utf-8', 'replace').strip()[:300]}")
         except BaseException:
             writer.close()
@@ -229,14 +234,18 @@ class EnvoyTapReader:
     async def _read_batch(self, reader: asyncio.StreamReader, headers: dict[str, str], batch: list[bytes]) -> None:
         """The traces of one response, appended to ``batch`` as they arrive whole, to the end of the response."""
         stream = TraceStream(2 * (self._limit + _FRAME) + _HEAD_LIMIT)
-        async for data in _body_chunks(reader, headers):
+        async for data in body_chunks(reader, headers):
             batch.extend(stream.feed(data))
         if stream.partial:
             raise EOFError("the batch ended inside a trace")
 
-    def _observe_all(self, batch: list[bytes]) -> None:
-        for message in batch:
+    async def _observe_all(self, batch: list[bytes]) -> None:
+        """Observe a batch, letting the event loop run between every ``_YIELD_EVERY`` calls (a batch of 2000 takes
+        a few hundred ms, and the admin endpoint answers meanwhile)."""
+        for i, message in enumerate(batch, 1):
             self._observe(message)
+            if i % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
     def _observe(self, message: bytes) -> None:
         try:
@@ -252,52 +261,3 @@ class EnvoyTapReader:
         if outcome == "observed":
             outcome = offer_call(self._source, call)
         self._traces.labels(outcome).inc()
-
-
-async def _response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    """The status code and the headers (lowercase names) of an HTTP/1.1 response."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ValueError(f"not an HTTP/1.1 response: {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
-
-
-async def _body_chunks(reader: asyncio.StreamReader, headers: dict[str, str]):
-    """The response body as it arrives: chunked, sized by ``content-length``, or to the end of the connection."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")  # no trailers from Envoy's admin: the empty line
-                return
-            data = await reader.readexactly(size + 2)
-            yield data[:-2]
-    elif "content-length" in headers:
-        left = int(headers["content-length"])
-        while left > 0:
-            data = await reader.read(min(left, 1 << 20))
-            if not data:
-                raise EOFError("the response ended early")
-            left -= len(data)
-            yield data
-    else:
-        while data := await reader.read(1 << 20):
-            yield data
-
-
-async def _whole_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    """An error response's body (its first 64 KiB)."""
-    body = bytearray()
-    async for data in _body_chunks(reader, headers):
-        body += data
-        if len(body) > _HEAD_LIMIT:
-            break
-    return bytes(body[:_HEAD_LIMIT])
