@@ -263,3 +263,28 @@ async def test_serve_reads_the_tap_in_its_observing_process_and_a_killed_one_sta
                          "the observing process restarted")  # fmt: skip
             await polled(tap, lambda t: bool(t.get("attached")), "the new observing process attached")
             await send_until(channel, rng, lambda: tap()["calls"].get("observed", 0) >= 50, "50 calls read again")
+
+
+@pytest.mark.slow
+async def test_a_hung_envoy_is_given_up_after_the_batch_is_late_and_read_again_once_it_runs(tmp_path):
+    rng = np.random.default_rng(17)
+    admin, listen = free_port(), free_port()
+    async with FunctionModel(iris_outputs) as production, FunctionModel(iris_outputs) as shadow:
+        config = on_ports(load(DATAPLANE_TAP), listen, admin, {"production": [production.port],
+                                                               "shadow": [shadow.port]})  # fmt: skip
+        async with (
+            running_proxy(tap_observer(production, admin)) as observer,
+            envoy_running(config, tmp_path) as envoy,
+            grpc.aio.insecure_channel(f"127.0.0.1:{listen}") as channel,
+        ):
+            await wait_until(lambda: observer.status()["envoy_tap"]["attached"], WAIT, "the tap attached")
+            envoy.send_signal(signal.SIGSTOP)
+            try:
+                await wait_until(lambda: observer.status()["envoy_tap"]["problem"].startswith("TimeoutError"),
+                                 WAIT, "the stalled batch given up")  # fmt: skip
+                assert observer.status()["envoy_tap"]["sessions"]["failed"] >= 1
+            finally:
+                envoy.send_signal(signal.SIGCONT)
+            await wait_until(lambda: observer.status()["envoy_tap"]["attached"], WAIT, "the tap attached again")
+            await send_until(channel, rng, lambda: outcomes(observer).get("observed", 0) >= 50, "50 calls read")
+            assert observer.status()["envoy_tap"]["problem"] == ""

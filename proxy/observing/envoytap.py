@@ -47,6 +47,8 @@ _RETRY_FIRST, _RETRY_MOST = 0.1, 5.0  # seconds between attempts to attach, doub
 _HEAD_LIMIT = 64 * 1024  # bytes of an admin response's status line and headers
 _YIELD_EVERY = 64  # calls observed between two turns of the event loop
 _READ_BUFFER = 1 << 20  # bytes the connection may hold unread before it stops reading
+_LATE = 10.0  # seconds: an attachment not answered, or a batch not ended ``flush`` + this after it began, is given
+#               up (Envoy is hung, or the connection is gone without a word)
 
 
 class TapRefusedError(Exception):
@@ -154,8 +156,8 @@ class EnvoyTapReader:
         """``traces``: counts each trace's outcome; ``sessions``: each attachment's (``flushed``: a batch arrived
         whole; ``refused``: Envoy said no; ``failed``: no connection, or it broke)."""
         self._source = source
-        self._settings = settings
         self.admin = settings.admin
+        self._deadline = settings.flush + _LATE
         self._limit = max_message_size
         self._body = tap_request(settings, max_message_size)
         self._traces = traces
@@ -173,7 +175,8 @@ class EnvoyTapReader:
         batch: list[bytes] = []
         while True:
             try:
-                reader, writer, headers = await self._attach()
+                async with asyncio.timeout(_LATE):  # Envoy answers at once unless it is hung
+                    reader, writer, headers = await self._attach()
             except _PROBLEMS as exc:
                 await self._observe_all(batch)
                 batch = []
@@ -184,7 +187,8 @@ class EnvoyTapReader:
             await self._observe_all(batch)
             batch = []
             try:
-                await self._read_batch(reader, headers, batch)
+                async with asyncio.timeout(self._deadline):  # Envoy sends a batch by ``flush``, whatever comes
+                    await self._read_batch(reader, headers, batch)
             except _PROBLEMS as exc:
                 self._failed(exc)  # what arrived whole is observed all the same
                 broken = True
