@@ -1,6 +1,6 @@
-"""Reading Envoy's tap (proxy/observing/envoytap.py), without Envoy: the length-delimited trace stream, a trace
-made into a call, the tap request Envoy is sent, and the ``envoy_tap`` configuration. (tests/test_envoy_tap.py
-runs it against the real Envoy.)"""
+"""Reading Envoy's tap (proxy/observing/envoytap.py), without Envoy: the length-delimited trace stream, the chunked
+body, a trace made into a call, the tap request Envoy is sent, and the ``envoy_tap`` configuration and reload.
+(tests/test_envoy_tap.py runs it against the real Envoy.)"""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from mlmirror.observing.envoytap import TraceStream, assemble_trace, tap_request
 from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 
 from loadtest.h2load import grpc_frame
+from loadtest.ports import free_port
+from tests.support import running_proxy, wait_until
 
 LIMIT = 1024
 
@@ -230,3 +232,15 @@ def test_a_chunked_body_is_decoded_whatever_the_reads(parts, cuts):
 def test_a_broken_chunked_body_raises(data, error):
     with pytest.raises(ValueError, match=error):
         ChunkedDecoder().feed(data)
+
+
+async def test_a_reload_that_changes_envoy_tap_says_it_needs_a_restart_and_keeps_reading_as_before(caplog):
+    nowhere = free_port()  # nothing listens: the reader retries, and says why
+    text = f"mode: observer\nenvoy_tap: {{admin: 127.0.0.1:{nowhere}}}\n" + ROUTES
+    async with running_proxy(text) as proxy:
+        await wait_until(lambda: proxy.status()["envoy_tap"]["sessions"].get("failed", 0) >= 1, 30.0, "a failure")
+        assert proxy.status()["envoy_tap"]["admin"] == f"127.0.0.1:{nowhere}"
+        changed = parse_config(f"mode: observer\nenvoy_tap: {{admin: 127.0.0.1:{free_port()}}}\n" + ROUTES)
+        await proxy.reload(changed)
+        assert "envoy_tap changed; it takes effect only after a restart" in caplog.text
+        assert proxy.status()["envoy_tap"]["admin"] == f"127.0.0.1:{nowhere}"

@@ -275,11 +275,11 @@ class Proxy:
     # --- reload -----------------------------------------------------------------------------------------------
 
     async def reload(self, config: Config) -> None:
-        """Serve new calls with ``config``. Listener, admin, TLS and size settings need a restart; changes to them
-        are logged and ignored."""
+        """Serve new calls with ``config``. Listener, admin, TLS, size and ``envoy_tap`` settings need a restart;
+        changes to them are logged and ignored."""
         old = self.table
         assert old is not None
-        for setting in ("mode", "listen", "admin", "tls", "max_message_size", "feedback"):
+        for setting in ("mode", "listen", "admin", "tls", "max_message_size", "feedback", "envoy_tap"):
             if getattr(config, setting) != getattr(old.config, setting):
                 log.warning("reload: %s changed; it takes effect only after a restart", setting)
         table = self._build_table(config, old.targets)
