@@ -46,31 +46,63 @@ def test_bench_proxy_prints_its_table():
     assert all(row.split(" | ")[1].split(" ")[0].isdigit() for row in processes)
 
 
+def test_bench_extproc_measures_each_way_envoy_hands_calls_to_the_observer():
+    result = bench("bench_extproc", "--rounds", "1", "--calls", "200", "--rate", "200", "--warmup", "50")
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    table = {row[0].lstrip("| "): row for row in rows[1:]}
+    assert list(table) == [
+        "nothing observed (forward + mirror)",
+        "ext_proc, five messages (request headers sent)",
+        "ext_proc, dataplane.yaml (four messages, attributes)",
+        "tap filter, dataplane-tap.yaml (batches read from Envoy's admin)",
+    ]
+    none = table["nothing observed (forward + mirror)"]
+    assert (none[1], none[3].rstrip(" |")) == ("-", "-")  # no observer, nothing observed
+    for name, row in table.items():
+        assert float(row[2].split(" ")[0]) > 0, (name, row)  # Envoy's CPU per call
+        if name != "nothing observed (forward + mirror)":
+            assert float(row[1].split(" ")[0]) > 0, (name, row)  # the observer's CPU per observed call
+            share = float(row[3].split(" ")[0])
+            if name.startswith("ext_proc"):
+                assert share == 1.0, (name, row)  # ext_proc sees every call
+            else:
+                assert 0.9 <= share <= 1.0, (name, row)  # the tap: all but the calls in flight at a batch boundary
+
+
 def test_bench_envoy_compares_both_modes_with_the_envoy_anchors(tmp_path):
     result = bench("bench_envoy", *SMALL, "--saturation-calls", "200", "--out", str(tmp_path))
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    table = {row[0].lstrip("| "): row for row in rows[1:7]}
+    table = {row[0].lstrip("| "): row for row in rows[1:8]}
+    ext_proc, tap = "Envoy + 1 mirror + ext_proc to mlmirror observer (drift)", "Envoy + 1 mirror + tap read by " \
+        "mlmirror observer (drift)"  # fmt: skip
     assert list(table) == [
         "direct (the model server)",
         "mlmirror proxy",
         "mlmirror proxy + 1 shadow (compared)",
         "Envoy, forward only",
         "Envoy + 1 mirror",
-        "Envoy + 1 mirror + ext_proc to mlmirror observer (drift)",
+        ext_proc,
+        tap,
     ]
     for name, row in table.items():
         assert row[3] == "200", (name, row)  # every fixed-rate call answered OK
         assert float(row[-1].rstrip(" |")) > 0  # saturation throughput
-    assert "envoy" in table["Envoy + 1 mirror + ext_proc to mlmirror observer (drift)"][8]  # the CPU breakdown
-    observed = rows[-1]
-    assert observed[0].lstrip("| ") == "450"  # warm-up + fixed + saturation calls carried by the data plane
-    assert observed[1] == "450"  # every one observed
+    for name in (ext_proc, tap):
+        assert "envoy" in table[name][8], table[name]  # the CPU breakdown
+        assert "observer" in table[name][8], table[name]
+    observed = {row[0].lstrip("| "): row for row in rows[-2:]}
+    assert list(observed) == [ext_proc, tap]
+    assert observed[ext_proc][1] == "450"  # warm-up + fixed + saturation calls carried by the data plane
+    assert observed[ext_proc][2] == "450"  # every one observed
+    assert observed[tap][1] == "450"
+    # the tap loses the calls in flight at a batch boundary (at most one in so short a run: 32 streams at most)
+    assert 450 - 40 <= int(observed[tap][2]) <= 450, observed[tap]
     reports = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert len(reports) == 6
+    assert len(reports) == 7
     compared = subprocess.run([sys.executable, "-m", "loadtest", "compare", *map(str, sorted(tmp_path.glob("*.json")))],
                               capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
     assert compared.returncode == 0
-    assert sum(line.startswith("| ") for line in compared.stdout.splitlines()) == 7  # header + six systems
+    assert sum(line.startswith("| ") for line in compared.stdout.splitlines()) == 8  # header + seven systems
 
 
 def test_bench_workers_compares_one_process_with_two_workers():
