@@ -181,7 +181,8 @@ class Shadow:
     at the same percent). At most ``max_inflight`` copies are in flight and ``queue_size`` wait; beyond that, and for
     requests over ``max_message_size`` bytes, copies are dropped and counted. ``timeout`` (seconds) caps each copy.
     A ``control`` shadow is a second instance of the production model: its disagreement with production is the
-    noise baseline other shadows are judged against.
+    noise baseline other shadows are judged against. ``batch`` > 1 sends up to that many waiting ``ModelInfer``
+    copies as one request (proxy/observing/shadows/batching.py).
     """
 
     name: str = setting(doc="the `shadow` label", shown="the upstream's name")
@@ -195,6 +196,10 @@ class Shadow:
     queue_size: int = setting(256, "copies waiting for a free `max_inflight` slot", minimum=0, maximum=1_000_000)
     max_message_size: int = setting(MAX_MESSAGE_SIZE, "larger requests are not mirrored (`too_large`)", kind="size",
                                     minimum=1)  # fmt: skip
+    batch: int = setting(
+        1, "`ModelInfer` copies merged into one request along the first dimension (rows), for a model that answers "
+        "each row on its own; 1 sends each copy alone", minimum=1, maximum=1024,
+    )  # fmt: skip
     control: bool = setting(
         False, "a second instance of the production model: its disagreement is the noise baseline (at most one per "
         "route; never promoted)",

@@ -74,15 +74,26 @@ class Comparator:
         warm_up()  # compile the kernels now (at start-up or a reload), not on the first copy's answer
 
     def compare(self, production: ProductionAnswer, shadow: bytes) -> Comparison:
+        """The shadow's serialized answer against production's."""
         if production.method != MODEL_INFER:
             equal = production.data == shadow
             return Comparison(matched=equal, agree=int(equal), samples=1)
+        try:
+            outputs: list[Tensor] | TensorError = response_outputs(shadow)[1]
+        except TensorError as exc:
+            outputs = exc
+        return self.compare_outputs(production, outputs)
+
+    def compare_outputs(self, production: ProductionAnswer, shadow: list[Tensor] | TensorError) -> Comparison:
+        """The shadow's decoded ``ModelInfer`` outputs (or why they could not be had) against production's."""
         try:
             outputs = production.outputs()
         except TensorError as exc:
             return Comparison(matched=False, agree=0, samples=0, error=exc.reason)
         try:
-            return self._compare_tensors(outputs, response_outputs(shadow)[1])
+            if isinstance(shadow, TensorError):
+                raise shadow
+            return self._compare_tensors(outputs, shadow)
         except TensorError as exc:
             return Comparison(matched=False, agree=0, samples=self._samples_of(outputs), error=exc.reason)
 

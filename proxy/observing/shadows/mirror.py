@@ -25,6 +25,12 @@ dropped, or still pending.
 The memory a shadow can hold is therefore at most ``(max_inflight + queue_size) * max_message_size`` of requests
 (plus production's answers), whatever the shadow does.
 
+A shadow with ``batch: N`` (N > 1) merges up to N waiting ``ModelInfer`` copies into one request
+(proxy/observing/shadows/batching.py): each event-loop pass's calls wait in the queue and go out when the pass
+ends, up to N per request, at most ``max_inflight`` requests in flight. Its queue holds up to ``queue_size`` calls
+plus N for each free request slot; its memory is at most ``(N * max_inflight + queue_size) * max_message_size``.
+Every counter still counts calls: a merged request's code, latency and comparison count once per call it carried.
+
 Copies carry the client's metadata without credentials (``authorization``, ``cookie``, ``proxy-authorization``,
 ``x-api-key``) and the shadow's ``strip_metadata``, unless its ``forward_metadata`` names them
 (proxy/observing/shadows/headers.py).
@@ -36,7 +42,6 @@ import asyncio
 import logging
 import math
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 
@@ -44,13 +49,14 @@ import grpc
 from mlmirror.config import Compare, Promotion, Shadow
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.looplag import LoopLag
-from mlmirror.metrics import LATENCY_BUCKETS
 from mlmirror.observing.redact import RedactedRequest
+from mlmirror.observing.shadows.batching import Mergeable, mergeable, merged_request, shared_metadata, split
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
 from mlmirror.observing.shadows.headers import ShadowHeaders
-from mlmirror.observing.shadows.verdict import Outcome, Verdict, Window, WindowSummary, judge
-from mlmirror.protocol.kserve import TensorError
-from mlmirror.protocol.names import SHADOW
+from mlmirror.observing.shadows.stats import DROP_REASONS, ShadowStats
+from mlmirror.observing.shadows.verdict import Outcome, Verdict, WindowSummary, judge
+from mlmirror.protocol.kserve import Tensor, TensorError
+from mlmirror.protocol.names import MODEL_INFER, SHADOW
 from mlmirror.serving.resilience import CircuitState
 from mlmirror.serving.sampling import sampled
 from mlmirror.serving.upstream import UpstreamTarget
@@ -59,42 +65,11 @@ __all__ = ["DROP_REASONS", "RouteMirror", "ShadowMirror", "ShadowStats"]
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("too_large", "shed", "circuit_open", "queue_full", "closed", "unredactable")
 _OK = grpc.StatusCode.OK
-
-
-class ShadowStats:
-    """What one shadow did: cumulative counters (exported as Prometheus counters) and the rolling window."""
-
-    __slots__ = ("comparison_errors", "comparisons", "drops", "latency", "results", "window")
-
-    def __init__(self, window: int) -> None:
-        #: grpc code name -> copies that ended with it
-        self.results: dict[str, int] = {}
-        #: reason -> copies not sent
-        self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
-        #: match | mismatch | error -> compared answers
-        self.comparisons: dict[str, int] = {"match": 0, "mismatch": 0, "error": 0}
-        #: reason -> comparison errors
-        self.comparison_errors: dict[str, int] = {}
-        #: copies per latency bucket (the last one +Inf), then the sum of seconds
-        self.latency: list[float] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
-        self.window = Window(window)
-
-    def dropped(self, reason: str) -> None:
-        self.drops[reason] += 1
-
-    def finished(self, code: str, seconds: float) -> None:
-        self.results[code] = self.results.get(code, 0) + 1
-        self.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency[-1] += seconds
-
-    def compared(self, comparison: Comparison) -> None:
-        if comparison.error is not None:
-            self.comparisons["error"] += 1
-            self.comparison_errors[comparison.error] = self.comparison_errors.get(comparison.error, 0) + 1
-        else:
-            self.comparisons["match" if comparison.matched else "mismatch"] += 1
+Production = ProductionAnswer | None
+Copy = tuple[CallRecord, bytes, Production]
+#: a shadow's answer to one call: bytes, a merged answer's part for the call, why it could not be cut, or None
+Answer = bytes | list[Tensor] | TensorError | None
 
 
 class ShadowMirror:
@@ -119,8 +94,12 @@ class ShadowMirror:
         self._comparator = Comparator(compare)
         self._headers = ShadowHeaders(route, spec)
         self._lag = lag
-        self._queue: deque[tuple[CallRecord, bytes, ProductionAnswer | None]] = deque()
+        self._queue: deque[Copy] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the queue's head, already parsed for merging (batch > 1): (the queued copy, it as mergeable)
+        self._head: tuple[Copy, Mergeable | None] | None = None
+        #: batch > 1: copies taken from the queue that have not finished
+        self._sending = 0
         self._closed = False
         self._warned = False
 
@@ -130,7 +109,8 @@ class ShadowMirror:
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        """Copies taken from the queue and not yet finished (with batch > 1, a request carries several)."""
+        return self._sending if self.spec.batch > 1 else len(self._tasks)
 
     @property
     def queued(self) -> int:
@@ -148,13 +128,14 @@ class ShadowMirror:
             self.stats.dropped("too_large")
         elif self._lag.overloaded:
             self.stats.dropped("shed")
-        elif len(self._tasks) < spec.max_inflight or len(self._queue) < spec.queue_size:
+        elif self._has_room():
             try:
                 request = record.request if redacted is None else redacted.value()
             except TensorError:
                 self.stats.dropped("unredactable")
                 return
-            if len(self._tasks) >= spec.max_inflight:
+            # batch > 1: sent when the pass ends (flush), merged with the pass's other calls
+            if spec.batch > 1 or len(self._tasks) >= spec.max_inflight:
                 self._queue.append((record, request, production))
             elif self._admit():
                 task = asyncio.get_running_loop().create_task(self._work(record, request, production))
@@ -162,6 +143,61 @@ class ShadowMirror:
                 task.add_done_callback(self._tasks.discard)
         else:
             self.stats.dropped("queue_full")
+
+    def _has_room(self) -> bool:
+        spec = self.spec
+        if spec.batch > 1:
+            return len(self._queue) < spec.queue_size + spec.batch * max(0, spec.max_inflight - len(self._tasks))
+        return len(self._tasks) < spec.max_inflight or len(self._queue) < spec.queue_size
+
+    def flush(self) -> None:
+        """End of a dispatch pass: send what waits, merged up to ``batch`` calls per request (batch > 1 only)."""
+        if self._closed:
+            return
+        # each task takes its copies when it starts, so a task cancelled before it runs leaves them queued
+        starting = min(self.spec.max_inflight - len(self._tasks), -(-len(self._queue) // self.spec.batch))
+        for _ in range(starting):
+            task = asyncio.get_running_loop().create_task(self._work_merged())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _mergeable(self, copy: Copy) -> Mergeable | None:
+        record, request, _ = copy
+        if record.method != MODEL_INFER:
+            return None
+        return mergeable(request, self._headers(record.metadata))
+
+    def _take(self) -> list[tuple[Copy, Mergeable | None]]:
+        """The next request's copies, from the queue's front: the first the circuit admits, then those that merge
+        with it, up to ``batch``. Empty when the queue ran out."""
+        while self._queue:
+            copy = self._queue.popleft()
+            head, self._head = self._head, None
+            first = head[1] if head is not None and head[0] is copy else self._mergeable(copy)
+            if not self._admit():
+                continue
+            copies = [(copy, first)]
+            while first is not None and self._queue and len(copies) < self.spec.batch:
+                following = self._queue[0]
+                other = self._mergeable(following)
+                if other is None or other.key != first.key:
+                    self._head = (following, other)
+                    break
+                copies.append((self._queue.popleft(), other))
+            self._sending += len(copies)
+            return copies
+        return []
+
+    async def _work_merged(self) -> None:
+        """Send the queue's copies, merged up to ``batch`` per request, until it is empty."""
+        while copies := self._take():
+            try:
+                if len(copies) == 1:
+                    await self._mirror(*copies[0][0])
+                else:
+                    await self._mirror_merged(copies)
+            finally:
+                self._sending -= len(copies)
 
     def _admit(self) -> bool:
         """Ask the circuit breaker; count a drop when it refuses."""
@@ -182,19 +218,51 @@ class ShadowMirror:
                 return
 
     async def _mirror(self, record: CallRecord, request: bytes, production: ProductionAnswer | None) -> None:
+        metadata = (*self._headers(record.metadata), (SHADOW, self.name))
+        answer, code, seconds = await self._send(record.method, request, metadata, 1)
+        self.stats.finished(code.name, seconds)
+        self._judge_safely(record, production, answer, seconds)
+
+    async def _mirror_merged(self, copies: list[tuple[Copy, Mergeable | None]]) -> None:
+        """One request for several ``ModelInfer`` copies; its answer is cut back into each call's rows."""
+        merging = [merge for _, merge in copies if merge is not None]
+        record = copies[0][0][0]
+        metadata = (*shared_metadata(self._headers(record.metadata)), (SHADOW, self.name))
+        answer, code, seconds = await self._send(record.method, merged_request(merging), metadata, len(copies))
+        self.stats.merged[0] += 1
+        self.stats.merged[1] += len(copies)
+        parts: list[list[Tensor]] | TensorError | None = None
+        if answer is not None:
+            try:
+                parts = split(answer, [merge.rows for merge in merging])
+            except TensorError as exc:
+                parts = exc
+        for i, ((call, _, production), _) in enumerate(copies):
+            self.stats.finished(code.name, seconds)
+            outputs = parts if parts is None or isinstance(parts, TensorError) else parts[i]
+            self._judge_safely(call, production, outputs, seconds)
+
+    async def _send(
+        self, method: str, request: bytes, metadata: tuple, calls: int
+    ) -> tuple[bytes | None, grpc.StatusCode, float]:
+        """One request to the shadow, told to its circuit breaker: (the answer or None, its code, seconds).
+        When cancelled, each of its ``calls`` is counted ``CANCELLED`` before the cancellation goes on."""
         started = time.perf_counter()
         try:
-            answer, code = await self._copy(record, request)
+            answer, code = await self._copy(method, request, metadata)
         except asyncio.CancelledError:  # close(): a reload or promotion removed the shadow, or the proxy stops
             self.target.breaker.record(grpc.StatusCode.CANCELLED)
-            self.stats.finished(grpc.StatusCode.CANCELLED.name, time.perf_counter() - started)
+            for _ in range(calls):
+                self.stats.finished(grpc.StatusCode.CANCELLED.name, time.perf_counter() - started)
             raise
-        seconds = time.perf_counter() - started
         if code is _OK:
             self.target.breaker.record_success()
         else:
             self.target.breaker.record(code)
-        self.stats.finished(code.name, seconds)
+        return answer, code, time.perf_counter() - started
+
+    def _judge_safely(self, record: CallRecord, production: Production, answer: Answer, seconds: float) -> None:
+        """``_judge``, where a comparator bug costs one comparison and is logged once."""
         try:
             self._judge(record, production, answer, seconds)
         except Exception:  # a comparator bug must cost one comparison, never the worker
@@ -205,10 +273,9 @@ class ShadowMirror:
                     "shadow %s of route %s: comparison failed (further errors only counted)", self.name, self.route
                 )
 
-    async def _copy(self, record: CallRecord, request: bytes) -> tuple[bytes | None, grpc.StatusCode]:
-        """Send one copy: (the shadow's answer or None, its code)."""
-        metadata = (*self._headers(record.metadata), (SHADOW, self.name))
-        call = self.target.stub("unary_unary", record.method)(request, metadata=metadata, timeout=self.spec.timeout)
+    async def _copy(self, method: str, request: bytes, metadata: tuple) -> tuple[bytes | None, grpc.StatusCode]:
+        """Send one request: (the shadow's answer or None, its code)."""
+        call = self.target.stub("unary_unary", method)(request, metadata=metadata, timeout=self.spec.timeout)
         try:
             return await call, _OK
         except grpc.aio.AioRpcError as error:
@@ -217,12 +284,15 @@ class ShadowMirror:
             call.cancel()
             raise
 
-    def _judge(
-        self, record: CallRecord, production: ProductionAnswer | None, answer: bytes | None, seconds: float
-    ) -> None:
+    def _judge(self, record: CallRecord, production: Production, answer: Answer, seconds: float) -> None:
+        """Compare and add the call to the window; ``answer`` is the shadow's (bytes, or a merged answer's part
+        for this call, or why it could not be cut), None when the copy failed."""
         comparison = None
         if production is not None and answer is not None:
-            comparison = self._comparator.compare(production, answer)
+            if isinstance(answer, bytes):
+                comparison = self._comparator.compare(production, answer)
+            else:
+                comparison = self._comparator.compare_outputs(production, answer)
             self.stats.compared(comparison)
         production_ok = production is not None
         self.stats.window.add(
@@ -250,6 +320,7 @@ class ShadowMirror:
         for _ in self._queue:
             self.stats.dropped("closed")
         self._queue.clear()
+        self._head = None
         for task in list(self._tasks):
             task.cancel()
 
@@ -297,6 +368,9 @@ class RouteMirror:
             redacted = RedactedRequest(record.method, record.request, self.redact) if self.redact else None
             for shadow in self.shadows:
                 shadow.consider(record, production, redacted)
+        for shadow in self.shadows:
+            if shadow.spec.batch > 1:
+                shadow.flush()
 
     def verdicts(self) -> dict[str, tuple[WindowSummary, Verdict]]:
         """Each shadow's window summary and verdict, judged against the route's control noise."""

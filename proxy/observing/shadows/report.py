@@ -41,6 +41,8 @@ class ShadowCollector(Collector):
                 bounds = [floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf)]
                 cumulative = list(accumulate(stats.latency[:-1]))
                 f.latency.add_metric(key, list(zip(bounds, cumulative, strict=True)), stats.latency[-1])
+                f.merged.add_metric([*key, "requests"], stats.merged[0])
+                f.merged.add_metric([*key, "copies"], stats.merged[1])
                 f.inflight.add_metric(key, shadow.inflight)
                 f.queued.add_metric(key, shadow.queued)
                 f.window(key, summary, verdict)
@@ -67,6 +69,11 @@ class _Families:
         )
         self.latency = HistogramMetricFamily(
             "mlmirror_shadow_latency_seconds", "Time from sending a copy to a shadow to its answer.", labels=labels
+        )
+        self.merged = CounterMetricFamily(
+            "mlmirror_mirror_merged",
+            "Requests that carried several merged copies (`batch`): `requests` sent, `copies` they carried.",
+            labels=[*labels, "count"],
         )
         self.inflight = GaugeMetricFamily("mlmirror_mirror_inflight", "Copies in flight to the shadow.", labels=labels)
         self.queued = GaugeMetricFamily("mlmirror_mirror_queued", "Copies waiting for a slot.", labels=labels)
@@ -158,6 +165,8 @@ def _shadow_entry(shadow: ShadowMirror, summary: WindowSummary, verdict: Verdict
         "dropped": {reason: n for reason, n in stats.drops.items() if n},
         "comparisons": dict(stats.comparisons),
         "comparison_errors": dict(sorted(stats.comparison_errors.items())),
+        "batch": shadow.spec.batch,
+        "merged": {"requests": stats.merged[0], "copies": stats.merged[1]},
         "inflight": shadow.inflight,
         "queued": shadow.queued,
         "circuit_open": shadow.circuit_open,
