@@ -24,14 +24,18 @@ from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
 from mlmirror.errors import ConfigError, StartError
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.observing.drift.engine import DriftEngine, SeriesResult, WindowResult
+from mlmirror.looplag import LoopLag
+from mlmirror.observing.drift.engine import YIELD_EVERY, YIELD_EVERY_OBSERVING, DriftEngine, SeriesResult, WindowResult
 from mlmirror.observing.drift.judging import Judge
+from mlmirror.observing.drift.part import DriftPart
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, render_drift
 from mlmirror.observing.drift.schema import MAX_ROWS_PER_CALL
+from mlmirror.observing.parts import PartContext
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
 from mlmirror.runtime.proxy import Proxy
+from mlmirror.runtime.role import Role
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
@@ -1056,3 +1060,17 @@ def test_calls_being_decoded_still_count_as_queued():
     engine.drain()
     assert seen == [25]
     assert (engine.queued, engine.accepted) == (0, 25)
+
+
+def test_the_drift_thread_hands_the_gil_back_less_often_where_no_client_waits_on_the_loop():
+    """A lone proxy's loop serves clients: its drift thread yields every few calls. The observing process's loop
+    serves none, so its drift thread keeps the GIL longer and pays fewer switches."""
+    config = parse_config(
+        "upstreams: {p: 127.0.0.1:1}\nroutes:\n  - {name: r, match: {}, primary: p, drift: {window: 10, capture: 10}}\n"
+    )
+    route = config.routes[0]
+    assert DriftPart(route, PartContext(LoopLag(None))).engine.yield_every == YIELD_EVERY
+    assert DriftPart(route, PartContext(LoopLag(None), serving=False)).engine.yield_every == YIELD_EVERY_OBSERVING
+    assert YIELD_EVERY_OBSERVING > YIELD_EVERY
+    assert Proxy(config).parts.context.serving
+    assert not Proxy(config, role=Role("hub", listen="unix:/nonexistent/feedback.sock")).parts.context.serving

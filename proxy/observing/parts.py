@@ -40,12 +40,14 @@ class Shelf(Protocol):
 
 @dataclass
 class PartContext:
-    """What every factory may use: the upstreams of the table being built, the event-loop lag monitor, and one
-    shelf per kind for state that outlives a table."""
+    """What every factory may use: the upstreams of the table being built, the event-loop lag monitor, whether this
+    process's event loop serves clients (``serving``: false in the observing process), and one shelf per kind for
+    state that outlives a table."""
 
     lag: LoopLag
     targets: Mapping[str, UpstreamTarget] = field(default_factory=dict)
     shelves: dict[str, Shelf] = field(default_factory=dict)
+    serving: bool = True
 
     def shelf(self, key: str, make: Callable[[], S]) -> S:
         """The kind ``key``'s shelf, made by ``make()`` on first use."""

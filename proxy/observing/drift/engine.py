@@ -7,7 +7,10 @@ request inputs and response outputs, per ``schema``), and adds the rows to the c
 version with the Numba kernels (which release the GIL). The first ``capture`` calls build the reference when no
 profile is configured. A window closes after ``window`` calls of one version or ``window_time`` seconds; its scores
 are computed from counts and published (``latest``, ``history``, and the ``sliding`` view). The worker hands the GIL
-back to the event loop every ``YIELD_EVERY`` calls. Calls that cannot be decoded are counted by reason, never raised.
+back to the event loop every ``yield_every`` calls: ``YIELD_EVERY`` where that loop serves clients (a lone proxy),
+``YIELD_EVERY_OBSERVING`` in the observing process, whose loop serves no client and where each hand-back costs
+a GIL switch (about 20 µs per call at 4, measured in docs/BENCHMARKS.md). Calls that cannot be decoded are
+counted by reason, never raised.
 At most ``max_versions`` model versions are tracked (``versions``); what a window is called is in ``judging``.
 """
 
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 POLL = 0.02  # seconds between the worker's looks at the queue
 #: Calls decoded between two offers of the GIL to the event loop (~30 µs each): the loop never waits long for it.
 YIELD_EVERY = 4
+#: The same in the observing process, whose event loop only takes hand-offs and makes shadow copies.
+YIELD_EVERY_OBSERVING = 64
 
 
 @dataclass
@@ -59,8 +64,11 @@ class _Open:
 class DriftEngine:
     """The tap observer of one route's drift monitoring."""
 
-    def __init__(self, route: str, spec: Drift, reference: Reference | None = None) -> None:
+    def __init__(
+        self, route: str, spec: Drift, reference: Reference | None = None, *, yield_every: int = YIELD_EVERY
+    ) -> None:
         self.name = f"drift:{route}"
+        self.yield_every = yield_every
         self.route = route
         self.spec = spec
         self.reference = reference
@@ -173,7 +181,7 @@ class DriftEngine:
     def _process(self, batch: list[CallRecord]) -> None:
         pending: dict[tuple[str, str], list[Rows]] = {}
         for i, record in enumerate(batch):
-            if i % YIELD_EVERY == YIELD_EVERY - 1 and self._thread is threading.current_thread():
+            if i % self.yield_every == self.yield_every - 1 and self._thread is threading.current_thread():
                 time.sleep(0)  # hand the GIL back to the event loop between short stretches of decoding
             decoded = self._decode(record)
             if decoded is None:

@@ -15,7 +15,7 @@ import grpc
 from mlmirror.config import Drift, Route
 from mlmirror.errors import StartError
 from mlmirror.handoff.tap import CallRecord
-from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.observing.drift.engine import YIELD_EVERY, YIELD_EVERY_OBSERVING, DriftEngine
 from mlmirror.observing.drift.metadata_check import fit_profile, model_inputs
 from mlmirror.observing.drift.reference import Reference
 from mlmirror.observing.drift.report import DriftCollector, drift_status
@@ -34,7 +34,10 @@ class DriftPart(RoutePart):
         assert route.drift is not None
         self.route = route.name
         self.model = route.match.model or ""
-        self.engine = DriftEngine(route.name, route.drift, load_profile(route.name, route.drift))
+        self.engine = DriftEngine(
+            route.name, route.drift, load_profile(route.name, route.drift),
+            yield_every=YIELD_EVERY if context.serving else YIELD_EVERY_OBSERVING,
+        )  # fmt: skip
         self.name = self.engine.name
 
     def offer(self, record: CallRecord) -> None:
