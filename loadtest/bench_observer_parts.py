@@ -1,12 +1,14 @@
 """Benchmark: the observing process's CPU per watched call, part by part.
 
-    python -m loadtest.bench_observer_parts [--rounds 5] [--calls 4000] [--inflight 32]
+    python -m loadtest.bench_observer_parts [--rounds 5] [--calls 4000] [--inflight 32] [--merge 16]
 
 Real KServe V2 calls like bench_observer's (FP32 [8, 4] in; FP32 [8, 3] probabilities and INT64 [8] labels out,
 answered by the demo models). In this process, interleaved rounds of:
 
 - a shadow copy (one unary call, as the mirror makes it) to the demo ``candidate`` model server running at
   ``nice -n 19`` in a process of its own (the stand-in for a remote machine), ``--inflight`` copies at a time;
+- the same copies merged ``--merge`` at a time (a shadow's ``batch``: parsed, merged into one request, its answer
+  cut back into each call's outputs), per call;
 - the comparison of the shadow's answer with production's (``Comparator.compare``, both answers decoded);
 - the drift engine's work for one call (``DriftEngine.drain``: decoding, the window's counts; windows of 1000).
 
@@ -31,6 +33,7 @@ from mlmirror.demo.traffic import infer_request
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.metrics import Metrics
 from mlmirror.observing.drift.engine import DriftEngine
+from mlmirror.observing.shadows.batching import mergeable, merged_request, split
 from mlmirror.observing.shadows.compare import Comparator, ProductionAnswer
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
@@ -85,6 +88,25 @@ async def _copies(target: UpstreamTarget, requests: list[bytes], inflight: int) 
     return (_cpu() - started) / len(requests)
 
 
+async def _merged_copies(target: UpstreamTarget, requests: list[bytes], inflight: int, merge: int) -> float:
+    """CPU seconds per call of ``requests`` sent ``merge`` to a request, ``inflight`` requests at a time, each
+    answer cut back into the calls' outputs; every request must be OK and cut into its calls."""
+    limit = asyncio.Semaphore(inflight)
+    stub = target.stub("unary_unary", MODEL_INFER)
+
+    async def one(chunk: list[bytes]) -> int:
+        async with limit:
+            copies = [mergeable(r, ()) for r in chunk]
+            merging = [c for c in copies if c is not None]
+            answer = await stub(merged_request(merging), timeout=10.0)
+            return len(split(answer, [c.rows for c in merging]))
+
+    started = _cpu()
+    cut = await asyncio.gather(*(one(requests[i : i + merge]) for i in range(0, len(requests), merge)))
+    assert sum(cut) == len(requests)
+    return (_cpu() - started) / len(requests)
+
+
 async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]:
     config = parse_config(CONFIG.format(port=port))
     route = config.routes[0]
@@ -95,10 +117,12 @@ async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]
     comparator = Comparator(route.compare)
     assert route.drift is not None
     kernels.warm_up()
-    figures: dict[str, list[float]] = {"shadow copy": [], "comparison": [], "drift engine": []}
+    merged = f"shadow copy, batch: {args.merge}"
+    figures: dict[str, list[float]] = {"shadow copy": [], merged: [], "comparison": [], "drift engine": []}
     await _copies(target, requests[:500], args.inflight)  # warm-up: connections, caches
     for k in range(args.rounds):
         figures["shadow copy"].append(await _copies(target, requests, args.inflight))
+        figures[merged].append(await _merged_copies(target, requests, args.inflight, args.merge))
         started = _cpu()
         for record, answer in zip(records, shadow_answers, strict=True):
             comparator.compare(ProductionAnswer(record.method, record.response or b""), answer)
@@ -122,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=4000, help="calls per round (default 4000)")
     parser.add_argument("--inflight", type=int, default=32, help="shadow copies at a time (default 32)")
+    parser.add_argument("--merge", type=int, default=16, help="copies per merged request (default 16)")
     args = parser.parse_args(argv)
     port = free_port()
     with python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{port}", "--model", "candidate",
