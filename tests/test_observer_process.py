@@ -21,7 +21,7 @@ from mlmirror.demo.models import sample_features
 from mlmirror.demo.traffic import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ECHO, EchoServer, http_get, model_server, wait_until
+from tests.support import ECHO, EchoServer, config_file, http_get, model_server, wait_until
 from tests.test_workers import (
     MODEL_INFER,
     admin_get,
@@ -289,3 +289,36 @@ async def test_an_observer_over_its_cpu_limit_sheds_and_counts_while_every_call_
             assert intake["cpu_limit"]["limit"] == 0.01
             assert intake["shed"]["cpu_limit"] >= shed  # the same count, read later
             assert intake["shed"]["cpu_pressure"] == 0
+
+
+async def test_the_observing_process_merges_copies_and_compares_them_as_copies_sent_alone(tmp_path):
+    """Two shadows on the same candidate model, one with ``batch: 16``: the observing process merges the copies
+    that a hand-off batch brings, and both shadows count and compare every call alike."""
+    async with model_server("production") as production, model_server("candidate") as candidate:
+        config, listen, admin = config_file(tmp_path, f"""
+mirror_shed_lag: off
+upstreams: {{production: 127.0.0.1:{production}, merged: 127.0.0.1:{candidate}, alone: 127.0.0.1:{candidate}}}
+routes:
+  - name: iris
+    match: {{model: iris}}
+    primary: production
+    shadows: [{{upstream: merged, batch: 16, queue_size: 1000}}, {{upstream: alone, queue_size: 1000}}]
+    compare: {{classification: argmax, output: probabilities}}
+""")  # fmt: skip
+        async with process_group(config, admin, tmp_path / "group.log", workers=1):
+            await send(listen, 300, np.random.default_rng(12), "merge")
+
+            def shadows() -> dict:
+                return {s["name"]: s for s in status_of(admin)["routes"][0]["shadows"]}
+
+            state = await polled(shadows, lambda s: all(v["window"]["calls"] == 300 for v in s.values()),
+                                 "both shadows to have every call")  # fmt: skip
+            merged, alone = state["merged"], state["alone"]
+            assert merged["mirrored"] == alone["mirrored"] == {"OK": 300}
+            assert merged["comparisons"] == alone["comparisons"]
+            assert merged["window"]["agreement"] == alone["window"]["agreement"]
+            assert 2 <= merged["merged"]["requests"] < merged["merged"]["copies"] <= 300
+            assert alone["merged"] == {"requests": 0, "copies": 0}
+            samples = samples_of(await admin_get(admin, "/metrics"))
+            key = ("mlmirror_mirror_merged_total", (("count", "copies"), ("route", "iris"), ("shadow", "merged")))
+            assert samples[key] == merged["merged"]["copies"]
