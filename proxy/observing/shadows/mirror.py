@@ -228,9 +228,9 @@ class ShadowMirror:
         merging = [merge for _, merge in copies if merge is not None]
         record = copies[0][0][0]
         metadata = (*shared_metadata(self._headers(record.metadata)), (SHADOW, self.name))
-        answer, code, seconds = await self._send(record.method, merged_request(merging), metadata, len(copies))
         self.stats.merged[0] += 1
         self.stats.merged[1] += len(copies)
+        answer, code, seconds = await self._send(record.method, merged_request(merging), metadata, len(copies))
         parts: list[list[Tensor]] | TensorError | None = None
         if answer is not None:
             try:
