@@ -25,6 +25,7 @@ __all__ = [
     "SERVER_READY",
     "SHADOW",
     "STATIC_DEFAULT",
+    "TRACE_METADATA",
 ]
 
 # --- services ------------------------------------------------------------------------------------------------------
@@ -61,6 +62,12 @@ STATIC_DEFAULT = "static-default"
 REPLAY = "x-mlmirror-replay"
 #: Envoy's request id; names a call observed through ext_proc when the client gave no ``REQUEST_ID``.
 ENVOY_REQUEST_ID = "x-request-id"
+#: Trace-context metadata (W3C Trace Context, gRPC's binary trace, Zipkin's B3): it names one call's span, so a
+#: shadow copy that merges several calls carries none of it.
+TRACE_METADATA = frozenset(
+    {"traceparent", "tracestate", "grpc-trace-bin", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+     "x-b3-sampled", "x-b3-flags"}
+)  # fmt: skip
 
 #: Request metadata that describes one HTTP hop, not the call, and is never forwarded. (gRPC itself strips the
 #: pseudo-headers, content-type, te and grpc-timeout; user-agent is the proxy's own on the upstream hop.)

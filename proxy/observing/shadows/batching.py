@@ -30,16 +30,13 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 from mlmirror.protocol.codec import DATATYPES
 from mlmirror.protocol.kserve import Tensor, TensorError, response_outputs
-from mlmirror.protocol.names import ENVOY_REQUEST_ID, REQUEST_ID
+from mlmirror.protocol.names import ENVOY_REQUEST_ID, REQUEST_ID, TRACE_METADATA
 from mlmirror.protos import inference_pb2
 
 __all__ = ["PER_CALL_METADATA", "MergeKey", "Mergeable", "mergeable", "merged_request", "shared_metadata", "split"]
 
 #: Metadata that names one call, not a batch of them: left out of the merge key and of a merged copy.
-PER_CALL_METADATA = frozenset(
-    {REQUEST_ID, ENVOY_REQUEST_ID, "traceparent", "tracestate", "grpc-trace-bin", "b3", "x-b3-traceid",
-     "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"}
-)  # fmt: skip
+PER_CALL_METADATA = frozenset({REQUEST_ID, ENVOY_REQUEST_ID, *TRACE_METADATA})
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 #: What merged copies share: model, version, outputs, parameters, inputs (name, datatype, parameters, trailing
