@@ -45,7 +45,7 @@ def blanks(rows: Rows) -> np.ndarray:
     """Empty values per categorical series of one call's rows (int64 [categorical series])."""
     if not rows.categorical.size:
         return np.zeros(rows.categorical.shape[1], np.int64)
-    return np.count_nonzero(rows.categorical == BLANK, axis=0).astype(np.int64)
+    return np.array([column.count(BLANK) for column in rows.categorical.T.tolist()], np.int64)
 
 
 def _shares(reference: Reference, counts: WindowCounts, blank: np.ndarray | None) -> dict[tuple[int, str], float]:

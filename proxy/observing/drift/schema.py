@@ -57,6 +57,9 @@ class Schema:
         self._reads: dict[tuple[str, str | None], list[tuple[int, Series]]] = {}
         for position, s in (*enumerate(self.numeric), *enumerate(self.categorical)):
             self._reads.setdefault((s.kind, s.tensor), []).append((position, s))
+        #: (kind, tensor) -> the first numeric position, for a tensor whose series are all its columns, in order, at
+        #: consecutive numeric positions: its table is copied in one block
+        self._blocks = {key: reads[0][0] for key, reads in self._reads.items() if _is_block(reads)}
 
     def names(self) -> list[str]:
         return [s.name for s in (*self.numeric, *self.categorical)]
@@ -76,12 +79,17 @@ class Schema:
         tensors |= {("output", t.name): t for t in outputs}  # an unbound series (tensor None) finds none
         n: int | None = None
         columns: list[tuple[int, Series, np.ndarray]] = []
+        blocks: list[tuple[int, np.ndarray]] = []
         for key, reads in self._reads.items():
             tensor = tensors.get(key)
             if tensor is None:
                 raise TensorError("missing_tensor", f"no {key[0]} tensor {key[1]!r}")
             table = _table(tensor)
-            columns += [(position, series, _column(table, series)) for position, series in reads]
+            start = self._blocks.get(key)
+            if start is not None:
+                blocks.append((start, _block(table, reads[0][1])))
+            else:
+                columns += [(position, series, _column(table, series)) for position, series in reads]
             if n is None:
                 n = table.shape[0]
                 if n > MAX_ROWS_PER_CALL:
@@ -91,6 +99,8 @@ class Schema:
         n = n or 0
         numeric = np.empty((n, len(self.numeric)))
         categorical = np.empty((n, len(self.categorical)), dtype=object)
+        for start, table in blocks:
+            numeric[:, start : start + table.shape[1]] = table
         for position, series, column in columns:
             if series.categorical:
                 # Categories are compared as bytes, whatever the tensor's datatype (labels may be integers).
@@ -112,6 +122,25 @@ def _table(tensor: Tensor) -> np.ndarray:
     if values.ndim == 0:
         values = values.reshape(1)
     return values.reshape(values.shape[0], math.prod(values.shape[1:]))
+
+
+def _is_block(reads: list[tuple[int, Series]]) -> bool:
+    """Whether ``reads`` (one tensor's series) are numeric columns 0..width-1 of a tensor of that width, at
+    consecutive positions."""
+    first, series = reads[0]
+    return series.width == len(reads) > 1 and all(
+        not s.categorical and s.column == i and s.width == series.width and position == first + i
+        for i, (position, s) in enumerate(reads)
+    )
+
+
+def _block(table: np.ndarray, series: Series) -> np.ndarray:
+    """All of ``table`` for a tensor read as one block (``_is_block``); the checks of ``_column``, once."""
+    if table.shape[1] != series.width:
+        raise TensorError("shape_mismatch", f"{series.tensor}: {table.shape[1]} columns, expected {series.width}")
+    if table.dtype == object:
+        raise TensorError("dtype_mismatch", f"{series.name}: BYTES values for a numeric series")
+    return table
 
 
 def _column(table: np.ndarray, series: Series) -> np.ndarray:
