@@ -268,6 +268,27 @@ def test_each_error_reason(reason, data):
     assert isinstance(caught.value, ValueError)
 
 
+@pytest.mark.parametrize(("reason", "data"), list(MALFORMED.values()), ids=list(MALFORMED))
+def test_each_error_reason_still_after_a_good_tensor_of_the_same_datatype_and_shape(reason, data):
+    """Decoding remembers the layouts of good raw tensors; a bad one of the same datatype and shape still fails."""
+    bad = inference_pb2.ModelInferResponse.FromString(data) if reason != "malformed" else None
+    for spec in bad.outputs if bad is not None else []:
+        kind = DATATYPES[spec.datatype] if spec.datatype in DATATYPES and spec.datatype != "BYTES" else None
+        count = math.prod(spec.shape)
+        if kind is not None and min(spec.shape, default=0) >= 0 and count <= 64:
+            good = np.arange(count).astype(kind.dtype).reshape(tuple(spec.shape))
+            raw = good.astype(kind.dtype.newbyteorder("<")).tobytes()
+            message = inference_pb2.ModelInferResponse()
+            message.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+            message.raw_output_contents.append(raw)
+            for _ in range(2):  # the second time from the remembered layout
+                _, (decoded,) = response_outputs(message.SerializeToString())
+                np.testing.assert_array_equal(decoded.values, good)
+    with pytest.raises(TensorError) as caught:
+        response_outputs(data)
+    assert caught.value.reason == reason
+
+
 def test_request_errors_use_the_same_reasons():
     with pytest.raises(TensorError) as caught:
         request_inputs(b"\xff\xff")

@@ -80,12 +80,22 @@ def _tensors(specs: Sequence, raw: Sequence[bytes]) -> list[Tensor]:
     return [_tensor(spec, raw[i] if raw else None) for i, spec in enumerate(specs)]
 
 
+#: (datatype, shape) -> (numpy dtype, bytes of raw contents) of the fixed-size tensors seen with raw contents:
+#: a call's tensors usually have the shapes of the calls before, whose checks then need not run again. Bounded.
+_RAW_LAYOUTS: dict[tuple[str, tuple[int, ...]], tuple[np.dtype, int]] = {}
+_MAX_LAYOUTS = 4096
+
+
 def _tensor(spec, raw: bytes | None) -> Tensor:
     datatype = spec.datatype
+    shape = tuple(spec.shape)
+    if raw is not None:
+        layout = _RAW_LAYOUTS.get((datatype, shape))
+        if layout is not None and len(raw) == layout[1]:
+            return Tensor(spec.name, datatype, shape, np.frombuffer(raw, dtype=layout[0]).reshape(shape))
     kind = DATATYPES.get(datatype)
     if kind is None:
         raise TensorError("unknown_datatype", f"tensor {spec.name!r}: datatype {datatype!r}")
-    shape = tuple(spec.shape)
     if len(shape) > MAX_RANK:
         raise TensorError("bad_shape", f"tensor {spec.name!r}: {len(shape)} dimensions (at most {MAX_RANK})")
     if shape and (min(shape) < 0 or max(shape) > MAX_ELEMENTS):
@@ -106,6 +116,9 @@ def _tensor(spec, raw: bytes | None) -> Tensor:
                     f"tensor {spec.name!r}: {len(raw)} bytes, shape {list(shape)} of {datatype} needs {expected}",
                 )
             values = np.frombuffer(raw, dtype=kind.dtype)
+            if len(_RAW_LAYOUTS) >= _MAX_LAYOUTS:
+                _RAW_LAYOUTS.clear()
+            _RAW_LAYOUTS[datatype, shape] = (kind.dtype, expected)
     else:
         if kind.contents_field is None:
             raise TensorError("no_contents", f"tensor {spec.name!r}: {datatype} travels only as raw contents")
