@@ -311,9 +311,13 @@ routes:
             def shadows() -> dict:
                 return {s["name"]: s for s in status_of(admin)["routes"][0]["shadows"]}
 
-            state = await polled(shadows, lambda s: all(v["window"]["calls"] == 300 for v in s.values()),
-                                 "both shadows to have every call")  # fmt: skip
+            def settled(s: dict) -> bool:  # every call in both windows, and the first merged request's check done
+                return all(v["window"]["calls"] == 300 for v in s.values()) and s["merged"]["merge_check"]["same"] > 0
+
+            state = await polled(shadows, settled, "both shadows to have every call and the first check")
             merged, alone = state["merged"], state["alone"]
+            assert merged["merge_check"] == {"every": 64, "same": merged["merge_check"]["same"], "differ": 0,
+                                             "failed": 0, "stopped": None}  # fmt: skip
             assert merged["mirrored"] == alone["mirrored"] == {"OK": 300}
             assert merged["comparisons"] == alone["comparisons"]
             assert merged["window"]["agreement"] == alone["window"]["agreement"]
@@ -322,3 +326,8 @@ routes:
             samples = samples_of(await admin_get(admin, "/metrics"))
             key = ("mlmirror_mirror_merged_total", (("count", "copies"), ("route", "iris"), ("shadow", "merged")))
             assert samples[key] == merged["merged"]["copies"]
+            checks = (
+                "mlmirror_mirror_merge_checks_total",
+                (("result", "same"), ("route", "iris"), ("shadow", "merged")),
+            )
+            assert samples[checks] == merged["merge_check"]["same"]

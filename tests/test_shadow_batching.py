@@ -20,8 +20,10 @@ from mlmirror.handoff.tap import CallRecord
 from mlmirror.looplag import LoopLag
 from mlmirror.metrics import Metrics
 from mlmirror.observing.shadows.batching import mergeable, merged_request, split
+from mlmirror.observing.shadows.mergecheck import difference
 from mlmirror.observing.shadows.mirror import RouteMirror, ShadowMirror
-from mlmirror.protocol.kserve import TensorError, request_inputs
+from mlmirror.observing.shadows.report import shadow_status
+from mlmirror.protocol.kserve import Tensor, TensorError, request_inputs
 from mlmirror.protocol.names import MODEL_INFER, REQUEST_ID
 from mlmirror.protos import inference_pb2
 from mlmirror.serving.upstream import UpstreamTarget
@@ -37,7 +39,8 @@ routes:
     primary: production
     compare: {{classification: argmax, output: probabilities}}
     shadows:
-      - {{upstream: merged, batch: {batch}, max_inflight: {inflight}, queue_size: 0, timeout: {timeout}}}
+      - {{upstream: merged, batch: {batch}, batch_check: {check}, max_inflight: {inflight}, queue_size: 0,
+         timeout: {timeout}}}
       - {{upstream: alone, queue_size: 1000, timeout: {timeout}}}
 """
 
@@ -63,11 +66,12 @@ def records(rows: list[int], seed: int = 0) -> list[CallRecord]:
 
 
 @contextlib.asynccontextmanager
-async def route_mirror(merged: str, alone: str, *, batch: int = 16, inflight: int = 4, copy_timeout: str = "5s"
-                       ) -> AsyncIterator[RouteMirror]:  # fmt: skip
-    """The route mirror of ``CONFIG``: shadow ``merged`` (``batch``) and shadow ``alone`` (each copy by itself)."""
+async def route_mirror(merged: str, alone: str, *, batch: int = 16, inflight: int = 4, copy_timeout: str = "5s",
+                       check: int = 0) -> AsyncIterator[RouteMirror]:  # fmt: skip
+    """The route mirror of ``CONFIG``: shadow ``merged`` (``batch``, ``batch_check: check``) and shadow ``alone``
+    (each copy by itself)."""
     config = parse_config(
-        CONFIG.format(merged=merged, alone=alone, batch=batch, inflight=inflight, timeout=copy_timeout)
+        CONFIG.format(merged=merged, alone=alone, batch=batch, inflight=inflight, timeout=copy_timeout, check=check)
     )
     route = config.routes[0]
     shadows = []
@@ -227,13 +231,16 @@ async def test_merged_copies_compare_exactly_as_each_call_alone():
     async with (
         FunctionModel(candidate) as merged,
         FunctionModel(candidate) as alone,
-        route_mirror(merged.address, alone.address, batch=16, inflight=4) as mirror,
+        route_mirror(merged.address, alone.address, batch=16, inflight=4, check=2) as mirror,
     ):
         await offer_in_one_pass(mirror, calls)
         assert all(accounted(s) == 50 for s in mirror.shadows)
         await settle(mirror, 50)
         together, apart = mirror.shadows
-        assert merged.calls == math.ceil(50 / 16)
+        await wait_until(lambda: sum(together.merge_check.counts.values()) == 2, 30.0, "the checks of requests 1, 3")
+        assert together.merge_check.counts == {"same": 2, "differ": 0, "failed": 0}
+        assert together.merge_check.off is None
+        assert merged.calls == math.ceil(50 / 16) + 2  # the merged requests, and one call alone for each check
         assert alone.calls == 50
         assert together.stats.merged == [4, 50]
         assert together.stats.results == apart.stats.results == {"OK": 50}
@@ -335,6 +342,61 @@ async def test_calls_of_another_shape_wait_their_turn_and_are_not_lost():
         assert merged.calls == 3, "three, then the other tenant's call alone, then three"
         assert together.stats.merged == [2, 6]
         assert together.stats.comparisons == apart.stats.comparisons
+
+
+def tensors(**values: np.ndarray) -> list[Tensor]:
+    kinds = {"f": "FP32", "i": "INT64", "O": "BYTES"}
+    return [Tensor(name, kinds[v.dtype.kind], v.shape, v) for name, v in values.items()]
+
+
+def test_a_merged_answer_differs_from_one_alone_only_beyond_float_noise_or_at_all_elsewhere():
+    p = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], np.float32)
+    label = np.array([2, 2])
+    assert difference(tensors(p=p, label=label), tensors(p=p.copy(), label=label.copy())) is None
+    assert difference(tensors(p=p * (1 + 5e-5), label=label), tensors(p=p, label=label)) is None  # within rtol
+    assert "'p'" in (difference(tensors(p=p * (1 + 1e-3), label=label), tensors(p=p, label=label)) or "")
+    assert "'label'" in (difference(tensors(p=p, label=label + 1), tensors(p=p, label=label)) or "")
+    shapes = difference(tensors(p=p[:1], label=label), tensors(p=p, label=label)) or ""
+    assert "FP32 [2, 3] alone, FP32 [1, 3] merged" in shapes
+    assert "outputs ['p'] alone" in (difference(tensors(p=p, label=label), tensors(p=p)) or "")
+    text = np.array([b"a", b""], dtype=object)
+    assert difference(tensors(t=text), tensors(t=text.copy())) is None
+    assert difference(tensors(t=text), tensors(t=np.array([b"a", b"b"], dtype=object))) is not None
+
+
+async def test_merging_stops_when_a_merged_answer_differs_from_the_call_alone():
+    def batch_dependent(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        """Scores centred on the request's mean: a row's answer depends on the rows it arrives with."""
+        z = x[:, :3] - x[:, :3].mean(axis=0)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        return [("probabilities", "FP32", p.astype(np.float32)), ("label", "INT64", p.argmax(axis=1))]
+
+    calls = records([2] * 48)
+    async with (
+        FunctionModel(batch_dependent) as merged,
+        FunctionModel(candidate) as alone,
+        route_mirror(merged.address, alone.address, batch=8, inflight=4, check=1) as mirror,
+    ):
+        together = mirror.shadows[0]
+        await offer_in_one_pass(mirror, calls[:32])
+        await settle(mirror, 32)
+        await wait_until(lambda: together.merge_check.off is not None, 30.0, "a check to stop merging")
+        assert together.stats.merged == [4, 32]
+        assert 1 <= together.merge_check.counts["differ"] <= 4  # the requests answered before the first check ended
+        assert together.merge_check.counts["same"] == together.merge_check.counts["failed"] == 0
+        assert "'probabilities'" in together.merge_check.off
+        await wait_until(lambda: merged.calls == 4 + together.merge_check.counts["differ"], 30.0, "the checks")
+        sent = merged.calls
+        await offer_in_one_pass(mirror, calls[32:])
+        await wait_until(lambda: finished(together) == 48, 30.0, "the copies after merging stopped")
+        assert together.stats.merged == [4, 32]  # no request merged since
+        assert merged.calls == sent + 16  # each copy alone, and no more checks
+        assert together.stats.results == {"OK": 48}
+        compared = together.stats.comparisons
+        assert compared["match"] + compared["mismatch"] == 48
+        assert compared["error"] == 0
+        (entry,) = [e for e in shadow_status(mirror) if e["name"] == together.name]
+        assert entry["merge_check"] == {"every": 1, **together.merge_check.counts, "stopped": together.merge_check.off}
 
 
 def test_batch_is_checked_with_file_line_and_key():

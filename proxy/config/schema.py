@@ -200,6 +200,11 @@ class Shadow:
         1, "`ModelInfer` copies merged into one request along the first dimension (rows), for a model that answers "
         "each row on its own; 1 sends each copy alone", minimum=1, maximum=1024,
     )  # fmt: skip
+    batch_check: int = setting(
+        64, "with `batch` > 1: the first merged request and every Nth after it also send their first call alone; "
+        "when the two answers differ, merging stops for this shadow (`/status` says why); 0: never checked",
+        minimum=0, maximum=1_000_000,
+    )  # fmt: skip
     control: bool = setting(
         False, "a second instance of the production model: its disagreement is the noise baseline (at most one per "
         "route; never promoted)",

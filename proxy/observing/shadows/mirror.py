@@ -30,6 +30,7 @@ A shadow with ``batch: N`` (N > 1) merges up to N waiting ``ModelInfer`` copies 
 ends, up to N per request, at most ``max_inflight`` requests in flight. Its queue holds up to ``queue_size`` calls
 plus N for each free request slot; its memory is at most ``(N * max_inflight + queue_size) * max_message_size``.
 Every counter still counts calls: a merged request's code, latency and comparison count once per call it carried.
+Now and then a merged call is also sent alone, and merging stops if the answers differ (mergecheck.py).
 
 Copies carry the client's metadata without credentials (``authorization``, ``cookie``, ``proxy-authorization``,
 ``x-api-key``) and the shadow's ``strip_metadata``, unless its ``forward_metadata`` names them
@@ -53,6 +54,7 @@ from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.batching import Mergeable, mergeable, merged_request, shared_metadata, split
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
 from mlmirror.observing.shadows.headers import ShadowHeaders
+from mlmirror.observing.shadows.mergecheck import MergeCheck
 from mlmirror.observing.shadows.stats import DROP_REASONS, ShadowStats
 from mlmirror.observing.shadows.verdict import Outcome, Verdict, WindowSummary, judge
 from mlmirror.protocol.kserve import Tensor, TensorError
@@ -100,6 +102,8 @@ class ShadowMirror:
         self._head: tuple[Copy, Mergeable | None] | None = None
         #: batch > 1: copies taken from the queue that have not finished
         self._sending = 0
+        #: batch > 1: now and then a merged call is also sent alone, and merging stops if its answers differ
+        self.merge_check = MergeCheck(spec.batch_check)
         self._closed = False
         self._warned = False
 
@@ -155,11 +159,16 @@ class ShadowMirror:
         if self._closed:
             return
         # each task takes its copies when it starts, so a task cancelled before it runs leaves them queued
-        starting = min(self.spec.max_inflight - len(self._tasks), -(-len(self._queue) // self.spec.batch))
+        starting = min(self.spec.max_inflight - len(self._tasks), -(-len(self._queue) // self._batch))
         for _ in range(starting):
             task = asyncio.get_running_loop().create_task(self._work_merged())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    @property
+    def _batch(self) -> int:
+        """Copies per request now: ``batch``, or 1 once a check found that merging changes the answers."""
+        return self.spec.batch if self.merge_check.off is None else 1
 
     def _mergeable(self, copy: Copy) -> Mergeable | None:
         record, request, _ = copy
@@ -177,7 +186,7 @@ class ShadowMirror:
             if not self._admit():
                 continue
             copies = [(copy, first)]
-            while first is not None and self._queue and len(copies) < self.spec.batch:
+            while first is not None and self._queue and len(copies) < self._batch:
                 following = self._queue[0]
                 other = self._mergeable(following)
                 if other is None or other.key != first.key:
@@ -230,6 +239,7 @@ class ShadowMirror:
         metadata = (*shared_metadata(self._headers(record.metadata)), (SHADOW, self.name))
         self.stats.merged[0] += 1
         self.stats.merged[1] += len(copies)
+        number = self.stats.merged[0]
         answer, code, seconds = await self._send(record.method, merged_request(merging), metadata, len(copies))
         parts: list[list[Tensor]] | TensorError | None = None
         if answer is not None:
@@ -241,6 +251,10 @@ class ShadowMirror:
             self.stats.finished(code.name, seconds)
             outputs = parts if parts is None or isinstance(parts, TensorError) else parts[i]
             self._judge_safely(call, production, outputs, seconds)
+        if isinstance(parts, list) and self.merge_check.due(number):
+            call, request, _ = copies[0][0]
+            alone, _ = await self._copy(call.method, request, (*self._headers(call.metadata), (SHADOW, self.name)))
+            self.merge_check.judge(parts[0], alone, self.name, self.route)
 
     async def _send(
         self, method: str, request: bytes, metadata: tuple, calls: int

@@ -43,6 +43,8 @@ class ShadowCollector(Collector):
                 f.latency.add_metric(key, list(zip(bounds, cumulative, strict=True)), stats.latency[-1])
                 f.merged.add_metric([*key, "requests"], stats.merged[0])
                 f.merged.add_metric([*key, "copies"], stats.merged[1])
+                for result, n in shadow.merge_check.counts.items():
+                    f.merge_checks.add_metric([*key, result], n)
                 f.inflight.add_metric(key, shadow.inflight)
                 f.queued.add_metric(key, shadow.queued)
                 f.window(key, summary, verdict)
@@ -74,6 +76,12 @@ class _Families:
             "mlmirror_mirror_merged",
             "Requests that carried several merged copies (`batch`): `requests` sent, `copies` they carried.",
             labels=[*labels, "count"],
+        )
+        self.merge_checks = CounterMetricFamily(
+            "mlmirror_mirror_merge_checks",
+            "Merged calls also sent alone to check that merging leaves the answer as it is (`batch_check`): same, "
+            "differ (merging stopped), failed (the copy alone failed).",
+            labels=[*labels, "result"],
         )
         self.inflight = GaugeMetricFamily("mlmirror_mirror_inflight", "Copies in flight to the shadow.", labels=labels)
         self.queued = GaugeMetricFamily("mlmirror_mirror_queued", "Copies waiting for a slot.", labels=labels)
@@ -167,6 +175,11 @@ def _shadow_entry(shadow: ShadowMirror, summary: WindowSummary, verdict: Verdict
         "comparison_errors": dict(sorted(stats.comparison_errors.items())),
         "batch": shadow.spec.batch,
         "merged": {"requests": stats.merged[0], "copies": stats.merged[1]},
+        "merge_check": {
+            "every": shadow.spec.batch_check,
+            **shadow.merge_check.counts,
+            "stopped": shadow.merge_check.off,
+        },
         "inflight": shadow.inflight,
         "queued": shadow.queued,
         "circuit_open": shadow.circuit_open,
