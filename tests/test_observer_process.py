@@ -317,7 +317,7 @@ routes:
             state = await polled(shadows, settled, "both shadows to have every call and the first check")
             merged, alone = state["merged"], state["alone"]
             assert merged["merge_check"] == {"every": 64, "same": merged["merge_check"]["same"], "differ": 0,
-                                             "failed": 0, "stopped": None}  # fmt: skip
+                                             "refused": 0, "failed": 0, "stopped": None}  # fmt: skip
             assert merged["mirrored"] == alone["mirrored"] == {"OK": 300}
             assert merged["comparisons"] == alone["comparisons"]
             assert merged["window"]["agreement"] == alone["window"]["agreement"]

@@ -238,7 +238,7 @@ async def test_merged_copies_compare_exactly_as_each_call_alone():
         await settle(mirror, 50)
         together, apart = mirror.shadows
         await wait_until(lambda: sum(together.merge_check.counts.values()) == 2, 30.0, "the checks of requests 1, 3")
-        assert together.merge_check.counts == {"same": 2, "differ": 0, "failed": 0}
+        assert together.merge_check.counts == {"same": 2, "differ": 0, "refused": 0, "failed": 0}
         assert together.merge_check.off is None
         assert merged.calls == math.ceil(50 / 16) + 2  # the merged requests, and one call alone for each check
         assert alone.calls == 50
@@ -384,6 +384,7 @@ async def test_merging_stops_when_a_merged_answer_differs_from_the_call_alone():
         assert together.stats.merged == [4, 32]
         assert 1 <= together.merge_check.counts["differ"] <= 4  # the requests answered before the first check ended
         assert together.merge_check.counts["same"] == together.merge_check.counts["failed"] == 0
+        assert together.merge_check.counts["refused"] == 0
         assert "'probabilities'" in together.merge_check.off
         await wait_until(lambda: merged.calls == 4 + together.merge_check.counts["differ"], 30.0, "the checks")
         sent = merged.calls
@@ -397,6 +398,53 @@ async def test_merging_stops_when_a_merged_answer_differs_from_the_call_alone():
         assert compared["error"] == 0
         (entry,) = [e for e in shadow_status(mirror) if e["name"] == together.name]
         assert entry["merge_check"] == {"every": 1, **together.merge_check.counts, "stopped": together.merge_check.off}
+
+
+@pytest.mark.parametrize("answer", ["refused", "uncut"])
+async def test_merging_stops_when_the_shadow_refuses_or_mangles_merged_requests_but_answers_calls_alone(answer):
+    """A shadow whose batch limit is 4 rows (it fails larger requests), or that answers a summary row whatever the
+    rows it got: merged requests of 8 rows fail or cannot be cut, the call alone is answered, merging stops."""
+
+    def limited(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        if x.shape[0] > 4:
+            if answer == "refused":
+                raise ValueError(f"batch of {x.shape[0]} rows over the limit of 4")
+            return candidate(x[:1])
+        return candidate(x)
+
+    calls = records([2] * 8)
+    async with (
+        FunctionModel(limited) as merged,
+        FunctionModel(candidate) as alone,
+        route_mirror(merged.address, alone.address, batch=4, inflight=1, check=1) as mirror,
+    ):
+        together = mirror.shadows[0]
+        await offer_in_one_pass(mirror, calls[:4])  # room for one merged request: 4 calls of 2 rows
+        await wait_until(lambda: together.merge_check.off is not None, 30.0, "a check to stop merging")
+        await wait_until(lambda: finished(together) == 4, 30.0, "the merged copies")
+        result = "refused" if answer == "refused" else "differ"
+        assert together.merge_check.counts == {"same": 0, "differ": 0, "refused": 0, "failed": 0, result: 1}
+        assert ("UNKNOWN" if answer == "refused" else "batch_split") in together.merge_check.off
+        assert merged.calls == 2  # the merged request and its first call alone
+        await offer_in_one_pass(mirror, calls[4:])
+        await wait_until(lambda: finished(together) == 8, 30.0, "the copies after merging stopped")
+        assert together.stats.merged == [1, 4]  # no request merged since: each copy went alone
+        assert merged.calls == 2 + 4
+        assert together.stats.results == ({"UNKNOWN": 4, "OK": 4} if answer == "refused" else {"OK": 8})
+        assert sum(together.stats.drops.values()) == 0
+
+
+async def test_a_shadow_that_is_down_is_not_checked_for_merging():
+    async with (
+        FunctionModel(candidate) as alone,
+        route_mirror("127.0.0.1:1", alone.address, batch=16, inflight=4, copy_timeout="2s", check=1) as mirror,
+    ):
+        await offer_in_one_pass(mirror, records([1] * 20))
+        await settle(mirror, 20)
+        together = mirror.shadows[0]
+        assert together.stats.results == {"UNAVAILABLE": 20}
+        assert together.merge_check.counts == {"same": 0, "differ": 0, "refused": 0, "failed": 0}
+        assert together.merge_check.off is None
 
 
 def test_batch_is_checked_with_file_line_and_key():

@@ -202,7 +202,8 @@ class Shadow:
     )  # fmt: skip
     batch_check: int = setting(
         64, "with `batch` > 1: the first merged request and every Nth after it also send their first call alone; "
-        "when the two answers differ, merging stops for this shadow (`/status` says why); 0: never checked",
+        "when the two answers differ, or the shadow fails the merged request but answers the call alone, merging "
+        "stops for this shadow (`/status` says why); 0: never checked",
         minimum=0, maximum=1_000_000,
     )  # fmt: skip
     control: bool = setting(

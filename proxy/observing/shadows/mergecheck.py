@@ -3,12 +3,18 @@ also sent alone, and the shadow's two answers to it are compared.
 
 Merging is right only for a model that answers each row on its own (proxy/observing/shadows/batching.py). With
 ``batch_check: N`` (N > 0), the first merged request and every Nth one after it have their first call sent alone
-as well. When the shadow's answer to that call alone differs from the call's rows of the merged answer (other
-output names, datatypes or shapes; integers, booleans or bytes not equal; floats beyond ``RTOL`` and ``ATOL``),
-merging stops for this shadow: later copies go one per request, and the reason is kept (``/status``) and logged
-once. A check whose copy fails (an error from the shadow, an answer that does not decode) decides nothing and is
-counted ``failed``. The copies sent alone for a check are not counted as mirrored calls: each call is counted once,
-as part of its merged request.
+as well. Merging stops for this shadow when the shadow answers that call alone but:
+
+- its answer alone differs from the call's rows of the merged answer (other output names, datatypes or shapes;
+  integers, booleans or bytes not equal; floats beyond ``RTOL`` and ``ATOL``): ``differ``;
+- or the merged answer could not be cut into the calls' rows (``batch_split``): ``differ``;
+- or the merged request failed with a code that says the shadow refused it (anything but ``UNREACHED``: say
+  ``INVALID_ARGUMENT`` from a server whose batch limit is below the merged rows): ``refused``.
+
+Later copies then go one per request, and the reason is kept (``/status``) and logged once. A check whose copy
+fails (an error from the shadow, an answer that does not decode) decides nothing and is counted ``failed``. The
+copies sent alone for a check are not counted as mirrored calls: each call is counted once, as part of its merged
+request.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import grpc
 import numpy as np
 from mlmirror.protocol.kserve import Tensor, TensorError, response_outputs
 
-__all__ = ["ATOL", "CHECK_RESULTS", "RTOL", "MergeCheck", "difference"]
+__all__ = ["ATOL", "CHECK_RESULTS", "RTOL", "UNREACHED", "MergeCheck", "difference"]
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +34,11 @@ log = logging.getLogger(__name__)
 #: may sum in another order, never more.
 RTOL = 1e-4
 ATOL = 1e-6
-#: What a check found: the same answer, a different one, or nothing (its copy failed).
-CHECK_RESULTS = ("same", "differ", "failed")
+#: What a check found: the same answer, a different one, a merged request the shadow refused, or nothing (the copy
+#: alone failed).
+CHECK_RESULTS = ("same", "differ", "refused", "failed")
+#: Codes of a merged request that say nothing about merging (the shadow is down, hung or going away): not checked.
+UNREACHED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
 def difference(merged: Sequence[Tensor], alone: Sequence[Tensor]) -> str | None:
@@ -64,9 +74,12 @@ class MergeCheck:
         """Whether merged request ``number`` (1 for the first) has its first call checked."""
         return self.every > 0 and self.off is None and (number - 1) % self.every == 0
 
-    def judge(self, merged: Sequence[Tensor], answer: bytes | None, shadow: str, route: str) -> None:
-        """Count a check: ``merged`` is the call's rows of the merged answer, ``answer`` the shadow's answer to the
-        call alone (None: that copy failed)."""
+    def judge(
+        self, merged: Sequence[Tensor] | TensorError | grpc.StatusCode, answer: bytes | None, shadow: str, route: str
+    ) -> None:
+        """Count a check. ``merged``: the call's rows of the merged answer, or why the answer could not be cut, or
+        the code of the merged request that failed; ``answer``: the shadow's answer to the call alone (None: that
+        copy failed)."""
         if answer is None:
             self.counts["failed"] += 1
             return
@@ -75,11 +88,16 @@ class MergeCheck:
         except TensorError:
             self.counts["failed"] += 1
             return
-        reason = difference(merged, alone)
+        if isinstance(merged, grpc.StatusCode):
+            result, reason = "refused", f"the shadow failed a merged request ({merged.name}) and answers a call alone"
+        elif isinstance(merged, TensorError):
+            result, reason = "differ", f"a merged answer could not be cut into the calls' rows ({merged})"
+        else:
+            result, reason = "differ", difference(merged, alone)  # type: ignore[assignment]
         if reason is None:
             self.counts["same"] += 1
             return
-        self.counts["differ"] += 1
+        self.counts[result] += 1
         if self.off is None:
             self.off = reason
             log.warning("shadow %s of route %s: merging stopped, each copy now goes alone: %s", shadow, route, reason)

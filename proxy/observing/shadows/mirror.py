@@ -54,7 +54,7 @@ from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.batching import Mergeable, mergeable, merged_request, shared_metadata, split
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
 from mlmirror.observing.shadows.headers import ShadowHeaders
-from mlmirror.observing.shadows.mergecheck import MergeCheck
+from mlmirror.observing.shadows.mergecheck import UNREACHED, MergeCheck
 from mlmirror.observing.shadows.stats import DROP_REASONS, ShadowStats
 from mlmirror.observing.shadows.verdict import Outcome, Verdict, WindowSummary, judge
 from mlmirror.protocol.kserve import Tensor, TensorError
@@ -251,10 +251,11 @@ class ShadowMirror:
             self.stats.finished(code.name, seconds)
             outputs = parts if parts is None or isinstance(parts, TensorError) else parts[i]
             self._judge_safely(call, production, outputs, seconds)
-        if isinstance(parts, list) and self.merge_check.due(number):
+        if self.merge_check.due(number) and (parts is not None or code not in UNREACHED):
             call, request, _ = copies[0][0]
             alone, _ = await self._copy(call.method, request, (*self._headers(call.metadata), (SHADOW, self.name)))
-            self.merge_check.judge(parts[0], alone, self.name, self.route)
+            merged = parts[0] if isinstance(parts, list) else parts if parts is not None else code
+            self.merge_check.judge(merged, alone, self.name, self.route)
 
     async def _send(
         self, method: str, request: bytes, metadata: tuple, calls: int
