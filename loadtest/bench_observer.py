@@ -16,7 +16,8 @@ Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``
 relay and hand watched calls over the door to the observing process, which makes the copies and runs the drift
 engine; the other ``workers-*`` shapes are the same with one observer setting changed (``SHAPES``): shedding on
 CPU pressure (``cpu_pressure_limit``), ``SCHED_IDLE`` instead of the niceness (``scheduling: idle``), a CPU budget
-(``cpu_limit``). The shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at
+(``cpu_limit``), and an observer that never waits for serving to have time to spare (``workers-eager``:
+``serving_idle: off``). The shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at
 normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
@@ -84,6 +85,7 @@ SHAPES = {
     "workers-pressure": "cpu_pressure_limit: 0.8",
     "workers-idle": "scheduling: idle",
     "workers-limit": "cpu_limit: 0.15",
+    "workers-eager": "serving_idle: off",
 }
 
 

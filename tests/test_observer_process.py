@@ -108,6 +108,8 @@ async def test_calls_never_fail_while_the_observer_is_killed_hung_or_restarted(t
             assert intake["shed"] == {"cpu_pressure": 0, "cpu_limit": 0}  # both limits are off by default
             assert (intake["cpu_pressure"]["limit"], intake["cpu_pressure"]["shedding"]) == (None, False)
             assert (intake["cpu_limit"]["limit"], intake["cpu_limit"]["shedding"]) == (None, False)
+            assert intake["serving_idle"]["limit"] == 0.4  # on by default: waits while serving is busy
+            assert 0.0 <= intake["serving_idle"]["idle"] <= 1.0
             assert autogroup_nice(first) in (None, "10")  # session groups on: its group is niced too
             assert os.SCHED_IDLE not in set(thread_policies(first))
             await send(listen, 100, rng, "before")

@@ -51,6 +51,13 @@ class Observer:
         "that the CPU goes to serving (docs/BENCHMARKS.md); `off`: shed only when behind", shown="off", minimum=0,
         maximum=1,
     )  # fmt: skip
+    serving_idle: float | None = setting(
+        0.4, "the observing process takes the next calls handed over (and drift its next batch) only while some "
+        "serving worker's event loop was asleep for this share of the last ~10 ms (read from `/proc` every 1 ms); "
+        "else it waits, at most 0.2 s each time, and a worker whose hand-off backs up drops and counts "
+        "(`backpressure`): at saturation serving gets the CPU (docs/BENCHMARKS.md); `off`: never waits", minimum=0.01,
+        maximum=1,
+    )  # fmt: skip
     cpu_limit: float | None = setting(
         None, "the CPUs the observing process may use (CPU seconds per second, all its threads): while its last "
         "0.1 s used more, the calls handed over are dropped and counted (`cpu_limit`), so that a busy machine's CPU "

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mlmirror.config import Route
@@ -205,8 +205,12 @@ class HandoffReceiver:
         greeted: Callable[[dict], None],
         received: Counter,
         malformed: Counter | None = None,
+        before_read: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``before_read``: awaited before each frame is read (the observing process's wait while serving is
+        busy); ``greeted`` gets each worker's hello."""
         self.path = str(path)
+        self._before_read = before_read
         self._deliver = deliver
         self._greeted = greeted
         self._received = received
@@ -238,6 +242,8 @@ class HandoffReceiver:
         worker = "?"
         try:
             while True:
+                if self._before_read is not None:
+                    await self._before_read()
                 length = int.from_bytes(await reader.readexactly(4), "big")
                 if length == 0 or length > frames.MAX_FRAME:
                     self._damaged(worker, FrameError(f"a {length}-byte frame", [], 1))

@@ -48,6 +48,8 @@ class PartContext:
     targets: Mapping[str, UpstreamTarget] = field(default_factory=dict)
     shelves: dict[str, Shelf] = field(default_factory=dict)
     serving: bool = True
+    #: the observing process: waits while every serving worker is busy (proxy/observing/servinggate.py)
+    wait_for_serving: Callable[[], None] | None = None
 
     def shelf(self, key: str, make: Callable[[], S]) -> S:
         """The kind ``key``'s shelf, made by ``make()`` on first use."""

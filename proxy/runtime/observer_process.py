@@ -22,6 +22,7 @@ from mlmirror.handoff.tap import CallRecord
 from mlmirror.handoff.transport import HandoffReceiver
 from mlmirror.metrics import Metrics
 from mlmirror.observing.pressure import CpuBudget, CpuPressure, SampledRate
+from mlmirror.observing.servinggate import GateCollector, ServingGate
 from mlmirror.runtime.children import announce, child_parser, run_child, serve_child
 from mlmirror.runtime.promotion import replayed_config
 from mlmirror.runtime.proxy import Proxy
@@ -47,8 +48,17 @@ class Deliveries:
     a meter sheds (``meters``, by reason: the CPU under pressure, ``observer.cpu_pressure_limit``; this process over
     its CPU budget, ``observer.cpu_limit``) are dropped and counted in ``shed`` by that reason."""
 
-    def __init__(self, hub_table: object, unrouted: Counter, meters: dict[str, SampledRate], shed: Counter) -> None:
+    def __init__(
+        self,
+        hub_table: object,
+        unrouted: Counter,
+        meters: dict[str, SampledRate],
+        shed: Counter,
+        gate: ServingGate | None = None,
+    ) -> None:
+        """``gate``: the wait while serving is busy, whose threshold follows the table's config (a reload)."""
         self._hub = hub_table
+        self._gate = gate
         self._unrouted = unrouted
         self._meters = meters
         self._counters = {reason: shed.labels(reason) for reason in meters}
@@ -64,6 +74,8 @@ class Deliveries:
             if table is not None:  # a reload may change the limits
                 for reason, meter in self._meters.items():
                     meter.limit = getattr(table.config.observer, SHED_LIMITS[reason])
+                if self._gate is not None:
+                    self._gate.threshold = table.config.observer.serving_idle
         for reason, meter in self._meters.items():
             if meter.shedding:
                 self.shed[reason] += 1
@@ -131,6 +143,8 @@ async def run_observer(
         "mlmirror_handoff_shed", "Calls the observing process received but did not observe, by reason.", ["reason"],
         registry=metrics.registry,
     )  # fmt: skip
+    gate = ServingGate(config.observer.serving_idle)
+    metrics.registry.register(GateCollector(gate))
     pressure = CpuPressure(config.observer.cpu_pressure_limit)
     budget = CpuBudget(config.observer.cpu_limit)
     meters: dict[str, SampledRate] = {"cpu_pressure": pressure, "cpu_limit": budget}
@@ -138,14 +152,17 @@ async def run_observer(
 
     def intake() -> dict[str, object]:
         shed = deliveries.shed if deliveries else dict.fromkeys(meters, 0)
-        return {"shed": dict(shed), "cpu_pressure": pressure.snapshot(), "cpu_limit": budget.snapshot()}
+        return {"shed": dict(shed), "cpu_pressure": pressure.snapshot(), "cpu_limit": budget.snapshot(),
+                "serving_idle": gate.snapshot()}  # fmt: skip
 
-    role = Role("hub", listen=f"unix:{folder / FEEDBACK_SOCKET}", admin="127.0.0.1:0", intake=intake)
+    role = Role("hub", listen=f"unix:{folder / FEEDBACK_SOCKET}", admin="127.0.0.1:0", intake=intake,
+                wait_for_serving=gate.wait_sync)  # fmt: skip
     hub = Proxy(config, metrics=metrics, role=role)
     await hub.start()
-    deliveries = Deliveries(hub, unrouted, meters, shed)
+    deliveries = Deliveries(hub, unrouted, meters, shed, gate)
     pressure.start()
     budget.start()
+    gate.start()
     socket = folder / HANDOFF_SOCKET
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()  # a previous observer's, if it was killed
@@ -153,7 +170,12 @@ async def run_observer(
         "mlmirror_handoff_malformed", "Damaged hand-off frames the observing process read, by worker.", ["worker"],
         registry=metrics.registry,
     )  # fmt: skip
-    receiver = HandoffReceiver(socket, deliveries, lambda hello: None, received, malformed)
+
+    def greeted(hello: dict) -> None:
+        if isinstance(hello.get("pid"), int):
+            gate.watch(hello["pid"])
+
+    receiver = HandoffReceiver(socket, deliveries, greeted, received, malformed, before_read=gate.wait)
     try:
         await receiver.start()
     except OSError as exc:
@@ -164,6 +186,7 @@ async def run_observer(
     async def cleanup() -> None:
         pressure.stop()
         budget.stop()
+        await gate.stop()
         await receiver.close()
 
     await serve_child("observer", hub.run_until_signalled, lambda: hub.stop(grace=0), lifeline_fd, folder, cleanup)

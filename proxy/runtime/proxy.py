@@ -84,7 +84,9 @@ class Proxy:
         self.ids = RequestIds()
         self.lag = LoopLag(config.mirror_shed_lag)
         #: per-route consumers; a worker has none (its watched calls go to the hub)
-        self.parts = RouteParts(kinds, PartContext(self.lag, serving=not role.hub))
+        self.parts = RouteParts(
+            kinds, PartContext(self.lag, serving=not role.hub, wait_for_serving=role.wait_for_serving)
+        )
         self.feedback = FeedbackService(
             lambda: [p.engine.ground_truth for p in self.parts.of_kind("drift") if p.engine.ground_truth is not None],
             lambda: [p.writer for p in self.parts.of_kind("capture")],  # captured calls get their outcomes appended

@@ -29,6 +29,7 @@ class Role:
     handoff: HandoffSender | None = None  # worker: where watched routes' sampled answered calls go
     feedback_target: str | None = None  # worker: the hub's listener, for relayed Feedback calls
     intake: Callable[[], dict[str, object]] | None = None  # hub: how it takes the calls handed over, for /status
+    wait_for_serving: Callable[[], None] | None = None  # hub: the drift thread's wait while serving is busy
 
     @property
     def worker(self) -> bool:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlmirror import kernels
@@ -65,10 +66,19 @@ class DriftEngine:
     """The tap observer of one route's drift monitoring."""
 
     def __init__(
-        self, route: str, spec: Drift, reference: Reference | None = None, *, yield_every: int = YIELD_EVERY
+        self,
+        route: str,
+        spec: Drift,
+        reference: Reference | None = None,
+        *,
+        yield_every: int = YIELD_EVERY,
+        wait: Callable[[], None] | None = None,
     ) -> None:
+        """``wait``: called by the drift thread before each batch (the observing process's wait while serving is
+        busy, proxy/observing/servinggate.py)."""
         self.name = f"drift:{route}"
         self.yield_every = yield_every
+        self._wait = wait
         self.route = route
         self.spec = spec
         self.reference = reference
@@ -151,6 +161,8 @@ class DriftEngine:
 
     def _run(self) -> None:
         while not self._stop.wait(POLL):
+            if self._wait is not None:
+                self._wait()
             self.drain()
 
     def drain(self, now: float | None = None) -> None:

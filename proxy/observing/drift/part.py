@@ -36,7 +36,7 @@ class DriftPart(RoutePart):
         self.model = route.match.model or ""
         self.engine = DriftEngine(
             route.name, route.drift, load_profile(route.name, route.drift),
-            yield_every=YIELD_EVERY if context.serving else YIELD_EVERY_OBSERVING,
+            yield_every=YIELD_EVERY if context.serving else YIELD_EVERY_OBSERVING, wait=context.wait_for_serving,
         )  # fmt: skip
         self.name = self.engine.name
 
