@@ -115,6 +115,15 @@ def test_the_cpu_pressure_limit_is_off_by_default_and_takes_a_share():
     assert "must be <= 1.0" in str(_error("observer: {cpu_pressure_limit: 1.5}\n" + MINIMAL))
 
 
+def test_the_observer_waits_for_serving_by_default_and_off_turns_it_off():
+    assert parse_config(MINIMAL).observer.serving_idle == 0.4
+    assert parse_config("observer: {serving_idle: 0.25}\n" + MINIMAL).observer.serving_idle == 0.25
+    assert parse_config("observer: {serving_idle: off}\n" + MINIMAL).observer.serving_idle is None
+    error = str(_error("observer: {serving_idle: 2}\n" + MINIMAL))
+    assert "observer.serving_idle" in error
+    assert "must be <= 1" in error
+
+
 def test_durations_and_sizes_take_units():
     config = parse_config(
         "shutdown_grace: 1.5m\nmax_message_size: 512KiB\nstream_replay_limit: 2MB\nadmin: off\n"

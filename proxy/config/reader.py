@@ -118,7 +118,7 @@ def _observer(node: Located) -> Observer:
         limit = schema_reader(Observer, key)
         return lambda n: None if n.is_null() or n.scalar() in (False, "off") else limit(n)
 
-    off = {key: or_off(key) for key in ("cpu_pressure_limit", "cpu_limit")}
+    off = {key: or_off(key) for key in ("cpu_pressure_limit", "cpu_limit", "serving_idle")}
     return Observer(**read_section(node, Observer, off)[0])
 
 
