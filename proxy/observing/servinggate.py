@@ -82,8 +82,8 @@ class ServingGate:
             self._task = None
 
     async def _sampling(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+        while True:  # off, or no worker yet: look again in 0.1 s (a reload or a hello), not every interval
+            await asyncio.sleep(self.interval if self.threshold is not None and self._pids else 0.1)
             self.sample()
 
     def sample(self) -> None:

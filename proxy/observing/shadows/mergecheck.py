@@ -88,12 +88,13 @@ class MergeCheck:
         except TensorError:
             self.counts["failed"] += 1
             return
+        reason: str | None
         if isinstance(merged, grpc.StatusCode):
             result, reason = "refused", f"the shadow failed a merged request ({merged.name}) and answers a call alone"
         elif isinstance(merged, TensorError):
             result, reason = "differ", f"a merged answer could not be cut into the calls' rows ({merged})"
         else:
-            result, reason = "differ", difference(merged, alone)  # type: ignore[assignment]
+            result, reason = "differ", difference(merged, alone)
         if reason is None:
             self.counts["same"] += 1
             return

@@ -80,7 +80,7 @@ class _Families:
         self.merge_checks = CounterMetricFamily(
             "mlmirror_mirror_merge_checks",
             "Merged calls also sent alone to check that merging leaves the answer as it is (`batch_check`): same, "
-            "differ (merging stopped), failed (the copy alone failed).",
+            "differ or refused (merging stopped), failed (the copy alone failed).",
             labels=[*labels, "result"],
         )
         self.inflight = GaugeMetricFamily("mlmirror_mirror_inflight", "Copies in flight to the shadow.", labels=labels)
