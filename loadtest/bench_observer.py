@@ -4,11 +4,12 @@
                                       [--configurations ...] [--profile DIR]
 
 One route (``iris`` -> the demo ``production`` model server, KServe V2 tensors: ``--batch`` rows of 4 FP32
-features in, FP32 probabilities and INT64 labels out) behind mlmirror in six configurations (``--configurations``
-picks some; nothing watched always runs):
+features in, FP32 probabilities and INT64 labels out) behind mlmirror in seven configurations
+(``--configurations`` picks some; nothing watched always runs):
 
 - nothing watched; 1 shadow at 100% (the ``candidate`` model, compared); drift only (windows of 1000 calls);
-  1 shadow + drift; the same with the shadow's ``batch: 16`` (up to 16 copies merged into one request);
+  1 shadow + drift; the same with the shadow's ``batch: 16`` (up to 16 copies merged into one request); the same
+  with ``transport: grpc`` (copies over a grpc.aio channel instead of mlmirror's own HTTP/2 client);
   1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
 
 Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``: ``mlmirror serve
@@ -65,16 +66,18 @@ SHADOW = "1 shadow, 100%"
 DRIFT = "drift only"
 BOTH = "1 shadow + drift"
 MERGED = "1 shadow (batch: 16) + drift"
+GRPC = "1 shadow (transport: grpc) + drift"
 HUNG = "hung shadow"
 #: configuration -> (shadow upstream or None, drift on?, the shadow's other keys)
 CONFIGURATIONS: dict[str, tuple[str | None, bool, str]] = {
     NONE: (None, False, ""), SHADOW: ("candidate", False, ""), DRIFT: (None, True, ""), BOTH: ("candidate", True, ""),
-    MERGED: ("candidate", True, ", batch: 16"), HUNG: ("hung", False, ""),
+    MERGED: ("candidate", True, ", batch: 16"), GRPC: ("candidate", True, ", transport: grpc"),
+    HUNG: ("hung", False, ""),
 }  # fmt: skip
 #: (configuration, measure) -> the largest ratio to nothing watched the issue allows
 TARGETS = {
     (both, measure): limit
-    for both in (BOTH, MERGED)
+    for both in (BOTH, MERGED, GRPC)
     for measure, limit in (("saturation", 0.90), ("p99", 1.10), ("serving", 1.05), ("tree", 1.8))
 }
 TARGETS[HUNG, "p99"] = 1.05

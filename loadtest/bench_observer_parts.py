@@ -6,9 +6,10 @@ Real KServe V2 calls like bench_observer's (FP32 [8, 4] in; FP32 [8, 3] probabil
 answered by the demo models). In this process, interleaved rounds of:
 
 - a shadow copy (one unary call, as the mirror makes it) to the demo ``candidate`` model server running at
-  ``nice -n 19`` in a process of its own (the stand-in for a remote machine), ``--inflight`` copies at a time;
-- the same copies merged ``--merge`` at a time (a shadow's ``batch``: parsed, merged into one request, its answer
-  cut back into each call's outputs), per call;
+  ``nice -n 19`` in a process of its own (the stand-in for a remote machine), ``--inflight`` copies at a time,
+  over each transport: mlmirror's own HTTP/2 client (``h2``, the default) and a grpc.aio channel (``grpc``);
+- the same copies over grpc.aio merged ``--merge`` at a time (a shadow's ``batch``: parsed, merged into one
+  request, its answer cut back into each call's outputs), per call;
 - the comparison of the shadow's answer with production's (``Comparator.compare``, both answers decoded);
 - the drift engine's work for one call (``DriftEngine.drain``: decoding, the window's counts; windows of 1000).
 
@@ -35,6 +36,7 @@ from mlmirror.metrics import Metrics
 from mlmirror.observing.drift.engine import DriftEngine
 from mlmirror.observing.shadows.batching import mergeable, merged_request, split
 from mlmirror.observing.shadows.compare import Comparator, ProductionAnswer
+from mlmirror.observing.shadows.h2client import H2Channel, copy_channel
 from mlmirror.protocol.names import MODEL_INFER
 from mlmirror.protos import inference_pb2
 from mlmirror.serving.upstream import UpstreamTarget
@@ -75,13 +77,30 @@ def _records(calls: int, seed: int) -> list[CallRecord]:
 
 
 async def _copies(target: UpstreamTarget, requests: list[bytes], inflight: int) -> float:
-    """CPU seconds per copy of ``requests``, unary calls ``inflight`` at a time; every copy must be OK."""
+    """CPU seconds per copy of ``requests`` over grpc.aio (transport grpc), ``inflight`` at a time; every copy must
+    be OK."""
     limit = asyncio.Semaphore(inflight)
     stub = target.stub("unary_unary", MODEL_INFER)
 
     async def one(request: bytes) -> bytes:
         async with limit:
             return await stub(request, timeout=10.0)
+
+    started = _cpu()
+    await asyncio.gather(*(one(r) for r in requests))
+    return (_cpu() - started) / len(requests)
+
+
+async def _h2_copies(channel: H2Channel, requests: list[bytes], inflight: int) -> float:
+    """CPU seconds per copy of ``requests`` over mlmirror's own HTTP/2 client (transport h2), ``inflight`` at a
+    time; every copy must be OK."""
+    limit = asyncio.Semaphore(inflight)
+
+    async def one(request: bytes) -> bytes | None:
+        async with limit:
+            answer, code = await channel.unary(MODEL_INFER, request, (), 10.0)
+            assert code is grpc.StatusCode.OK, code
+            return answer
 
     started = _cpu()
     await asyncio.gather(*(one(r) for r in requests))
@@ -117,11 +136,16 @@ async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]
     comparator = Comparator(route.compare)
     assert route.drift is not None
     kernels.warm_up()
-    merged = f"shadow copy, batch: {args.merge}"
-    figures: dict[str, list[float]] = {"shadow copy": [], merged: [], "comparison": [], "drift engine": []}
+    channel = copy_channel("h2", target.spec, target.max_message_size)
+    assert channel is not None
+    merged = f"shadow copy, transport: grpc, batch: {args.merge}"
+    figures: dict[str, list[float]] = {"shadow copy, transport: h2": [], "shadow copy, transport: grpc": [],
+                                       merged: [], "comparison": [], "drift engine": []}  # fmt: skip
     await _copies(target, requests[:500], args.inflight)  # warm-up: connections, caches
+    await _h2_copies(channel, requests[:500], args.inflight)
     for k in range(args.rounds):
-        figures["shadow copy"].append(await _copies(target, requests, args.inflight))
+        figures["shadow copy, transport: h2"].append(await _h2_copies(channel, requests, args.inflight))
+        figures["shadow copy, transport: grpc"].append(await _copies(target, requests, args.inflight))
         figures[merged].append(await _merged_copies(target, requests, args.inflight, args.merge))
         started = _cpu()
         for record, answer in zip(records, shadow_answers, strict=True):
@@ -137,6 +161,7 @@ async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]
         engine.drain()
         figures["drift engine"].append((_cpu() - started) / len(records))
         print(f"round {k + 1}/{args.rounds} done", file=sys.stderr)
+    channel.close()
     await target.channel.close()
     return figures
 

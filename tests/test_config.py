@@ -373,6 +373,27 @@ BAD_CONFIGS = {
         "routes[0].shadows[1]",
         "shadow name 'b' is used twice",
     ),
+    "transport h2 to several addresses": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: "ipv4:10.0.0.1:2,10.0.0.2:2"}
+        routes:
+          - match: {}
+            primary: a
+            shadows: [{upstream: b, transport: h2}]
+        """,
+        5,
+        "routes[0].shadows[0].transport",
+        "transport h2 reaches one host",
+    ),
+    "unknown transport": (
+        """\
+        upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2}
+        routes: [{match: {}, primary: a, shadows: [{upstream: b, transport: quic}]}]
+        """,
+        2,
+        "routes[0].shadows[0].transport",
+        "unknown transport 'quic'",
+    ),
     "two controls": (
         """\
         upstreams: {a: 127.0.0.1:1, b: 127.0.0.1:2, c: 127.0.0.1:3}

@@ -264,15 +264,20 @@ def doubled_with_error(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
     return [("y", "FP32", y), ("label", "INT64", y.argmax(axis=1).astype(np.int64))]
 
 
-async def test_comparison_figures_match_numpy():
+@pytest.mark.parametrize(
+    ("transport", "listed", "used"), [("auto", False, "h2"), ("grpc", False, "grpc"), ("auto", True, "grpc")]
+)
+async def test_comparison_figures_match_numpy(transport: str, listed: bool, used: str):
+    """Over each transport; ``auto`` with a list of addresses (gRPC's name resolution) takes grpc.aio."""
     rng = np.random.default_rng(3)
     async with FunctionModel(doubled) as production, FunctionModel(doubled_with_error) as candidate:
+        address = f'"ipv4:{candidate.address},{candidate.address}"' if listed else candidate.address
         config = f"""
-        upstreams: {{production: {production.address}, candidate: {candidate.address}}}
+        upstreams: {{production: {production.address}, candidate: {address}}}
         routes:
           - match: {{}}
             primary: production
-            shadows: [{{upstream: candidate}}]
+            shadows: [{{upstream: candidate, transport: {transport}}}]
             compare: {{classification: argmax, output: y, atol: 0.01, rtol: 0.0}}
             promotion: {{window: 1000, min_samples: 10}}
         """
@@ -304,6 +309,7 @@ async def test_comparison_figures_match_numpy():
         assert window["max_abs_error"] == round(float(d.max()), 6)
         assert got["comparisons"] == {"match": matched, "mismatch": 60 - matched, "error": 0}
         assert got["mirrored"] == {"OK": 60}
+        assert got["transport"] == used
 
 
 def wrong_shape(x: np.ndarray) -> list[tuple[str, str, np.ndarray]]:

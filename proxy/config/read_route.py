@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from mlmirror.config.addresses import split_address
 from mlmirror.config.keys import yaml_names
 from mlmirror.config.read_observers import read_capture, read_drift, read_redact
 from mlmirror.config.schema import (
@@ -63,7 +64,7 @@ def read_route(index: int, node: Located, upstreams: Mapping[str, Upstream], bas
         fallback=tuple(fallback),
         fallback_on=status_codes(keys["fallback_on"]) if "fallback_on" in keys else DEFAULT_FALLBACK_CODES,
         static_response=_static_response(keys["static_response"]) if "static_response" in keys else None,
-        shadows=_shadows(keys["shadows"], known, primary) if "shadows" in keys else (),
+        shadows=_shadows(keys["shadows"], known, primary, upstreams) if "shadows" in keys else (),
         compare=_compare(keys["compare"]) if "compare" in keys else Compare(),
         promotion=_promotion(keys["promotion"]) if "promotion" in keys else Promotion(),
         drift=read_drift(keys["drift"], base) if "drift" in keys else None,
@@ -89,7 +90,9 @@ def _default_route_name(index: int, match: RouteMatch) -> str:
     return f"route{index}"
 
 
-def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tuple[Shadow, ...]:
+def _shadows(
+    node: Located, known: Callable[[Located], str], primary: str, upstreams: Mapping[str, Upstream]
+) -> tuple[Shadow, ...]:
     shadows: list[Shadow] = []
     for item in node.sequence():
         readers = {"upstream": known, "strip_metadata": _metadata_keys, "forward_metadata": _metadata_keys}
@@ -102,6 +105,12 @@ def _shadows(node: Located, known: Callable[[Located], str], primary: str) -> tu
             raise keys.get("name", item).error(f"shadow name {shadow.name!r} is used twice in this route; set name:")
         if shadow.control and any(other.control for other in shadows):
             raise keys["control"].error("a route has at most one control shadow")
+        address = upstreams[shadow.upstream].address
+        if shadow.transport == "h2" and split_address(address) is None:
+            raise keys["transport"].error(
+                f"transport h2 reaches one host (host:port, dns:///, one ipv4:/ipv6: address, unix:), not "
+                f"{address!r}: use auto or grpc"
+            )
         shadows.append(shadow)
     return tuple(shadows)
 

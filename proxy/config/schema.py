@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_FALLBACK_CODES",
     "DEMOTE_TO",
     "HEALTH_CHECK_KINDS",
+    "SHADOW_TRANSPORTS",
     "MODEL_INFER",
     "MODES",
     "CircuitPolicy",
@@ -49,6 +50,8 @@ DEFAULT_FALLBACK_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
 HEALTH_CHECK_KINDS = ("connect", "grpc", "kserve")
+#: how a shadow's copies travel (Shadow.transport)
+SHADOW_TRANSPORTS = ("auto", "h2", "grpc")
 CLASSIFICATION_MODES = ("none", "argmax", "label")
 DEMOTE_TO = ("shadow", "fallback", "none")
 MODES = ("proxy", "observer")
@@ -205,6 +208,12 @@ class Shadow:
         "when the two answers differ, or the shadow fails the merged request but answers the call alone, merging "
         "stops for this shadow (`/status` says why); 0: never checked",
         minimum=0, maximum=1_000_000,
+    )  # fmt: skip
+    transport: str = setting(
+        "auto", "how copies travel: `h2`, mlmirror's own HTTP/2 client for unary calls (about half of grpc.aio's CPU "
+        "per copy); `grpc`, a grpc.aio channel (for streaming methods too); `auto`: `h2` when the upstream's "
+        "`address` is one host (`host:port`, `dns:///`, one `ipv4:` or `ipv6:` address, `unix:`), else `grpc`",
+        choices=SHADOW_TRANSPORTS, what="transport",
     )  # fmt: skip
     control: bool = setting(
         False, "a second instance of the production model: its disagreement is the noise baseline (at most one per "

@@ -32,6 +32,7 @@ plus N for each free request slot; its memory is at most ``(N * max_inflight + q
 Every counter still counts calls: a merged request's code, latency and comparison count once per call it carried.
 Now and then a merged call is also sent alone, and merging stops if the answers differ (mergecheck.py).
 
+Copies go over mlmirror's own HTTP/2 client (h2client.py) or the upstream's grpc.aio channel (``transport``).
 Copies carry the client's metadata without credentials (``authorization``, ``cookie``, ``proxy-authorization``,
 ``x-api-key``) and the shadow's ``strip_metadata``, unless its ``forward_metadata`` names them
 (proxy/observing/shadows/headers.py).
@@ -53,6 +54,7 @@ from mlmirror.looplag import LoopLag
 from mlmirror.observing.redact import RedactedRequest
 from mlmirror.observing.shadows.batching import Mergeable, mergeable, merged_request, shared_metadata, split
 from mlmirror.observing.shadows.compare import Comparator, Comparison, ProductionAnswer
+from mlmirror.observing.shadows.h2client import copy_channel
 from mlmirror.observing.shadows.headers import ShadowHeaders
 from mlmirror.observing.shadows.mergecheck import UNREACHED, MergeCheck
 from mlmirror.observing.shadows.stats import DROP_REASONS, ShadowStats
@@ -106,6 +108,13 @@ class ShadowMirror:
         self.merge_check = MergeCheck(spec.batch_check)
         self._closed = False
         self._warned = False
+        #: the copies' own HTTP/2 connection (transport h2), else None: the upstream's grpc.aio channel
+        self._h2 = copy_channel(spec.transport, target.spec, target.max_message_size)
+
+    @property
+    def transport(self) -> str:
+        """How copies travel: ``h2`` or ``grpc``."""
+        return "grpc" if self._h2 is None else "h2"
 
     def same_as(self, spec: Shadow, target: UpstreamTarget, compare: Compare, promotion: Promotion) -> bool:
         """Whether a reload may keep this mirror (and its statistics) for the given settings."""
@@ -290,6 +299,8 @@ class ShadowMirror:
 
     async def _copy(self, method: str, request: bytes, metadata: tuple) -> tuple[bytes | None, grpc.StatusCode]:
         """Send one request: (the shadow's answer or None, its code)."""
+        if self._h2 is not None:
+            return await self._h2.unary(method, request, metadata, self.spec.timeout)
         call = self.target.stub("unary_unary", method)(request, metadata=metadata, timeout=self.spec.timeout)
         try:
             return await call, _OK
@@ -338,6 +349,8 @@ class ShadowMirror:
         self._head = None
         for task in list(self._tasks):
             task.cancel()
+        if self._h2 is not None:
+            self._h2.close()
 
     @property
     def circuit_open(self) -> bool:

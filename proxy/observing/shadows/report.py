@@ -173,6 +173,7 @@ def _shadow_entry(shadow: ShadowMirror, summary: WindowSummary, verdict: Verdict
         "dropped": {reason: n for reason, n in stats.drops.items() if n},
         "comparisons": dict(stats.comparisons),
         "comparison_errors": dict(sorted(stats.comparison_errors.items())),
+        "transport": shadow.transport,
         "batch": shadow.spec.batch,
         "merged": {"requests": stats.merged[0], "copies": stats.merged[1]},
         "merge_check": {
