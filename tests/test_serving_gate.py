@@ -72,16 +72,24 @@ def test_the_gate_closes_while_every_watched_worker_runs_and_opens_while_one_sle
 
 
 async def test_the_gate_samples_on_the_event_loop_and_waits_there_too(spinner):
-    gate = ServingGate(0.4, longest=0.05)
+    gate = ServingGate(0.4, longest=0.05, active=0.2)
     gate.watch(spinner)
     gate.start()
     try:
+        await asyncio.sleep(0.3)
+        assert gate.samples == 0  # nothing was gated yet: no /proc reads
         deadline = time.monotonic() + 30
-        while gate.open:  # the sampling task moves idle down
+        while gate.open:  # a wait keeps the sampling task going, and it moves idle down
             assert time.monotonic() < deadline, "the gate never closed on a spinning worker"
+            await gate.wait()
             await asyncio.sleep(0.01)
+        assert gate.samples > 0
         await gate.wait()
         assert gate.timeouts == 1
+        await asyncio.sleep(0.5)  # past the last wait's 0.2 s: the samples stop
+        stopped = gate.samples
+        await asyncio.sleep(0.3)
+        assert gate.samples == stopped
     finally:
         await gate.stop()
 

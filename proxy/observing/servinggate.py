@@ -13,7 +13,9 @@ Before it takes the next hand-off batch (and the drift thread its next calls), i
 often and nothing waits; on a saturated one the observer waits, its hand-off backs up, and the worker drops what
 no longer fits and counts it (``backpressure``). The longest wait keeps a trickle of calls observed even then.
 
-Without ``/proc`` (another OS), or before any worker has said hello, ``idle`` stays 1 and nothing waits.
+Without ``/proc`` (another OS), or before any worker has said hello, ``idle`` stays 1 and nothing waits. The
+samples are taken only while there is something to gate: for ``active`` (0.5 s) after the last ``wait`` (each
+hand-off batch read calls it); an idle observer reads nothing.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ class ServingGate:
         interval: float = 0.001,
         alpha: float = 0.1,
         longest: float = 0.2,
+        active: float = 0.5,
         proc: Path = PROC,
     ) -> None:
         self.threshold = threshold
         self.interval = interval
+        self.active = active
         self.alpha = alpha
         self.longest = longest
         self._proc = proc
@@ -65,6 +69,10 @@ class ServingGate:
         #: seconds spent waiting, and waits that ended at ``longest`` rather than on an idle worker
         self.waited = 0.0
         self.timeouts = 0
+        #: samples taken (each reads every worker's /proc/<pid>/stat once)
+        self.samples = 0
+        self._active_until = 0.0  # monotonic seconds: sample until then
+        self._wanted: asyncio.Event | None = None  # set by wait(): sample again
         self._task: asyncio.Task[None] | None = None
 
     def watch(self, pid: int) -> None:
@@ -82,14 +90,22 @@ class ServingGate:
             self._task = None
 
     async def _sampling(self) -> None:
-        while True:  # off, or no worker yet: look again in 0.1 s (a reload or a hello), not every interval
-            await asyncio.sleep(self.interval if self.threshold is not None and self._pids else 0.1)
-            self.sample()
+        self._wanted = asyncio.Event()
+        while True:
+            if self.threshold is None or not self._pids:  # off, or no worker yet: look again in 0.1 s
+                await asyncio.sleep(0.1)
+            elif time.monotonic() >= self._active_until:  # nothing to gate: until the next wait()
+                self._wanted.clear()
+                await self._wanted.wait()
+            else:
+                await asyncio.sleep(self.interval)
+                self.sample()
 
     def sample(self) -> None:
         """Read the workers' states once and move ``idle`` (nothing while the gate is off or no worker is known)."""
         if self.threshold is None or not self._pids:
             return
+        self.samples += 1
         found = False
         for pid in list(self._pids):
             state = asleep(pid, self._proc)
@@ -106,7 +122,11 @@ class ServingGate:
         return self.threshold is None or self.idle >= self.threshold
 
     async def wait(self) -> None:
-        """On the event loop: until the gate is open, at most ``longest`` seconds."""
+        """On the event loop: until the gate is open, at most ``longest`` seconds; keeps the samples going for
+        ``active`` seconds more."""
+        self._active_until = time.monotonic() + self.active
+        if self._wanted is not None and not self._wanted.is_set():
+            self._wanted.set()
         for _ in self._polls():
             await asyncio.sleep(self.interval)
 
