@@ -106,3 +106,21 @@ def test_a_worker_that_is_gone_is_forgotten_and_off_never_waits(spinner):
         off.sample()
     assert off.open
     assert off.idle == 1.0
+
+
+def test_a_worker_that_exits_after_it_was_watched_is_forgotten(spinner):
+    process = subprocess.Popen([sys.executable, "-c", "print('go', flush=True)\nwhile True: pass"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline() == "go\n"
+    gate = ServingGate(0.4)
+    gate.watch(process.pid)
+    gate.watch(spinner)
+    for _ in range(60):
+        gate.sample()
+    assert gate.idle < 0.01  # both run
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    gate.sample()  # the exited one reads as gone: only the spinner is left
+    assert gate.watched == [spinner]

@@ -21,6 +21,8 @@ hand-off batch read calls it); an idle observer reads nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +41,31 @@ def asleep(pid: int, proc: Path = PROC) -> bool | None:
         stat = (proc / str(pid) / "stat").read_bytes()
     except OSError:
         return None
+    return _asleep(stat)
+
+
+def _asleep(stat: bytes) -> bool:
+    """From a ``/proc/<pid>/stat`` line: whether its state (the field after the command's closing parenthesis) is
+    not ``R``."""
     fields = stat.rsplit(b")", 1)[-1].split(None, 1)
     return bool(fields) and fields[0] != b"R"
+
+
+class _Stat:
+    """A worker's ``/proc/<pid>/stat``, kept open: each sample is one ``pread``, not a path lookup and an open. A pid
+    that exits reads as an error from then on, even if the number is used again."""
+
+    def __init__(self, pid: int, proc: Path) -> None:
+        self.fd = os.open(proc / str(pid) / "stat", os.O_RDONLY)
+
+    def asleep(self) -> bool | None:
+        try:
+            return _asleep(os.pread(self.fd, 512, 0))
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class ServingGate:
@@ -63,7 +88,7 @@ class ServingGate:
         self.alpha = alpha
         self.longest = longest
         self._proc = proc
-        self._pids: set[int] = set()
+        self._workers: dict[int, _Stat] = {}
         #: the moving share of samples in which some worker was asleep (1 until there are workers)
         self.idle = 1.0
         #: seconds spent waiting, and waits that ended at ``longest`` rather than on an idle worker
@@ -76,7 +101,15 @@ class ServingGate:
         self._task: asyncio.Task[None] | None = None
 
     def watch(self, pid: int) -> None:
-        self._pids.add(pid)
+        """Sample worker ``pid`` from now on (a pid that cannot be read is not watched)."""
+        if pid not in self._workers:
+            with contextlib.suppress(OSError):  # gone already
+                self._workers[pid] = _Stat(pid, self._proc)
+
+    @property
+    def watched(self) -> list[int]:
+        """The pids sampled."""
+        return list(self._workers)
 
     def start(self) -> None:
         """Sample every ``interval`` seconds on the running event loop, from now until ``stop``."""
@@ -88,11 +121,14 @@ class ServingGate:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for worker in self._workers.values():
+            worker.close()
+        self._workers.clear()
 
     async def _sampling(self) -> None:
         self._wanted = asyncio.Event()
         while True:
-            if self.threshold is None or not self._pids:  # off, or no worker yet: look again in 0.1 s
+            if self.threshold is None or not self._workers:  # off, or no worker yet: look again in 0.1 s
                 await asyncio.sleep(0.1)
             elif time.monotonic() >= self._active_until:  # nothing to gate: until the next wait()
                 self._wanted.clear()
@@ -103,16 +139,17 @@ class ServingGate:
 
     def sample(self) -> None:
         """Read the workers' states once and move ``idle`` (nothing while the gate is off or no worker is known)."""
-        if self.threshold is None or not self._pids:
+        if self.threshold is None or not self._workers:
             return
         self.samples += 1
         found = False
-        for pid in list(self._pids):
-            state = asleep(pid, self._proc)
+        for pid, worker in list(self._workers.items()):
+            state = worker.asleep()
             if state is None:
-                self._pids.discard(pid)
+                worker.close()
+                del self._workers[pid]
             found = found or bool(state)
-        if self._pids:
+        if self._workers:
             self.idle += self.alpha * ((1.0 if found else 0.0) - self.idle)
         else:
             self.idle = 1.0
