@@ -13,7 +13,10 @@ beside one of these CPU burners, which touch neither mlmirror nor the model:
 - ``observer's priority, duty``: the same loop at the observing process's default priority, in a session of its
   own, lowered by the observing process's own code for the default ``observer`` settings (nice 10, its scheduling
   group niced too; proxy/runtime/observer_process.py);
-- ``idle, always``: a loop that never sleeps, at ``SCHED_IDLE``.
+- ``idle, always``: a loop that never sleeps, at ``SCHED_IDLE``;
+- ``shadow stand-in, nice 19``: the demo ``candidate`` model server, the shadow stand-in of bench_observer, at
+  ``nice -n 19``, answering the fixed load's rate of calls from an h2load of its own at ``nice -n 19``: what the
+  stand-in for a remote shadow costs production on this machine by itself, with no mlmirror observer at all.
 
 First the saturation of "none" (closed loop, 4 connections x 8 streams); half of it is the fixed load. Then rounds
 (variants interleaved, order rotated): warm-up, ``--calls`` at the fixed load (production p99), ``--saturation-calls``
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,8 @@ from .processes import python_process, stop_process
 from .systems import MODEL_INFER, print_report, request_file
 
 __all__ = ["main"]
+
+STAND_IN = "shadow stand-in, nice 19"
 
 BURNER = """
 import sys, time
@@ -76,8 +82,20 @@ def _burner(burst_s: float, share: float, policy: Callable[[], None] | None) -> 
     return subprocess.Popen([sys.executable, "-c", BURNER, f"{burst_s}", f"{gap}"], preexec_fn=policy)
 
 
+def _stand_in_load(port: int, body: Path, rate: float) -> subprocess.Popen:
+    """h2load at nice 19 sending ``rate`` calls/s (over 4 connections) to the stand-in on ``port``, until stopped."""
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise RuntimeError("h2load not found: install Debian's nghttp2-client")
+    command = [h2load, "-n", str(int(rate * 3600)), "-c", "4", f"--rps={rate / 4:.3f}", "-d", str(body),
+               "-H", "content-type: application/grpc", "-H", "te: trailers",
+               f"http://127.0.0.1:{port}{MODEL_INFER}"]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.nice(19))  # fmt: skip
+
+
 def run(args: argparse.Namespace, command: str) -> str:
-    model, listen, admin = free_port(), free_port(), free_port()
+    model, listen, admin, candidate = free_port(), free_port(), free_port(), free_port()
     config_text = (
         f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nupstreams: {{production: "
         f"127.0.0.1:{model}}}\nroutes:\n  - {{name: iris, match: {{model: iris}}, primary: production}}\n"
@@ -88,6 +106,7 @@ def run(args: argparse.Namespace, command: str) -> str:
         "idle, duty": (_idle, args.share),
         "observer's priority, duty": (_observer_priority(config), args.share),
         "idle, always": (_idle, 1.0),
+        STAND_IN: (None, 0.0),
     }
     saturation: dict[str, list[float]] = {name: [] for name in variants}
     p99: dict[str, list[float]] = {name: [] for name in variants}
@@ -99,8 +118,11 @@ def run(args: argparse.Namespace, command: str) -> str:
         with (
             python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{model}", "--model", "production"),
             python_process("-m", "mlmirror", "serve", "--config", str(config_file), "--workers", "1"),
-        ):
+            python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{candidate}", "--model",
+                           "candidate", nice=19),
+        ):  # fmt: skip
             wait_for_port(model)
+            wait_for_port(candidate)
             wait_for_port(listen, 60)
             run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
             unwatched = run_h2load(listen, MODEL_INFER, body, calls=args.saturation_calls, connections=4,
@@ -111,7 +133,8 @@ def run(args: argparse.Namespace, command: str) -> str:
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
                     policy, share = variants[name]
-                    burner = _burner(args.burst * 1e-6, share, policy)
+                    burner = (_stand_in_load(candidate, body, rate) if name == STAND_IN
+                              else _burner(args.burst * 1e-6, share, policy))  # fmt: skip
                     try:
                         time.sleep(0.3)
                         run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
