@@ -146,6 +146,7 @@ def test_shadow_agreement_equals_the_agreement_of_the_two_models_offline(peer: P
     assert window["samples"] == n
     assert window["agreement"] == round(agree / n, 6)
     assert status["comparisons"]["error"] == 0
+    assert status["transport"] == "h2"  # the copies went over mlmirror's own HTTP/2 client, to the real server
 
 
 # --- 5: drift against a profile built from the training data ---------------------------------------------------
