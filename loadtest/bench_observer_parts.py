@@ -27,7 +27,7 @@ import time
 
 import grpc
 import numpy as np
-from mlmirror import kernels
+from mlmirror import eventloop, kernels
 from mlmirror.config import parse_config
 from mlmirror.demo.models import MODELS, ModelServicer, sample_features
 from mlmirror.demo.traffic import infer_request
@@ -126,7 +126,7 @@ async def _merged_copies(target: UpstreamTarget, requests: list[bytes], inflight
     return (_cpu() - started) / len(requests)
 
 
-async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]:
+async def _rounds(args: argparse.Namespace, port: int) -> tuple[dict[str, list[float]], str]:
     config = parse_config(CONFIG.format(port=port))
     route = config.routes[0]
     target = UpstreamTarget(config.upstreams["candidate"], max_message_size=config.max_message_size, metrics=Metrics())
@@ -163,7 +163,7 @@ async def _rounds(args: argparse.Namespace, port: int) -> dict[str, list[float]]
         print(f"round {k + 1}/{args.rounds} done", file=sys.stderr)
     channel.close()
     await target.channel.close()
-    return figures
+    return figures, eventloop.loop_name()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     with python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{port}", "--model", "candidate",
                         nice=19):  # fmt: skip
         wait_for_port(port)
-        figures = asyncio.run(_rounds(args, port))
+        figures, loop = eventloop.run(_rounds(args, port))  # uvloop, as the observing process runs
     command = "python -m loadtest.bench_observer_parts " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{command.strip()}`\n")
-    print(f"{args.calls} calls per round, {args.rounds} interleaved rounds; copies {args.inflight} at a time to the "
-          "demo candidate model at nice 19; CPU of this process per call, median (range).\n")  # fmt: skip
+    print(f"{args.calls} calls per round, {args.rounds} interleaved rounds, on {loop}; copies {args.inflight} at a "
+          "time to the demo candidate model at nice 19; CPU of this process per call, median (range).\n")  # fmt: skip
     print("| part of a watched call | CPU per call (µs) |\n|---|---:|")
     for part, values in figures.items():
         micro = [v * 1e6 for v in values]
