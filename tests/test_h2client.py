@@ -158,6 +158,28 @@ async def test_an_unreachable_server_is_unavailable_until_it_comes_up():
     assert {code for _, code in answers[:-1]} <= {grpc.StatusCode.UNAVAILABLE}
 
 
+async def test_a_server_that_closes_every_connection_at_once_is_backed_off():
+    """A connection that closes before the server says anything counts as a failed connect: the next calls fail at
+    once instead of connecting again, until the backoff has passed."""
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    async with server:
+        channel = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        assert await channel.unary(UNARY, b"a", (), 5.0) == (None, grpc.StatusCode.UNAVAILABLE)
+        assert await channel.unary(UNARY, b"b", (), 5.0) == (None, grpc.StatusCode.UNAVAILABLE)
+        assert channel.connects == 1  # the second call did not connect
+
+        async def connected_again() -> bool:
+            await channel.unary(UNARY, b"c", (), 5.0)
+            return channel.connects == 2
+
+        await _eventually(connected_again, "a connect after the backoff")
+        channel.close()
+
+
 async def test_a_restarted_server_gets_a_new_connection_and_calls_in_flight_end():
     port = free_port()
     echo = await EchoServer("one").start(port)

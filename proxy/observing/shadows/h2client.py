@@ -9,7 +9,8 @@ blocks that only index the decoder's tables are decoded once and remembered.
 What it keeps of HTTP/2 (RFC 9113): flow control both ways, the peer's frame size and stream limits, CONTINUATION,
 PING and SETTINGS acknowledgements, GOAWAY (calls the server did not take end ``UNAVAILABLE``), a deadline per call
 (``grpc-timeout`` sent, ``RST_STREAM`` on expiry), TLS with ALPN ``h2``, and reconnection with a backoff of 0.2 s
-doubling to 2 s after a failed connect (calls in it end ``UNAVAILABLE`` at once, as grpc's do).
+doubling to 2 s after a failed connect or a connection that closed before the server sent anything (calls in it
+end ``UNAVAILABLE`` at once, as grpc's do); the backoff starts again at 0.2 s once a server has answered.
 """
 
 from __future__ import annotations
@@ -94,6 +95,14 @@ class H2Channel:
         """The live connection, opening one when none is (one attempt shared by every caller)."""
         if self._closed or time.monotonic() < self._retry_at:
             return None
+        old = self._connection
+        if old is not None and self._connecting is None:
+            self._connection = None
+            old.drain()  # out of stream ids, it still has calls to finish; lost or drained, this does nothing
+            if not old.heard:  # it went before the server said anything: as good as a failed connect
+                self._failed()
+                return None
+            self._backoff = _BACKOFF[0]
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_future()
             self._opener = asyncio.get_running_loop().create_task(self._open(self._connecting, seconds))
@@ -122,22 +131,23 @@ class H2Channel:
                         raise ConnectionError("the upstream did not agree to HTTP/2 (ALPN h2)")
         except (OSError, TimeoutError, ssl.SSLError, ConnectionError):
             connection = None
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, _BACKOFF[1])
+            self._failed()
         else:
-            self._backoff = _BACKOFF[0]
             self.connects += 1
             if self._closed:
                 connection.close()
                 connection = None
             else:
-                old, self._connection = self._connection, connection
-                if old is not None:
-                    old.drain()
+                self._connection = connection
         finally:
             self._connecting = None
             if not done.done():
                 done.set_result(connection)
+
+    def _failed(self) -> None:
+        """No connect before the backoff has passed; the next backoff is twice as long, up to its cap."""
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF[1])
 
     def close(self) -> None:
         """Close the connection; calls in flight end ``UNAVAILABLE``."""

@@ -79,6 +79,8 @@ class H2Connection(asyncio.Protocol):
         self._unacked = 0
         self._draining = False
         self._lost = False
+        #: whether the server has sent anything (a connection that closes before it did counts as a failed connect)
+        self.heard = False
 
     @property
     def usable(self) -> bool:
@@ -284,6 +286,7 @@ class H2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_at = asyncio.get_running_loop().time()
+        self.heard = True
         buffer = self._buffer
         buffer += data
         try:
