@@ -248,6 +248,28 @@ async def test_keepalive_closes_a_connection_that_stopped_answering():
             writer.close()
 
 
+async def test_each_call_waits_for_a_connect_only_as_long_as_its_own_deadline():
+    """TLS to a server that takes the connection and never answers the handshake: the connect shared by two calls
+    hangs; the call with the shorter deadline ends at it, the other is still waiting."""
+
+    taken: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        channel = _channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", tls=TlsClient())
+        patient = asyncio.ensure_future(channel.unary(UNARY, b"a", (), 60.0))
+        await asyncio.sleep(0)
+        assert await channel.unary(UNARY, b"b", (), 0.2) == (None, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert not patient.done()
+        channel.close()  # stops the connect under way: the patient call ends too
+        assert await asyncio.wait_for(patient, 30) == (None, grpc.StatusCode.UNAVAILABLE)
+        for writer in taken:
+            writer.close()
+
+
 @pytest.mark.process  # starts openssl
 async def test_tls_with_the_upstream_s_ca_and_a_client_certificate(tmp_path: Path):
     certs = make_certificates(tmp_path, {"server": "/CN=server", "client": "/CN=client"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import hpack
@@ -17,6 +17,7 @@ from mlmirror.config import Keepalive
 from mlmirror.config.addresses import split_address
 from mlmirror.observing.shadows import h2wire as w
 from mlmirror.observing.shadows.h2client import H2Channel
+from mlmirror.observing.shadows.h2streams import Waiters
 
 OK = grpc.StatusCode.OK
 _names = st.binary(min_size=1, max_size=300).map(lambda b: bytes(97 + x % 26 for x in b))
@@ -119,8 +120,15 @@ def _ok_answer(stream: int, encoder: hpack.Encoder, message: bytes = b"answer") 
     )
 
 
-async def _scripted(script: Script, calls: int = 1, *, preamble: bytes = b"") -> tuple[list, list[bytes]]:
-    """(the answers of ``calls`` sequential calls through transport h2, every frame type the server received)."""
+async def _scripted(
+    script: Script,
+    calls: int = 1,
+    *,
+    preamble: bytes = b"",
+    client: Callable[[H2Channel], Awaitable[list]] | None = None,
+) -> tuple[list, list[bytes]]:
+    """(the answers of ``calls`` sequential calls through transport h2, or of ``client``'s calls, every frame type
+    the server received)."""
     received: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -145,7 +153,10 @@ async def _scripted(script: Script, calls: int = 1, *, preamble: bytes = b"") ->
     async with server:
         channel = H2Channel(f"127.0.0.1:{port}", tls=None, max_message_size=1 << 20, keepalive=Keepalive(),
                             user_agent="mlmirror/test")  # fmt: skip
-        answers = [await channel.unary("/s.S/M", b"q", (), 5.0) for _ in range(calls)]
+        if client is not None:
+            answers = await client(channel)
+        else:
+            answers = [await channel.unary("/s.S/M", b"q", (), 5.0) for _ in range(calls)]
         channel.close()
     return answers, received
 
@@ -246,3 +257,68 @@ async def test_a_broken_frame_is_internal_and_closes_the_connection():
         return w.frame(w.HEADERS, w.END_HEADERS, stream, b"\xff\xff\xff\xff\xff\xff")  # an index past the tables
 
     assert (await _scripted(script))[0] == [(None, grpc.StatusCode.INTERNAL)]
+
+
+async def test_after_a_refusal_the_stream_limit_comes_back():
+    """Stream 1 is refused (its retry, stream 3, answered); the server then answers only once it holds four streams
+    open at once, which this client does again once its lowered limit has been restored."""
+    held: list[int] = []
+
+    def script(stream: int, encoder: hpack.Encoder) -> bytes:
+        if stream == 1:
+            return w.frame(w.RST_STREAM, 0, stream, struct.pack(">I", w.REFUSED_STREAM))
+        if stream == 3:
+            return _ok_answer(stream, encoder)
+        held.append(stream)
+        if len(held) < 4:
+            return b""
+        answers = b"".join(_ok_answer(s, encoder) for s in held)
+        held.clear()
+        return answers
+
+    async def client(channel: H2Channel) -> list:
+        first = await channel.unary("/s.S/M", b"q", (), 10.0)
+        together = await asyncio.gather(*(channel.unary("/s.S/M", b"q", (), 30.0) for _ in range(4)))
+        return [first, *together]
+
+    limit = w.frame(w.SETTINGS, 0, 0, struct.pack(">HI", 0x3, 8))  # MAX_CONCURRENT_STREAMS 8
+    answers, _ = await _scripted(script, preamble=limit, client=client)
+    assert answers == [(b"answer", OK)] * 5
+
+
+async def test_a_woken_call_that_is_cancelled_passes_its_turn_on():
+    waiters = Waiters()
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(waiters.wait(loop.time() + 60))
+    second = asyncio.ensure_future(waiters.wait(loop.time() + 60))
+    await asyncio.sleep(0)
+    assert len(waiters) == 2
+    waiters.wake_one()  # the first's turn ...
+    first.cancel()  # ... but it is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await asyncio.wait_for(second, 30) is True
+    assert await waiters.wait(loop.time() + 0.01) is False  # nobody wakes it: its deadline ends it
+
+
+async def test_calls_wait_while_the_transport_takes_no_writes():
+    sent: list[int] = []
+
+    def script(stream: int, encoder: hpack.Encoder) -> bytes:
+        sent.append(stream)
+        return _ok_answer(stream, encoder)
+
+    async def client(channel: H2Channel) -> list:
+        assert await channel.unary("/s.S/M", b"q", (), 10.0) == (b"answer", OK)
+        connection = channel._connection  # the protocol object its transport pauses and resumes
+        assert connection is not None
+        connection.pause_writing()
+        late = await channel.unary("/s.S/M", b"q", (), 0.2)  # never written: it ends at its deadline
+        waiting = asyncio.ensure_future(channel.unary("/s.S/M", b"q", (), 30.0))
+        await asyncio.sleep(0.1)
+        assert sent == [1]
+        connection.resume_writing()
+        return [late, await waiting]
+
+    answers, _ = await _scripted(script, client=client)
+    assert answers == [(None, grpc.StatusCode.DEADLINE_EXCEEDED), (b"answer", OK)]

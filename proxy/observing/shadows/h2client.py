@@ -83,30 +83,37 @@ class H2Channel:
         deadline = time.monotonic() + seconds
         connection = self._connection
         if connection is None or not connection.usable:
-            connection = await self._connect(seconds)
-            if connection is None:
-                return None, _UNAVAILABLE
+            opened = await self._connect(seconds)
+            if not isinstance(opened, H2Connection):
+                return None, opened
+            connection = opened
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None, grpc.StatusCode.DEADLINE_EXCEEDED
         return await connection.unary(method, request, metadata, remaining)
 
-    async def _connect(self, seconds: float) -> H2Connection | None:
-        """The live connection, opening one when none is (one attempt shared by every caller)."""
+    async def _connect(self, seconds: float) -> H2Connection | grpc.StatusCode:
+        """The live connection, opening one when none is (one attempt shared by every caller, each waiting for it
+        at most its own ``seconds``); else why not: ``UNAVAILABLE`` (no connection), ``DEADLINE_EXCEEDED``."""
         if self._closed or time.monotonic() < self._retry_at:
-            return None
+            return _UNAVAILABLE
         old = self._connection
         if old is not None and self._connecting is None:
             self._connection = None
             old.drain()  # out of stream ids, it still has calls to finish; lost or drained, this does nothing
             if not old.heard:  # it went before the server said anything: as good as a failed connect
                 self._failed()
-                return None
+                return _UNAVAILABLE
             self._backoff = _BACKOFF[0]
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_future()
             self._opener = asyncio.get_running_loop().create_task(self._open(self._connecting, seconds))
-        return await asyncio.shield(self._connecting)
+        try:
+            async with asyncio.timeout(seconds):
+                opened = await asyncio.shield(self._connecting)
+        except TimeoutError:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return opened if opened is not None else _UNAVAILABLE
 
     async def _open(self, done: asyncio.Future[H2Connection | None], seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -129,7 +136,7 @@ class H2Channel:
                     if tls is None or tls.selected_alpn_protocol() != "h2":
                         connection.close()
                         raise ConnectionError("the upstream did not agree to HTTP/2 (ALPN h2)")
-        except (OSError, TimeoutError, ssl.SSLError, ConnectionError):
+        except Exception:  # refused, unreachable, TLS, an unresolvable or malformed host: all a failed connect
             connection = None
             self._failed()
         else:
@@ -150,8 +157,10 @@ class H2Channel:
         self._backoff = min(self._backoff * 2, _BACKOFF[1])
 
     def close(self) -> None:
-        """Close the connection; calls in flight end ``UNAVAILABLE``."""
+        """Close the connection, and stop a connect under way; calls in flight end ``UNAVAILABLE``."""
         self._closed = True
+        if self._opener is not None:
+            self._opener.cancel()
         if self._connection is not None:
             self._connection.close()
             self._connection = None

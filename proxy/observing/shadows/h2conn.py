@@ -18,34 +18,19 @@ from typing import cast
 import grpc
 import hpack
 from mlmirror.observing.shadows import h2wire as w
+from mlmirror.observing.shadows.h2streams import Answer, Headers, Stream, Waiters
 
 __all__ = ["H2Connection"]
 
-Answer = tuple[bytes | None, grpc.StatusCode]
-Headers = list[tuple[bytes, bytes]]
 
 _MAX_STREAM_ID = 2**31 - 1
 _CONNECTION_WINDOW = 2**30  # bytes the server may send before an acknowledgement, beyond HTTP/2's initial 65535
 _MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE this client accepts (HTTP/2's default)
 _REFUSED_RETRIES = 5  # times a call the server refused is sent again
-_DECODED_CACHE = 256  # distinct all-indexed header blocks remembered
+_DECODED_CACHE = 256  # distinct header blocks remembered decoded
+_MAX_HEADER_BLOCK = 256 * 1024  # bytes of one header block with its CONTINUATIONs
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _INTERNAL = grpc.StatusCode.INTERNAL
-
-
-class _Stream:
-    __slots__ = ("body", "done", "headers", "id", "pending", "refused", "timer", "window")
-
-    def __init__(self, stream_id: int, done: asyncio.Future[Answer], window: int) -> None:
-        self.id = stream_id
-        self.done = done
-        self.body = bytearray()
-        self.headers: Headers | None = None
-        #: request bytes not yet written (DATA), None once the last frame is out
-        self.pending: memoryview | None = None
-        self.window = window  # bytes the server lets this stream send
-        self.timer: asyncio.TimerHandle | None = None
-        self.refused = False  # reset with REFUSED_STREAM: the server did not process it
 
 
 class H2Connection(asyncio.Protocol):
@@ -62,7 +47,7 @@ class H2Connection(asyncio.Protocol):
         self._max_body = max_message_size + 5  # the gRPC prefix, then the message
         self.transport: asyncio.Transport | None = None
         self._blocks: dict[tuple[str, float], bytes] = {}
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, Stream] = {}
         self._next_id = 1
         self._decoder = hpack.Decoder()
         self._decoded: dict[bytes, Headers] = {}
@@ -73,13 +58,17 @@ class H2Connection(asyncio.Protocol):
         self._send_window = 65535  # bytes the server lets this connection send
         self._peer_window = 65535  # the server's initial stream window
         self._peer_frame = 16384
-        self._peer_streams: float = math.inf
-        self._blocked: deque[_Stream] = deque()
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._server_streams: float = math.inf  # the server's SETTINGS_MAX_CONCURRENT_STREAMS
+        self._peer_streams: float = math.inf  # streams this connection opens at most (lower for 1 s after a refusal)
+        self._restoring: asyncio.TimerHandle | None = None
+        self._blocked: deque[Stream] = deque()
+        self._slots = Waiters()  # calls waiting for a stream under the limit
+        self._writable = Waiters()  # calls waiting for the transport to take writes again
+        self._paused = False
         self._unacked = 0
         self._draining = False
         self._lost = False
-        #: whether the server has sent anything (a connection that closes before it did counts as a failed connect)
+        #: whether the server has sent its SETTINGS (a connection that closes before counts as a failed connect)
         self.heard = False
 
     @property
@@ -133,18 +122,25 @@ class H2Connection(asyncio.Protocol):
             self.transport.close()
 
     def drain(self) -> None:
-        """Take no new calls; close once the calls in flight have ended."""
+        """Take no new calls (those waiting end ``UNAVAILABLE``); close once the calls in flight have ended."""
         self._draining = True
+        self._slots.wake_all()
+        self._writable.wake_all()
         if not self._streams and self.transport is not None:
             self.transport.close()
+
+    def pause_writing(self) -> None:
+        self._paused = True  # the transport's buffer is full: new calls wait (a server that stops reading)
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._writable.wake_all()
 
     def _fail_all(self, code: grpc.StatusCode) -> None:
         for stream in list(self._streams.values()):
             self._end(stream, None, code)
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._slots.wake_all()
+        self._writable.wake_all()
 
     # sending
 
@@ -177,31 +173,37 @@ class H2Connection(asyncio.Protocol):
             answer = await self._call(stream, method, request, metadata, deadline - loop.time())
             if not stream.refused or attempt == _REFUSED_RETRIES:
                 break
-            self._peer_streams = max(1, min(self._peer_streams, len(self._streams)))
+            self._refused()
             await asyncio.sleep(min(0.01 * 2**attempt, max(0.0, deadline - loop.time())))
         return answer
 
-    async def _stream(self, deadline: float) -> _Stream | None:
-        """A new stream once the server's stream limit allows; None when the deadline passed or the connection
-        went."""
+    async def _stream(self, deadline: float) -> Stream | None:
+        """A new stream once the server's stream limit and the transport allow; None when the deadline passed or
+        the connection went."""
         loop = asyncio.get_running_loop()
-        while len(self._streams) >= self._peer_streams and self.usable:
-            waiter = loop.create_future()
-            self._waiting.append(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except TimeoutError:
+        while self.usable and (self._paused or len(self._streams) >= self._peer_streams):
+            if not await (self._writable if self._paused else self._slots).wait(deadline):
                 return None
         if not self.usable or loop.time() >= deadline:
             return None
-        stream = _Stream(self._next_id, loop.create_future(), self._peer_window)
+        stream = Stream(self._next_id, loop.create_future(), self._peer_window)
         self._next_id += 2
         self._streams[stream.id] = stream
         return stream
 
+    def _refused(self) -> None:
+        """A stream was refused: for 1 s, open no more streams than are open now (at least one)."""
+        self._peer_streams = max(1, min(self._peer_streams, len(self._streams)))
+        if self._restoring is None:
+            self._restoring = asyncio.get_running_loop().call_later(1.0, self._restore)
+
+    def _restore(self) -> None:
+        self._restoring = None
+        self._peer_streams = self._server_streams
+        self._slots.wake_all()
+
     async def _call(
-        self, stream: _Stream, method: str, request: bytes, metadata: tuple[tuple[str, str | bytes], ...],
+        self, stream: Stream, method: str, request: bytes, metadata: tuple[tuple[str, str | bytes], ...],
         seconds: float,
     ) -> Answer:  # fmt: skip
         self._write_headers(stream.id, self._block(method, seconds) + w.metadata_block(metadata))
@@ -236,7 +238,7 @@ class H2Connection(asyncio.Protocol):
             last = at + size >= len(block)
             self._write(w.frame(w.CONTINUATION, w.END_HEADERS if last else 0, stream_id, block[at : at + size]))
 
-    def _send(self, stream: _Stream) -> None:
+    def _send(self, stream: Stream) -> None:
         """Write what the windows allow of ``stream``'s request; the rest waits for a WINDOW_UPDATE."""
         pending = stream.pending
         while pending is not None:
@@ -260,12 +262,12 @@ class H2Connection(asyncio.Protocol):
             if stream.id in self._streams:
                 self._send(stream)
 
-    def _expire(self, stream: _Stream) -> None:
+    def _expire(self, stream: Stream) -> None:
         if stream.id in self._streams:
             self._write(w.frame(w.RST_STREAM, 0, stream.id, struct.pack(">I", w.CANCEL)))
             self._end(stream, None, grpc.StatusCode.DEADLINE_EXCEEDED)
 
-    def _end(self, stream: _Stream, answer: bytes | None, code: grpc.StatusCode) -> None:
+    def _end(self, stream: Stream, answer: bytes | None, code: grpc.StatusCode) -> None:
         if self._streams.pop(stream.id, None) is None:
             return
         if stream.timer is not None:
@@ -274,11 +276,7 @@ class H2Connection(asyncio.Protocol):
             self._blocked.remove(stream)
         if not stream.done.done():
             stream.done.set_result((answer, code))
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        self._slots.wake_one()
         if self._draining and not self._streams and self.transport is not None:
             self.transport.close()
 
@@ -286,7 +284,6 @@ class H2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_at = asyncio.get_running_loop().time()
-        self.heard = True
         buffer = self._buffer
         buffer += data
         try:
@@ -319,6 +316,8 @@ class H2Connection(asyncio.Protocol):
             if self._continuing is None or self._continuing[0] != stream_id:
                 raise ConnectionError("CONTINUATION without its header block")
             self._continuing[1].extend(payload)
+            if len(self._continuing[1]) > _MAX_HEADER_BLOCK:
+                raise ConnectionError(f"a header block over {_MAX_HEADER_BLOCK} bytes")
             if flags & w.END_HEADERS:
                 continued, self._continuing = self._continuing, None
                 self._headers(stream_id, bytes(continued[1]), continued[2])
@@ -379,14 +378,14 @@ class H2Connection(asyncio.Protocol):
         else:
             self._finish(stream, headers)
 
-    def _finish(self, stream: _Stream, trailers: Headers | None) -> None:
+    def _finish(self, stream: Stream, trailers: Headers | None) -> None:
         self._end(stream, *w.answer(stream.headers or (), trailers or (), stream.body))
 
     def _settings(self, payload: bytes) -> None:
         for at in range(0, len(payload) - 5, 6):
             key, value = struct.unpack_from(">HI", payload, at)
             if key == 0x3:  # MAX_CONCURRENT_STREAMS
-                self._peer_streams = value
+                self._server_streams = self._peer_streams = value
             elif key == 0x4:  # INITIAL_WINDOW_SIZE: applies to open streams too
                 for stream in self._streams.values():
                     stream.window += value - self._peer_window
@@ -394,13 +393,9 @@ class H2Connection(asyncio.Protocol):
             elif key == 0x5:  # MAX_FRAME_SIZE
                 self._peer_frame = value
         self._write(w.frame(w.SETTINGS, w.ACK, 0))
+        self.heard = True
         self._resume()
-        for _ in range(max(0, int(min(self._peer_streams, 1 << 16)) - len(self._streams))):
-            if not self._waiting:
-                break
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._slots.wake_all()  # each checks the limit again
 
     def _goaway(self, last_stream_id: int) -> None:
         """The server takes no stream after ``last_stream_id``: those end ``UNAVAILABLE`` (it did not process
