@@ -1,10 +1,10 @@
 """Unary gRPC calls to a shadow over an HTTP/2 connection of mlmirror's own (a shadow's ``transport: h2``).
 
 A shadow copy is one unary call whose answer is only compared, so everything grpc.aio does per call beyond writing
-frames (a call object, its coroutines, the polling between its core and asyncio) is overhead: about 160 µs of CPU
-per copy, against about 70 µs here (docs/BENCHMARKS.md). ``H2Channel.unary`` writes a cached header block, the
-client's metadata and one DATA frame; the frames of one event-loop pass go out in one write; an answer's header
-blocks that only index the decoder's tables are decoded once and remembered.
+frames (a call object, its coroutines, the polling between its core and asyncio) is overhead: about 125 µs of CPU
+per copy on uvloop, against about 65 µs here (docs/BENCHMARKS.md). ``H2Channel.unary`` writes a cached header
+block, the client's metadata and one DATA frame; the frames of one event-loop pass go out in one write; an answer's
+header blocks that leave the HPACK tables unchanged are decoded once and remembered.
 
 What it keeps of HTTP/2 (RFC 9113): flow control both ways, the peer's frame size and stream limits, CONTINUATION,
 PING and SETTINGS acknowledgements, GOAWAY (calls the server did not take end ``UNAVAILABLE``), a deadline per call
@@ -58,7 +58,6 @@ class H2Channel:
         if split is None:
             raise ValueError(f"transport h2 cannot reach {address!r}: one host:port, dns:///, ipv4:, ipv6: or unix:")
         self._family, self._host, self._port = split
-        self._tls = tls
         self._ssl = _ssl_context(tls) if tls is not None else None
         name = tls.server_name if tls is not None and tls.server_name else None
         self._server_name = name or (self._host if self._family == "inet" else "localhost")
@@ -73,7 +72,7 @@ class H2Channel:
         self._retry_at = 0.0  # monotonic seconds: no connect before then (after a failed one)
         self._backoff = _BACKOFF[0]
         self._closed = False
-        #: connections opened, for /status and tests
+        #: connections opened (for tests)
         self.connects = 0
 
     async def unary(
