@@ -18,6 +18,7 @@ from mlmirror.config.addresses import split_address
 from mlmirror.observing.shadows import h2wire as w
 from mlmirror.observing.shadows.h2client import H2Channel
 from mlmirror.observing.shadows.h2streams import Waiters
+from mlmirror.protocol.status import status_of
 
 OK = grpc.StatusCode.OK
 _names = st.binary(min_size=1, max_size=300).map(lambda b: bytes(97 + x % 26 for x in b))
@@ -94,9 +95,10 @@ def test_codes_of_resets_and_http_statuses():
     assert w.http_code(503) is grpc.StatusCode.UNAVAILABLE
     assert w.http_code(404) is grpc.StatusCode.UNIMPLEMENTED
     assert w.http_code(418) is grpc.StatusCode.UNKNOWN
-    assert w.status_code(b"5") is grpc.StatusCode.NOT_FOUND
-    assert w.status_code(b"99") is grpc.StatusCode.UNKNOWN
-    assert w.status_code(b"x") is grpc.StatusCode.UNKNOWN
+    assert status_of(b"5") is grpc.StatusCode.NOT_FOUND
+    assert status_of("5") is grpc.StatusCode.NOT_FOUND
+    assert status_of(b"99") is grpc.StatusCode.UNKNOWN
+    assert status_of(b"x") is grpc.StatusCode.UNKNOWN
 
 
 # A scripted server: reads the client's frames and answers each new stream with ``script(stream_id, encoder)``.

@@ -28,8 +28,8 @@ import json
 import struct
 from collections.abc import Iterable
 
-import grpc
 from mlmirror.handoff.tap import CallRecord
+from mlmirror.protocol.status import CODES, NUMBERS
 
 __all__ = ["BATCH", "HELLO", "MAX_FRAME", "FrameError", "decode_batch", "decode_hello", "encode_batch", "encode_hello"]
 
@@ -40,8 +40,6 @@ _NO_RESPONSE = 0xFFFFFFFF
 _HEAD = struct.Struct("<IIIHHHHBBHddd")
 _ENTRY = struct.Struct("<BHI")
 _COUNT = struct.Struct("<I")
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _JOINED = 1  # flags: metadata in the joined-text form
 _NAMES_CACHED = 1024  # distinct route/method/upstream/role names kept encoded
 
@@ -126,7 +124,7 @@ def encode_batch(records: Iterable[CallRecord]) -> tuple[bytes, int, int]:
     written (a name longer than 65,535 bytes, a value of the wrong type) is left out, never raised."""
     parts: list[bytes] = []
     append = parts.append
-    names, pack, numbers = _names, _HEAD.pack, _NUMBERS
+    names, pack, numbers = _names, _HEAD.pack, NUMBERS
     count = skipped = 0
     for record in records:
         try:
@@ -168,7 +166,7 @@ def decode_batch(payload: bytes | memoryview) -> list[CallRecord]:
             (request_len, response_len, metadata_len, route_len, method_len, served_len, id_len, code, role_len,
              flags, started, latency, upstream) = unpack(data, at)  # fmt: skip
             at += head_size
-            status = _CODES.get(code)
+            status = CODES.get(code)
             if status is None:
                 raise ValueError(f"unknown status code {code}")
             has_response = response_len != _NO_RESPONSE

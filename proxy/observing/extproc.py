@@ -37,6 +37,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
 from mlmirror.handoff.tap import CallRecord
 from mlmirror.protocol.names import ENVOY_REQUEST_ID, HOP_BY_HOP_METADATA, REQUEST_ID, SERVED_BY
+from mlmirror.protocol.status import status_of
 
 if TYPE_CHECKING:
     from mlmirror.serving.table import RouteTable
@@ -56,7 +57,6 @@ _FILTER = "envoy.filters.http.ext_proc"  # the key Envoy files attributes under
 
 #: Headers that describe the HTTP/2 hop or are Envoy's own, not the client's gRPC metadata.
 _NOT_METADATA = HOP_BY_HOP_METADATA | {"content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
-_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,7 @@ class CallAssembler:
         for key, value in _header_items(headers):
             if key == "grpc-status":
                 self.status_seen = True
-                try:
-                    self.code = _STATUS_BY_NUMBER.get(int(value), grpc.StatusCode.UNKNOWN)
-                except ValueError:
-                    self.code = grpc.StatusCode.UNKNOWN
+                self.code = status_of(value)
 
     def outcome(self) -> str:
         """``observed`` when ``record`` can be built, else why not."""

@@ -14,12 +14,13 @@ import struct
 from collections.abc import Iterable
 
 import grpc
+from mlmirror.protocol.status import status_of
 
 __all__ = [
     "DATA", "HEADERS", "RST_STREAM", "SETTINGS", "PING", "GOAWAY", "WINDOW_UPDATE", "CONTINUATION", "PUSH_PROMISE",
     "END_STREAM", "END_HEADERS", "ACK", "PADDED", "PRIORITY_FLAG", "PREFACE", "CANCEL", "REFUSED_STREAM",
     "answer", "changes_table", "frame", "frames", "unpadded", "literal", "request_block", "metadata_block",
-    "grpc_timeout", "reset_code", "http_code", "status_code", "message",
+    "grpc_timeout", "reset_code", "http_code", "message",
 ]  # fmt: skip
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -38,7 +39,6 @@ _OWN_HEADERS = frozenset(
      "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 )  # fmt: skip
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: RST_STREAM error codes as gRPC codes (gRPC's PROTOCOL-HTTP2.md); any other: INTERNAL
 _RESETS = {
     0x7: grpc.StatusCode.UNAVAILABLE,  # REFUSED_STREAM: not processed, safe to retry
@@ -195,21 +195,13 @@ def http_code(status: int) -> grpc.StatusCode:
     return _HTTP.get(status, grpc.StatusCode.UNKNOWN)
 
 
-def status_code(value: bytes) -> grpc.StatusCode:
-    """The code a ``grpc-status`` value names; UNKNOWN for anything else."""
-    try:
-        return _CODES.get(int(value), grpc.StatusCode.UNKNOWN)
-    except ValueError:
-        return grpc.StatusCode.UNKNOWN
-
-
 def answer(
     headers: Iterable[tuple[bytes, bytes]], trailers: Iterable[tuple[bytes, bytes]], body: bytes | bytearray
 ) -> tuple[bytes | None, grpc.StatusCode]:
     """What a finished stream says: (the message, OK) or (None, the code of its grpc-status, else of its HTTP status;
     INTERNAL for an OK without exactly one uncompressed message)."""
     http = next((int(value) for name, value in headers if name == b":status"), 200)
-    code = next((status_code(value) for name, value in trailers if name == b"grpc-status"), None)
+    code = next((status_of(value) for name, value in trailers if name == b"grpc-status"), None)
     if code is None:
         return None, http_code(http) if http != 200 else grpc.StatusCode.UNKNOWN
     if code is not grpc.StatusCode.OK:
