@@ -35,22 +35,6 @@ __all__ = ["GateCollector", "ServingGate", "asleep"]
 PROC = Path("/proc")
 
 
-def asleep(pid: int, proc: Path = PROC) -> bool | None:
-    """Whether process ``pid``'s main thread is asleep (its state not ``R``); None when it cannot be read (gone)."""
-    try:
-        stat = (proc / str(pid) / "stat").read_bytes()
-    except OSError:
-        return None
-    return _asleep(stat)
-
-
-def _asleep(stat: bytes) -> bool:
-    """From a ``/proc/<pid>/stat`` line: whether its state (the field after the command's closing parenthesis) is
-    not ``R``."""
-    fields = stat.rsplit(b")", 1)[-1].split(None, 1)
-    return bool(fields) and fields[0] != b"R"
-
-
 class _Stat:
     """A worker's ``/proc/<pid>/stat``, kept open: each sample is one ``pread``, not a path lookup and an open. A pid
     that exits reads as an error from then on, even if the number is used again."""
@@ -59,13 +43,28 @@ class _Stat:
         self.fd = os.open(proc / str(pid) / "stat", os.O_RDONLY)
 
     def asleep(self) -> bool | None:
+        """Whether the state (the field after the command's closing parenthesis) is not ``R``; None once gone."""
         try:
-            return _asleep(os.pread(self.fd, 512, 0))
+            stat = os.pread(self.fd, 512, 0)
         except OSError:
             return None
+        fields = stat.rsplit(b")", 1)[-1].split(None, 1)
+        return bool(fields) and fields[0] != b"R"
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def asleep(pid: int, proc: Path = PROC) -> bool | None:
+    """Whether process ``pid``'s main thread is asleep (its state not ``R``); None when it cannot be read (gone)."""
+    try:
+        stat = _Stat(pid, proc)
+    except OSError:
+        return None
+    try:
+        return stat.asleep()
+    finally:
+        stat.close()
 
 
 class ServingGate:
