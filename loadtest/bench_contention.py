@@ -47,8 +47,6 @@ from .systems import MODEL_INFER, print_report, request_file
 
 __all__ = ["main"]
 
-STAND_IN = "shadow stand-in, nice 19"
-
 BURNER = """
 import sys, time
 burst, gap = float(sys.argv[1]), float(sys.argv[2])
@@ -75,9 +73,7 @@ def _observer_priority(config: Config) -> Callable[[], None]:
     return lower
 
 
-def _burner(burst_s: float, share: float, policy: Callable[[], None] | None) -> subprocess.Popen | None:
-    if policy is None:
-        return None
+def _burner(burst_s: float, share: float, policy: Callable[[], None]) -> subprocess.Popen:
     gap = burst_s * (1 - share) / share if share < 1 else 0.0
     return subprocess.Popen([sys.executable, "-c", BURNER, f"{burst_s}", f"{gap}"], preexec_fn=policy)
 
@@ -101,12 +97,14 @@ def run(args: argparse.Namespace, command: str) -> str:
         f"127.0.0.1:{model}}}\nroutes:\n  - {{name: iris, match: {{model: iris}}, primary: production}}\n"
     )
     config = parse_config(config_text)
-    variants: dict[str, tuple[Callable[[], None] | None, float]] = {
-        "none": (None, 0.0),
-        "idle, duty": (_idle, args.share),
-        "observer's priority, duty": (_observer_priority(config), args.share),
-        "idle, always": (_idle, 1.0),
-        STAND_IN: (None, 0.0),
+    burst, lower = args.burst * 1e-6, _observer_priority(config)
+    #: variant -> what it starts beside the proxy, given the request body and the fixed load's rate (calls/s)
+    variants: dict[str, Callable[[Path, float], subprocess.Popen | None]] = {
+        "none": lambda body, rate: None,
+        "idle, duty": lambda body, rate: _burner(burst, args.share, _idle),
+        "observer's priority, duty": lambda body, rate: _burner(burst, args.share, lower),
+        "idle, always": lambda body, rate: _burner(burst, 1.0, _idle),
+        "shadow stand-in, nice 19": lambda body, rate: _stand_in_load(candidate, body, rate),
     }
     saturation: dict[str, list[float]] = {name: [] for name in variants}
     p99: dict[str, list[float]] = {name: [] for name in variants}
@@ -132,9 +130,7 @@ def run(args: argparse.Namespace, command: str) -> str:
             for round_ in range(args.rounds):
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
-                    policy, share = variants[name]
-                    burner = (_stand_in_load(candidate, body, rate) if name == STAND_IN
-                              else _burner(args.burst * 1e-6, share, policy))  # fmt: skip
+                    burner = variants[name](body, rate)
                     try:
                         time.sleep(0.3)
                         run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
