@@ -174,7 +174,9 @@ async def test_every_handed_off_call_is_accounted_for_when_the_observer_hangs(tm
                 sent, dropped, received = handoff_counts(http_get(f"http://127.0.0.1:{admin}/metrics")[1])
                 return {"sent": sent, "dropped": dropped, "received": received}
 
-            counts = await polled(settled, lambda c: c["received"] == c["sent"], "the observer to catch up")
+            # the worker counts a call once its batch is written (within the 10 ms linger), the observer once read
+            counts = await polled(settled, lambda c: c["received"] == c["sent"] and c["sent"] + c["dropped"] >= 400,
+                                  "the worker's last batch and the observer to catch up")  # fmt: skip
             assert counts["sent"] + counts["dropped"] == 400  # observed + dropped by reason; none pending now
 
 

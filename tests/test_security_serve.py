@@ -30,10 +30,14 @@ def post(admin: int, ids: list[str], token: str | None) -> tuple[int, str]:
     return http_get(f"http://127.0.0.1:{admin}/outcomes", "POST", body, token=token)
 
 
-def matched(admin: int) -> int:
+def ground_truth(admin: int) -> dict:
     code, body = http_get(f"http://127.0.0.1:{admin}/status")
     assert code == 200, body
-    return json.loads(body)["routes"][0]["drift"]["ground_truth"]["outcomes"]["matched"]
+    return json.loads(body)["routes"][0]["drift"]["ground_truth"]
+
+
+def matched(admin: int) -> int:
+    return ground_truth(admin)["outcomes"]["matched"]
 
 
 async def test_a_group_checks_feedback_where_it_enters_and_keeps_credentials_from_shadows(tmp_path):
@@ -63,6 +67,9 @@ routes:
                 for i in ids:
                     await infer(infer_request(sample_features(rng, 1), request_id=i), metadata=metadata, timeout=10)
                 await wait_until(lambda: len(shadow.received) == len(ids), within=60, what="the shadow copies")
+                # the copies reach the shadow before, or after, the drift thread remembers the predictions
+                await polled(lambda: {"pending": ground_truth(admin)["pending"]}, lambda g: g["pending"] == len(ids),
+                             "the predictions remembered")  # fmt: skip
                 for received in shadow.received:
                     assert "authorization" not in received.metadata
                     assert "cookie" not in received.metadata
