@@ -2,6 +2,7 @@
 the observing side's targets.
 
     python -m loadtest.bench_contention [--rounds 3] [--calls 6000] [--saturation-calls 8000] [--share 0.35]
+        [--variants 'NAME;...']
 
 ``mlmirror serve --workers 1`` with nothing watched, in front of the demo production model (FP32 [8, 4] requests),
 beside one of these CPU burners, which touch neither mlmirror nor the model:
@@ -15,12 +16,19 @@ beside one of these CPU burners, which touch neither mlmirror nor the model:
   group niced too; proxy/runtime/observer_process.py);
 - ``idle, always``: a loop that never sleeps, at ``SCHED_IDLE``;
 - ``shadow stand-in, nice 19``: the demo ``candidate`` model server, the shadow stand-in of bench_observer, at
-  ``nice -n 19``, answering the fixed load's rate of calls from an h2load of its own at ``nice -n 19``: what the
-  stand-in for a remote shadow costs production on this machine by itself, with no mlmirror observer at all.
+  ``nice -n 19`` in a session of its own whose scheduling group is niced 19 too (loadtest/processes.py ``lowered``),
+  answering the fixed load's rate of calls from an h2load of its own, lowered the same way: what the stand-in for a
+  remote shadow costs production on this machine by itself, with no mlmirror observer at all;
+- ``shadow stand-in, nice 19 in the benchmark's session``: the same, both niced in this benchmark's session, as
+  the benchmarks ran them before 2026-12-06: where Linux groups processes by session, that ranks them below h2load
+  and the production model but not below mlmirror's worker, which has a session of its own.
 
 First the saturation of "none" (closed loop, 4 connections x 8 streams); half of it is the fixed load. Then rounds
 (variants interleaved, order rotated): warm-up, ``--calls`` at the fixed load (production p99), ``--saturation-calls``
-closed loop (throughput), the burner running throughout. Ratios against "none", medians of per-round ratios (range).
+closed loop (throughput), the burner running throughout; and the serving worker's CPU per call over the fixed-load
+calls (``/proc/<pid>/stat``): the worker runs the same code in every variant, so a change there is the burner making
+the worker's CPU slower (shared caches, the hypervisor), not more work. Ratios against "none", medians of per-round
+ratios (range).
 """
 
 from __future__ import annotations
@@ -40,9 +48,10 @@ from mlmirror.config import Config, parse_config
 from mlmirror.runtime.observer_process import _lower_priority
 
 from .bench_observer import _fmt, _ratio
-from .h2load import run_h2load
+from .bench_workers import _group_pids
+from .h2load import ProcessCPU, run_h2load
 from .ports import free_port, wait_for_port
-from .processes import python_process, stop_process
+from .processes import lowered, python_process, stop_process
 from .systems import MODEL_INFER, print_report, request_file
 
 __all__ = ["main"]
@@ -78,8 +87,9 @@ def _burner(burst_s: float, share: float, policy: Callable[[], None]) -> subproc
     return subprocess.Popen([sys.executable, "-c", BURNER, f"{burst_s}", f"{gap}"], preexec_fn=policy)
 
 
-def _stand_in_load(port: int, body: Path, rate: float) -> subprocess.Popen:
-    """h2load at nice 19 sending ``rate`` calls/s (over 4 connections) to the stand-in on ``port``, until stopped."""
+def _stand_in_load(port: int, body: Path, rate: float, own_group: bool) -> subprocess.Popen:
+    """h2load at nice 19 (``lowered(19, own_group)``) sending ``rate`` calls/s (over 4 connections) to the stand-in
+    on ``port``, until stopped."""
     h2load = shutil.which("h2load")
     if h2load is None:
         raise RuntimeError("h2load not found: install Debian's nghttp2-client")
@@ -87,11 +97,11 @@ def _stand_in_load(port: int, body: Path, rate: float) -> subprocess.Popen:
                "-H", "content-type: application/grpc", "-H", "te: trailers",
                f"http://127.0.0.1:{port}{MODEL_INFER}"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=lambda: os.nice(19))  # fmt: skip
+                            preexec_fn=lowered(19, own_group))  # fmt: skip
 
 
 def run(args: argparse.Namespace, command: str) -> str:
-    model, listen, admin, candidate = free_port(), free_port(), free_port(), free_port()
+    model, listen, admin, candidate, shared = free_port(), free_port(), free_port(), free_port(), free_port()
     config_text = (
         f"listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nupstreams: {{production: "
         f"127.0.0.1:{model}}}\nroutes:\n  - {{name: iris, match: {{model: iris}}, primary: production}}\n"
@@ -104,10 +114,20 @@ def run(args: argparse.Namespace, command: str) -> str:
         "idle, duty": lambda body, rate: _burner(burst, args.share, _idle),
         "observer's priority, duty": lambda body, rate: _burner(burst, args.share, lower),
         "idle, always": lambda body, rate: _burner(burst, 1.0, _idle),
-        "shadow stand-in, nice 19": lambda body, rate: _stand_in_load(candidate, body, rate),
+        "shadow stand-in, nice 19": lambda body, rate: _stand_in_load(candidate, body, rate, True),
+        "shadow stand-in, nice 19 in the benchmark's session": lambda body, rate: _stand_in_load(
+            shared, body, rate, False
+        ),
     }
+    if args.variants:
+        wanted = ["none", *(name.strip() for name in args.variants.split(";") if name.strip() != "none")]
+        unknown = [name for name in wanted if name not in variants]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; known: {list(variants)}")
+        variants = {name: variants[name] for name in wanted}
     saturation: dict[str, list[float]] = {name: [] for name in variants}
     p99: dict[str, list[float]] = {name: [] for name in variants}
+    worker_us: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         body = request_file(folder, 8)
@@ -118,10 +138,14 @@ def run(args: argparse.Namespace, command: str) -> str:
             python_process("-m", "mlmirror", "serve", "--config", str(config_file), "--workers", "1"),
             python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{candidate}", "--model",
                            "candidate", nice=19),
+            python_process("-m", "mlmirror", "model-server", "--listen", f"127.0.0.1:{shared}", "--model",
+                           "candidate", nice=19, own_group=False),
         ):  # fmt: skip
             wait_for_port(model)
             wait_for_port(candidate)
+            wait_for_port(shared)
             wait_for_port(listen, 60)
+            worker = ProcessCPU(_group_pids(admin)["worker 0"])
             run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
             unwatched = run_h2load(listen, MODEL_INFER, body, calls=args.saturation_calls, connections=4,
                                    streams=8).rate  # fmt: skip
@@ -134,7 +158,9 @@ def run(args: argparse.Namespace, command: str) -> str:
                     try:
                         time.sleep(0.3)
                         run_h2load(listen, MODEL_INFER, body, calls=args.warmup, connections=4, streams=4)
+                        before = worker.seconds()
                         fixed = run_h2load(listen, MODEL_INFER, body, calls=args.calls, connections=4, rate=rate)
+                        worker_us[name].append((worker.seconds() - before) / max(fixed.calls, 1) * 1e6)
                         p99[name].append(float(np.percentile(fixed.latencies_us, 99)) / 1e3)
                         saturation[name].append(run_h2load(listen, MODEL_INFER, body, calls=args.saturation_calls,
                                                            connections=4, streams=8).rate)  # fmt: skip
@@ -155,12 +181,14 @@ def run(args: argparse.Namespace, command: str) -> str:
         f"connections); saturation: {args.saturation_calls} calls over 4 connections x 8 streams; {args.rounds} "
         "interleaved rounds. Medians (range); ratios against none, medians of per-round ratios.",
         "",
-        "| burner beside the proxy | saturation (calls/s) | vs none | p99 at fixed load (ms) | vs none |",
-        "|---|---:|---:|---:|---:|",
+        "| burner beside the proxy | saturation (calls/s) | vs none | p99 at fixed load (ms) | vs none | worker CPU "
+        "per call at fixed load (µs) | vs none |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in variants:
         lines.append(f"| {name} | {cell(saturation[name], saturation['none'], '.0f')} | "
-                     f"{cell(p99[name], p99['none'], '.2f')} |")  # fmt: skip
+                     f"{cell(p99[name], p99['none'], '.2f')} | "
+                     f"{cell(worker_us[name], worker_us['none'], '.0f')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -172,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1000, help="warm-up calls before each run")
     parser.add_argument("--share", type=float, default=0.35, help="share of one CPU a duty burner uses (default 0.35)")
     parser.add_argument("--burst", type=float, default=300.0, help="a duty burner's burst, µs (default 300)")
+    parser.add_argument("--variants", default="",
+                        help="variants to run beside none, separated by semicolons (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 < args.share <= 1:
         parser.error("--share must be in (0, 1]")

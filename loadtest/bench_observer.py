@@ -4,12 +4,13 @@
                                       [--configurations ...] [--profile DIR]
 
 One route (``iris`` -> the demo ``production`` model server, KServe V2 tensors: ``--batch`` rows of 4 FP32
-features in, FP32 probabilities and INT64 labels out) behind mlmirror in seven configurations
+features in, FP32 probabilities and INT64 labels out) behind mlmirror in eight configurations
 (``--configurations`` picks some; nothing watched always runs):
 
 - nothing watched; 1 shadow at 100% (the ``candidate`` model, compared); drift only (windows of 1000 calls);
   1 shadow + drift; the same with the shadow's ``batch: 16`` (up to 16 copies merged into one request); the same
-  with ``transport: grpc`` (copies over a grpc.aio channel instead of mlmirror's own HTTP/2 client);
+  with ``transport: grpc`` (copies over a grpc.aio channel instead of mlmirror's own HTTP/2 client); the same
+  with its stand-in niced inside this benchmark's session (below);
   1 hung shadow (a server that never answers; breaker off, so copies hang to their 2 s timeout).
 
 Each configuration runs in the shapes ``--shapes`` names: a lone proxy (``lone``: ``mlmirror serve
@@ -18,8 +19,12 @@ relay and hand watched calls over the door to the observing process, which makes
 engine; the other ``workers-*`` shapes are the same with one observer setting changed (``SHAPES``): shedding on
 CPU pressure (``cpu_pressure_limit``), ``SCHED_IDLE`` instead of the niceness (``scheduling: idle``), a CPU budget
 (``cpu_limit``), and an observer that never waits for serving to have time to spare (``workers-eager``:
-``serving_idle: off``). The shadow model servers (candidate and hung) run at ``nice -n 19``; production and h2load at
-normal priority.
+``serving_idle: off``). The shadow model servers (candidate and hung) run at ``nice -n 19``, each in a session of its
+own whose scheduling group is niced 19 too (loadtest/processes.py ``lowered``): where Linux groups processes by
+session (``kernel.sched_autogroup_enabled``), a niceness ranks a process only within its session's group, and
+mlmirror's workers each have a session of their own. "(stand-in in the benchmark's session)" is the candidate niced
+19 in this benchmark's session, as every shadow stand-in ran before 2026-12-06: below h2load and the production
+model, an equal of the serving worker. Production and h2load run at normal priority.
 
 Per shape: first the saturation throughput of "nothing watched" (closed loop, 4 connections x 8 streams), whose half
 is the fixed load for every configuration of that shape. Then rounds (configurations interleaved, order rotated):
@@ -67,17 +72,18 @@ DRIFT = "drift only"
 BOTH = "1 shadow + drift"
 MERGED = "1 shadow (batch: 16) + drift"
 GRPC = "1 shadow (transport: grpc) + drift"
+SHARED = "1 shadow + drift (stand-in in the benchmark's session)"
 HUNG = "hung shadow"
 #: configuration -> (shadow upstream or None, drift on?, the shadow's other keys)
 CONFIGURATIONS: dict[str, tuple[str | None, bool, str]] = {
     NONE: (None, False, ""), SHADOW: ("candidate", False, ""), DRIFT: (None, True, ""), BOTH: ("candidate", True, ""),
     MERGED: ("candidate", True, ", batch: 16"), GRPC: ("candidate", True, ", transport: grpc"),
-    HUNG: ("hung", False, ""),
+    SHARED: ("shared", True, ""), HUNG: ("hung", False, ""),
 }  # fmt: skip
 #: (configuration, measure) -> the largest ratio to nothing watched the issue allows
 TARGETS = {
     (both, measure): limit
-    for both in (BOTH, MERGED, GRPC)
+    for both in (BOTH, MERGED, GRPC, SHARED)
     for measure, limit in (("saturation", 0.90), ("p99", 1.10), ("serving", 1.05), ("tree", 1.8))
 }
 TARGETS[HUNG, "p99"] = 1.05
@@ -235,13 +241,15 @@ def run(args: argparse.Namespace, command: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         body = request_file(folder, args.batch)
-        backends = {"production": free_port(), "candidate": free_port(), "hung": free_port()}
+        backends = {"production": free_port(), "candidate": free_port(), "shared": free_port(), "hung": free_port()}
         model = ("-m", "mlmirror", "model-server", "--listen")
         with contextlib.ExitStack() as models:
             models.enter_context(python_process(*model, f"127.0.0.1:{backends['production']}", "--model",
                                                 "production"))  # fmt: skip
             models.enter_context(python_process(*model, f"127.0.0.1:{backends['candidate']}", "--model",
                                                 "candidate", nice=19))  # fmt: skip
+            models.enter_context(python_process(*model, f"127.0.0.1:{backends['shared']}", "--model", "candidate",
+                                                nice=19, own_group=False))  # fmt: skip
             models.enter_context(python_process("-c", "import sys; from loadtest.bench_shadows import serve_hung; "
                                                 "serve_hung(sys.argv[1])", f"127.0.0.1:{backends['hung']}",
                                                 nice=19))  # fmt: skip
@@ -295,8 +303,9 @@ def run(args: argparse.Namespace, command: str) -> str:
         f"ModelInfer, {args.batch} row(s) of 4 FP32 features in, FP32 [n,3] + INT64 [n] out (the demo models); "
         f"per shape, the fixed load is {args.load:g} of nothing watched's saturation, {args.calls} calls over 4 "
         f"connections per round; saturation: {args.saturation_calls} calls over 4 connections x 8 streams; "
-        f"{args.rounds} interleaved rounds; shadow model servers at nice 19; shadows {SHADOW_LIMITS}. Medians over "
-        "rounds (range); ratios against nothing watched of the same shape, medians of per-round ratios.",
+        f"{args.rounds} interleaved rounds; shadow model servers at nice 19, in scheduling groups of their own niced "
+        f"19; shadows {SHADOW_LIMITS}. Medians over rounds (range); ratios against nothing watched of the same "
+        "shape, medians of per-round ratios.",
         "",
         *[f"- {note}" for note in notes],
         "",
