@@ -94,6 +94,28 @@ async def test_the_gate_samples_on_the_event_loop_and_waits_there_too(spinner):
         await gate.stop()
 
 
+def test_a_share_older_than_active_opens_the_gate_and_the_next_wait_starts_it_again(spinner):
+    gate = ServingGate(0.4, longest=5.0, active=1.0)
+    gate.watch(spinner)
+    for _ in range(60):
+        gate.sample()
+    assert not gate.open  # a fresh share: every worker busy
+    time.sleep(1.05)  # no samples for longer than ``active``: the share says nothing about serving now
+    assert gate.stale
+    assert gate.open
+    gate.wait_sync()  # the drift thread, draining its queue after the calls stopped, does not wait on it
+    assert gate.timeouts == 0
+    assert gate.idle < 0.01  # kept, until a wait on the event loop starts the samples again
+
+    async def one_wait() -> None:
+        await gate.wait()
+        await gate.stop()
+
+    asyncio.run(one_wait())
+    assert gate.idle == 1.0
+    assert gate.timeouts == 0
+
+
 def test_a_worker_that_is_gone_is_forgotten_and_off_never_waits(spinner):
     gate = ServingGate(0.4)
     gate.watch(2**22 + 12345)

@@ -15,7 +15,9 @@ no longer fits and counts it (``backpressure``). The longest wait keeps a trickl
 
 Without ``/proc`` (another OS), or before any worker has said hello, ``idle`` stays 1 and nothing waits. The
 samples are taken only while there is something to gate: for ``active`` (0.5 s) after the last ``wait`` (each
-hand-off batch read calls it); an idle observer reads nothing.
+hand-off batch read calls it); an idle observer reads nothing. A share whose last sample is older than ``active``
+says nothing about serving now: the gate is open then (the drift thread draining its queue after the calls stopped
+does not wait on it), and the next ``wait`` starts the share again from 1.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class ServingGate:
         self.timeouts = 0
         #: samples taken (each reads every worker's /proc/<pid>/stat once)
         self.samples = 0
+        self._sampled_at = -float("inf")  # monotonic seconds of the last sample
         self._active_until = 0.0  # monotonic seconds: sample until then
         self._wanted: asyncio.Event | None = None  # set by wait(): sample again
         self._task: asyncio.Task[None] | None = None
@@ -141,6 +144,7 @@ class ServingGate:
         if self.threshold is None or not self._workers:
             return
         self.samples += 1
+        self._sampled_at = time.monotonic()
         found = False
         for pid, worker in list(self._workers.items()):
             state = worker.asleep()
@@ -154,12 +158,19 @@ class ServingGate:
             self.idle = 1.0
 
     @property
+    def stale(self) -> bool:
+        """Whether the last sample is older than ``active`` seconds (or there was none)."""
+        return time.monotonic() - self._sampled_at > self.active
+
+    @property
     def open(self) -> bool:
-        return self.threshold is None or self.idle >= self.threshold
+        return self.threshold is None or self.idle >= self.threshold or self.stale
 
     async def wait(self) -> None:
         """On the event loop: until the gate is open, at most ``longest`` seconds; keeps the samples going for
-        ``active`` seconds more."""
+        ``active`` seconds more; a stale share starts again from 1."""
+        if self.stale:
+            self.idle = 1.0
         self._active_until = time.monotonic() + self.active
         if self._wanted is not None and not self._wanted.is_set():
             self._wanted.set()
