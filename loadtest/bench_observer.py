@@ -80,6 +80,8 @@ CONFIGURATIONS: dict[str, tuple[str | None, bool, str]] = {
     MERGED: ("candidate", True, ", batch: 16"), GRPC: ("candidate", True, ", transport: grpc"),
     SHARED: ("shared", True, ""), HUNG: ("hung", False, ""),
 }  # fmt: skip
+#: the shadow upstreams that answer, whose copies count in the observed share
+ANSWERING = ("candidate", "shared")
 #: (configuration, measure) -> the largest ratio to nothing watched the issue allows
 TARGETS = {
     (both, measure): limit
@@ -145,7 +147,8 @@ class Observed:
 
     def __call__(self, system: System, when: str) -> None:
         shadow, drift_on, _ = CONFIGURATIONS[system.name.split(" | ")[1]]
-        settle = shadow == "candidate" or drift_on  # a hung shadow's copies never settle: nothing to wait for
+        answers = shadow in ANSWERING
+        settle = answers or drift_on  # a hung shadow's copies never settle: nothing to wait for
         edge, _, phase = when.partition(" ")
         phase = phase or "fixed"
         if edge == "before":
@@ -153,7 +156,7 @@ class Observed:
             return
         (copies_0, drift_0), (copies, drift) = self._before[system.name, phase], self._counts(system.name, settle)
         shares = self.shares[system.name][phase]
-        if shadow == "candidate":
+        if answers:
             shares["shadow"].append((copies - copies_0) / self.calls[phase])
         if drift_on:
             shares["drift"].append((drift - drift_0) / self.calls[phase])
