@@ -51,7 +51,7 @@ def test_a_sleeping_process_reads_asleep_and_a_spinning_one_does_not(sleeper, sp
 
 
 def test_the_gate_closes_while_every_watched_worker_runs_and_opens_while_one_sleeps(sleeper, spinner):
-    gate = ServingGate(0.4, longest=0.05)
+    gate = ServingGate(0.4, longest=0.05, active=60.0)  # the samples stay fresh however slowly the test runs
     gate.watch(spinner)
     for _ in range(60):
         gate.sample()
@@ -72,7 +72,7 @@ def test_the_gate_closes_while_every_watched_worker_runs_and_opens_while_one_sle
 
 
 async def test_the_gate_samples_on_the_event_loop_and_waits_there_too(spinner):
-    gate = ServingGate(0.4, longest=0.05, active=0.2)
+    gate = ServingGate(0.4, longest=0.05, active=1.0)  # fresh through a stall of the test of up to 1 s
     gate.watch(spinner)
     gate.start()
     try:
@@ -86,7 +86,7 @@ async def test_the_gate_samples_on_the_event_loop_and_waits_there_too(spinner):
         assert gate.samples > 0
         await gate.wait()
         assert gate.timeouts == 1
-        await asyncio.sleep(0.5)  # past the last wait's 0.2 s: the samples stop
+        await asyncio.sleep(1.3)  # past the last wait's 1 s: the samples stop
         stopped = gate.samples
         await asyncio.sleep(0.3)
         assert gate.samples == stopped
